@@ -1,0 +1,75 @@
+"""flax_attention: attention mechanisms for JAX and Flax.
+
+The maths lives in pure, jit-compatible functions (:mod:`flax_attention.masks`,
+:mod:`flax_attention.attention`, :mod:`flax_attention.additive`); the Flax linen
+modules only hold parameters and call them.
+
+Shape legend (used in every docstring and einsum string of this package):
+
+====  ==========================================================
+``B``  batch; ``...`` stands for any number of leading batch dims
+``T``  query length (target positions)
+``S``  key/value length (source positions)
+``N``  query heads
+``K``  key/value heads; ``N % K == 0``, query head ``n`` reads kv head
+       ``n // (N // K)`` (grouped-query attention; ``K == 1`` is MQA)
+``G``  query heads per kv head, ``G = N // K``
+``H``  query/key head dim
+``D``  value head dim (may differ from ``H``)
+``E``  model features (``d_model``)
+``F``  feed-forward hidden features (``d_ff``)
+``A``  additive-attention size
+``V``  vocabulary size
+====  ==========================================================
+
+Mask convention, everywhere: a boolean array, ``True`` = attend, broadcastable
+to ``[..., N, T, S]`` (``[..., T, S]`` for additive attention, which has no
+heads). A query row with nothing to attend to yields exactly zeros and finite
+gradients, in every dtype.
+"""
+
+from flax_attention.masks import (
+    causal_mask,
+    causal_mask_from_positions,
+    combine_masks,
+    key_mask,
+    padding_mask,
+    query_key_mask,
+    segment_mask,
+    sliding_window_mask,
+    token_mask,
+)
+from flax_attention.attention import (
+    attention_weights,
+    masked_softmax,
+    scaled_dot_product_attention,
+)
+from flax_attention.additive import (
+    AdditiveAttention,
+    BahdanauAttention,
+    additive_attention,
+    additive_scores,
+    context_attention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdditiveAttention",
+    "BahdanauAttention",
+    "additive_attention",
+    "additive_scores",
+    "attention_weights",
+    "causal_mask",
+    "causal_mask_from_positions",
+    "combine_masks",
+    "context_attention",
+    "key_mask",
+    "masked_softmax",
+    "padding_mask",
+    "query_key_mask",
+    "scaled_dot_product_attention",
+    "segment_mask",
+    "sliding_window_mask",
+    "token_mask",
+]

@@ -1,0 +1,151 @@
+"""Additive (Bahdanau) attention: pure functions and thin linen modules.
+
+Two forms:
+
+* query–key scoring (Bahdanau et al. 2015, Eq. 6 / appendix A.1.2):
+  ``e_ts = vᵀ tanh(W_q q_t + W_k k_s)``, then ``softmax_s`` and a weighted sum of
+  the values;
+* learned context vector, used for classification (Yang et al. 2016, Eq. 5-7):
+  ``u_s = tanh(W h_s + b)``, ``α_s = softmax_s(uᵀ u_s)``, ``c = Σ_s α_s h_s``.
+
+Masks are boolean with ``True`` = attend, broadcastable to ``[..., T, S]``
+(``[..., S]`` for the context-vector form). Padding gets exactly zero weight,
+and a sequence with no real token returns a zero context.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flax_attention.attention import masked_softmax
+
+Array = jnp.ndarray
+
+
+def additive_scores(query: Array, key: Array, w_query: Array, w_key: Array, v: Array) -> Array:
+    """Bahdanau scores ``vᵀ tanh(W_q q_t + W_k k_s)``.
+
+    Args:
+      query: ``[..., T, Eq]``.
+      key: ``[..., S, Ek]``.
+      w_query: ``[Eq, A]``.
+      w_key: ``[Ek, A]``.
+      v: ``[A]``.
+
+    Returns:
+      float32 scores ``[..., T, S]``.
+    """
+    if query.shape[:-2] != key.shape[:-2]:
+        raise ValueError(
+            f"query [..., T, Eq] and key [..., S, Ek] need the same batch dims; "
+            f"got {query.shape} and {key.shape}."
+        )
+    q = jnp.einsum("...te,ea->...ta", query, w_query, preferred_element_type=jnp.float32)
+    k = jnp.einsum("...se,ea->...sa", key, w_key, preferred_element_type=jnp.float32)
+    # Broadcast to [..., T, S, A]: the memory cost that makes this form O(T·S·A).
+    hidden = jnp.tanh(q[..., :, None, :] + k[..., None, :, :])
+    return jnp.einsum("...tsa,a->...ts", hidden, v.astype(jnp.float32))
+
+
+def additive_attention(
+    query: Array,
+    key: Array,
+    value: Optional[Array],
+    w_query: Array,
+    w_key: Array,
+    v: Array,
+    *,
+    mask: Optional[Array] = None,
+) -> Tuple[Array, Array]:
+    """Bahdanau attention: context vectors and weights.
+
+    Args:
+      query: ``[..., T, Eq]`` (e.g. decoder states).
+      key: ``[..., S, Ek]`` (e.g. encoder annotations).
+      value: ``[..., S, D]``; ``None`` means key = value.
+      w_query, w_key, v: parameters as in :func:`additive_scores`.
+      mask: boolean, broadcastable to ``[..., T, S]``; ``True`` = attend.
+
+    Returns:
+      ``(context [..., T, D], weights [..., T, S])``; context in the value's
+      dtype, weights float32.
+    """
+    value = key if value is None else value
+    if value.shape[:-1] != key.shape[:-1]:
+        raise ValueError(f"key [..., S, Ek] and value [..., S, D] disagree: {key.shape} vs {value.shape}.")
+    _check_mask(mask)
+    weights = masked_softmax(additive_scores(query, key, w_query, w_key, v), mask)
+    context = jnp.einsum("...ts,...sd->...td", weights, value.astype(jnp.float32))
+    return context.astype(value.dtype), weights
+
+
+def context_attention(
+    hidden: Array, w: Array, b: Array, u: Array, *, mask: Optional[Array] = None
+) -> Tuple[Array, Array]:
+    """Attention pooling with a learned context vector ``u`` (Yang et al. 2016).
+
+    Args:
+      hidden: ``[..., S, D]`` (e.g. BiGRU outputs).
+      w: ``[D, A]``; b: ``[A]``; u: ``[A]``.
+      mask: boolean ``[..., S]``; ``True`` = real token.
+
+    Returns:
+      ``(context [..., D], weights [..., S])``; padded positions get weight 0.
+    """
+    _check_mask(mask)
+    if mask is not None and mask.shape[-1] != hidden.shape[-2]:
+        raise ValueError(f"mask [..., S] must match hidden [..., S, D]; got {mask.shape} and {hidden.shape}.")
+    proj = jnp.tanh(jnp.einsum("...sd,da->...sa", hidden, w, preferred_element_type=jnp.float32) + b)
+    weights = masked_softmax(jnp.einsum("...sa,a->...s", proj, u.astype(jnp.float32)), mask)
+    context = jnp.einsum("...s,...sd->...d", weights, hidden.astype(jnp.float32))
+    return context.astype(hidden.dtype), weights
+
+
+def _check_mask(mask):
+    if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
+        raise ValueError(f"mask must be boolean (True = attend), got dtype {jnp.asarray(mask).dtype}.")
+
+
+class AdditiveAttention(nn.Module):
+    """Attention pooling with a learned context vector (the reference BiGRU model's layer).
+
+    Attributes:
+      attention_size: ``A``, the width of the scoring layer.
+    """
+
+    attention_size: int = 50
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.1)
+
+    @nn.compact
+    def __call__(self, hidden: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Pools ``hidden [..., S, D]`` into ``(context [..., D], weights [..., S])``."""
+        d = hidden.shape[-1]
+        w = self.param("w", self.kernel_init, (d, self.attention_size))
+        b = self.param("b", self.kernel_init, (self.attention_size,))
+        u = self.param("u", self.kernel_init, (self.attention_size,))
+        return context_attention(hidden, w, b, u, mask=mask)
+
+
+class BahdanauAttention(nn.Module):
+    """Query–key additive attention ``vᵀ tanh(W_q q + W_k k)``.
+
+    Attributes:
+      attention_size: ``A``.
+    """
+
+    attention_size: int
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(
+        self, query: Array, key: Array, value: Optional[Array] = None, mask: Optional[Array] = None
+    ) -> Tuple[Array, Array]:
+        """Returns ``(context [..., T, D], weights [..., T, S])``; see :func:`additive_attention`."""
+        a = self.attention_size
+        w_q = self.param("w_query", self.kernel_init, (query.shape[-1], a))
+        w_k = self.param("w_key", self.kernel_init, (key.shape[-1], a))
+        v = self.param("v", nn.initializers.normal(1.0 / a**0.5), (a,))
+        return additive_attention(query, key, value, w_q, w_k, v, mask=mask)

@@ -1,0 +1,204 @@
+"""Boolean attention masks: ``True`` = attend.
+
+Every function returns a boolean array that broadcasts against attention
+logits of shape ``[..., N, T, S]`` (see the shape legend in
+:mod:`flax_attention`). Lengths and token ids are traced values, so changing
+them never retraces a jitted caller; sequence lengths that set an output shape
+(``max_length``, ``q_len``, ``kv_len``) are static Python ints.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+Array = jnp.ndarray
+
+_ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def padding_mask(lengths: Array, max_length: int) -> Array:
+    """Marks the first ``lengths`` positions of each sequence as real.
+
+    Args:
+      lengths: integer array ``[...]`` of true sequence lengths.
+      max_length: static padded length ``L``.
+
+    Returns:
+      Boolean ``[..., L]``; ``True`` where ``position < length``.
+    """
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(
+            f"padding_mask: lengths must be integers, got dtype {lengths.dtype}; "
+            "cast with lengths.astype(jnp.int32)."
+        )
+    return jnp.arange(int(max_length)) < lengths[..., None]
+
+
+def token_mask(token_ids: Array, pad_id: int = 0) -> Array:
+    """Marks every token that is not padding.
+
+    Args:
+      token_ids: integer array ``[..., L]``.
+      pad_id: the padding id.
+
+    Returns:
+      Boolean ``[..., L]``; ``True`` where ``token_ids != pad_id``.
+    """
+    return jnp.asarray(token_ids) != pad_id
+
+
+def key_mask(key_valid: Array) -> Array:
+    """Expands a per-key validity vector ``[..., S]`` to ``[..., 1, 1, S]``.
+
+    Use it when only the keys are padded (e.g. an encoder's source padding in
+    cross-attention): every query and head sees the same keys.
+    """
+    return _as_bool(key_valid, "key_valid")[..., None, None, :]
+
+
+def query_key_mask(query_valid: Array, key_valid: Array) -> Array:
+    """Outer AND of query and key validity: ``[..., T]`` x ``[..., S]`` -> ``[..., 1, T, S]``.
+
+    Query rows that are padding get no keys at all; their output is zeros.
+    """
+    q = _as_bool(query_valid, "query_valid")
+    k = _as_bool(key_valid, "key_valid")
+    return (q[..., :, None] & k[..., None, :])[..., None, :, :]
+
+
+def causal_mask_from_positions(query_positions: Array, key_positions: Array) -> Array:
+    """Causal mask from absolute positions: query at ``p`` sees keys at ``<= p``.
+
+    This is the primitive behind :func:`causal_mask` and KV-cache decoding,
+    where the query positions are traced (``cache_index + arange(T)``).
+
+    Args:
+      query_positions: integer ``[..., T]``.
+      key_positions: integer ``[..., S]``.
+
+    Returns:
+      Boolean ``[..., 1, T, S]``.
+    """
+    q = jnp.asarray(query_positions)
+    k = jnp.asarray(key_positions)
+    return (q[..., :, None] >= k[..., None, :])[..., None, :, :]
+
+
+def _aligned_positions(q_len: int, kv_len: int, alignment: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Absolute positions of queries and keys for a given causal alignment.
+
+    ``bottom_right``: the last query is aligned with the last key, i.e. the
+    queries are the final ``T`` positions of a length-``S`` sequence (what a
+    decoder continuing from a cache needs). ``top_left``: query ``i`` is
+    position ``i`` (what PyTorch's ``is_causal`` does when ``T != S``).
+    """
+    if alignment not in _ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}.")
+    offset = kv_len - q_len if alignment == "bottom_right" else 0
+    return np.arange(q_len) + offset, np.arange(kv_len)
+
+
+def causal_mask(q_len: int, kv_len: Optional[int] = None, *, alignment: str = "bottom_right") -> Array:
+    """Lower-triangular mask: no query attends to a later key.
+
+    For ``q_len != kv_len`` the alignment matters. With the default
+    ``"bottom_right"`` query ``i`` sees keys ``j <= i + (kv_len - q_len)``; with
+    ``"top_left"`` it sees keys ``j <= i``. If ``q_len > kv_len`` and
+    ``bottom_right``, the first ``q_len - kv_len`` rows see nothing (output zeros).
+
+    Args:
+      q_len: static ``T``.
+      kv_len: static ``S``; defaults to ``T``.
+      alignment: ``"bottom_right"`` (default) or ``"top_left"``.
+
+    Returns:
+      Boolean ``[T, S]`` (broadcasts against ``[..., N, T, S]``).
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    q_pos, k_pos = _aligned_positions(int(q_len), int(kv_len), alignment)
+    return jnp.asarray(q_pos[:, None] >= k_pos[None, :])
+
+
+def sliding_window_mask(
+    q_len: int,
+    kv_len: Optional[int] = None,
+    *,
+    window: Union[int, Tuple[int, int]],
+    alignment: str = "bottom_right",
+) -> Array:
+    """Local attention: query at position ``p`` sees keys in ``[p - left, p + right]``.
+
+    Args:
+      q_len: static ``T``.
+      kv_len: static ``S``; defaults to ``T``.
+      window: ``(left, right)`` non-negative ints, or one int ``w`` meaning
+        ``(w, 0)``: the causal sliding window of Longformer/Mistral style
+        (the query and its ``w`` predecessors).
+      alignment: how query positions map onto key positions, as in
+        :func:`causal_mask`.
+
+    Returns:
+      Boolean ``[T, S]``.
+    """
+    left, right = (window, 0) if isinstance(window, int) else tuple(window)
+    if left < 0 or right < 0:
+        raise ValueError(f"window sizes must be >= 0, got (left={left}, right={right}).")
+    kv_len = q_len if kv_len is None else kv_len
+    q_pos, k_pos = _aligned_positions(int(q_len), int(kv_len), alignment)
+    diff = q_pos[:, None] - k_pos[None, :]
+    return jnp.asarray((diff <= left) & (-diff <= right))
+
+
+def segment_mask(query_segment_ids: Array, key_segment_ids: Optional[Array] = None) -> Array:
+    """Packed sequences: a token attends only within its own segment.
+
+    Args:
+      query_segment_ids: integer ``[..., T]``; by convention segment id ``0``
+        marks padding, which attends to nothing and is attended by nothing.
+      key_segment_ids: integer ``[..., S]``; defaults to the query ids.
+
+    Returns:
+      Boolean ``[..., 1, T, S]``.
+    """
+    q = jnp.asarray(query_segment_ids)
+    k = q if key_segment_ids is None else jnp.asarray(key_segment_ids)
+    same = q[..., :, None] == k[..., None, :]
+    real = (q[..., :, None] != 0) & (k[..., None, :] != 0)
+    return (same & real)[..., None, :, :]
+
+
+def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+    """Logical AND of any number of masks, broadcasting; ``None`` entries are skipped.
+
+    Returns:
+      The combined boolean mask, or ``None`` if every argument was ``None``.
+    """
+    present = [_as_bool(m, "mask") for m in masks if m is not None]
+    if not present:
+        return None
+    try:
+        np.broadcast_shapes(*(m.shape for m in present))
+    except ValueError:
+        raise ValueError(
+            "combine_masks: masks do not broadcast together, shapes "
+            f"{[tuple(m.shape) for m in present]}; give each the layout [..., N, T, S] "
+            "(use 1 for broadcast axes)."
+        ) from None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def _as_bool(mask: Array, name: str) -> Array:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"{name} must be boolean (True = attend), got dtype {mask.dtype}; "
+            f"convert with {name}.astype(bool) or {name} > 0."
+        )
+    return mask
