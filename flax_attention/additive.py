@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from flax_attention.attention import masked_softmax
 
@@ -38,11 +39,18 @@ def additive_scores(query: Array, key: Array, w_query: Array, w_key: Array, v: A
     Returns:
       float32 scores ``[..., T, S]``.
     """
-    if query.shape[:-2] != key.shape[:-2]:
+    if query.ndim < 2 or key.ndim < 2 or query.shape[:-2] != key.shape[:-2]:
         raise ValueError(
             f"query [..., T, Eq] and key [..., S, Ek] need the same batch dims; "
             f"got {query.shape} and {key.shape}."
         )
+    a = v.shape[0] if v.ndim == 1 else None
+    for name, w, rows in (("w_query", w_query, query.shape[-1]), ("w_key", w_key, key.shape[-1])):
+        if w.shape != (rows, a):
+            raise ValueError(
+                f"{name} of shape {w.shape} must be [{rows}, A] with A = v.shape[0] "
+                f"(v: {v.shape}, query {query.shape}, key {key.shape})."
+            )
     q = jnp.einsum("...te,ea->...ta", query, w_query, preferred_element_type=jnp.float32)
     k = jnp.einsum("...se,ea->...sa", key, w_key, preferred_element_type=jnp.float32)
     # Broadcast to [..., T, S, A]: the memory cost that makes this form O(T·S·A).
@@ -76,8 +84,9 @@ def additive_attention(
     value = key if value is None else value
     if value.shape[:-1] != key.shape[:-1]:
         raise ValueError(f"key [..., S, Ek] and value [..., S, D] disagree: {key.shape} vs {value.shape}.")
-    _check_mask(mask)
-    weights = masked_softmax(additive_scores(query, key, w_query, w_key, v), mask)
+    scores = additive_scores(query, key, w_query, w_key, v)
+    _check_mask(mask, scores.shape, "[..., T, S]")
+    weights = masked_softmax(scores, mask)
     context = jnp.einsum("...ts,...sd->...td", weights, value.astype(jnp.float32))
     return context.astype(value.dtype), weights
 
@@ -95,18 +104,39 @@ def context_attention(
     Returns:
       ``(context [..., D], weights [..., S])``; padded positions get weight 0.
     """
-    _check_mask(mask)
-    if mask is not None and mask.shape[-1] != hidden.shape[-2]:
-        raise ValueError(f"mask [..., S] must match hidden [..., S, D]; got {mask.shape} and {hidden.shape}.")
+    if hidden.ndim < 2 or u.ndim != 1 or w.shape != (hidden.shape[-1], u.shape[0]) or b.shape != u.shape:
+        raise ValueError(
+            f"context_attention expects hidden [..., S, D], w [D, A], b [A], u [A]; got hidden "
+            f"{hidden.shape}, w of shape {w.shape}, b {b.shape}, u {u.shape}."
+        )
+    if mask is not None and jnp.ndim(mask) and jnp.shape(mask)[-1] != hidden.shape[-2]:
+        raise ValueError(
+            f"mask [..., S] must match hidden [..., S, D]; got {jnp.shape(mask)} and {hidden.shape}."
+        )
+    _check_mask(mask, hidden.shape[:-1], "[..., S]")
     proj = jnp.tanh(jnp.einsum("...sd,da->...sa", hidden, w, preferred_element_type=jnp.float32) + b)
     weights = masked_softmax(jnp.einsum("...sa,a->...s", proj, u.astype(jnp.float32)), mask)
     context = jnp.einsum("...s,...sd->...d", weights, hidden.astype(jnp.float32))
     return context.astype(hidden.dtype), weights
 
 
-def _check_mask(mask):
-    if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
-        raise ValueError(f"mask must be boolean (True = attend), got dtype {jnp.asarray(mask).dtype}.")
+def _check_mask(mask, target_shape, legend):
+    """A boolean mask that broadcasts to ``target_shape`` without enlarging it."""
+    if mask is None:
+        return
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"mask must be boolean (True = attend), got dtype {mask.dtype}; use mask.astype(bool)."
+        )
+    try:
+        ok = np.broadcast_shapes(mask.shape, tuple(target_shape)) == tuple(target_shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to {legend} = {tuple(target_shape)}."
+        )
 
 
 class AdditiveAttention(nn.Module):

@@ -9,6 +9,7 @@ them never retraces a jitted caller; sequence lengths that set an output shape
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple, Union
 
 import jax.numpy as jnp
@@ -144,13 +145,27 @@ def sliding_window_mask(
     Returns:
       Boolean ``[T, S]``.
     """
-    left, right = (window, 0) if isinstance(window, int) else tuple(window)
-    if left < 0 or right < 0:
-        raise ValueError(f"window sizes must be >= 0, got (left={left}, right={right}).")
+    left, right = _window_sizes(window)
     kv_len = q_len if kv_len is None else kv_len
     q_pos, k_pos = _aligned_positions(int(q_len), int(kv_len), alignment)
     diff = q_pos[:, None] - k_pos[None, :]
     return jnp.asarray((diff <= left) & (-diff <= right))
+
+
+def _window_sizes(window) -> Tuple[int, int]:
+    """Parses ``w`` or ``(left, right)`` into two non-negative Python ints."""
+    try:
+        if np.ndim(window) == 0:
+            pair = (operator.index(window), 0)
+        else:
+            pair = tuple(operator.index(w) for w in window)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise ValueError(
+            f"window must be an int w >= 0 or a pair (left, right) of ints >= 0, got {window!r}."
+        )
+    return pair
 
 
 def segment_mask(query_segment_ids: Array, key_segment_ids: Optional[Array] = None) -> Array:
