@@ -1,0 +1,209 @@
+"""MultiHeadAttention: parity with flax, GQA semantics, KV cache, sown weights."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_attention import MultiHeadAttention, key_mask
+
+B, T, S, E, N = 2, 5, 7, 16, 4
+
+
+def japply(m, variables, *args, **kwargs):
+    """``m.apply`` under jit: one compile instead of dozens of eager op compiles."""
+    return jax.jit(lambda v, *a: m.apply(v, *a, **kwargs))(variables, *args)
+
+
+def jinit(m, *args, seed=0, **kwargs):
+    """Variables of ``m`` without compiling its initialisers (the slowest part of these tests).
+
+    Shapes come from tracing ``m.init``; parameters are drawn with NumPy (std
+    ``1/sqrt(fan_in)``, LayerNorm scales near 1); other collections (the
+    decoding cache) are zeros, which is what ``init`` allocates (asserted in
+    test_multihead.py::test_cache_errors).
+    """
+    shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), *args, **kwargs))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        if jax.tree_util.keystr(path[:1]) != "['params']":
+            return jnp.zeros(s.shape, s.dtype)
+        if jax.tree_util.keystr(path[-1:]) == "['scale']":
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(s.shape), s.dtype)
+        std = 1.0 / np.sqrt(s.shape[0]) if len(s.shape) > 1 else 0.1
+        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _x(shape, seed):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _random_mask(shape, seed):
+    """Random boolean mask whose every row keeps key 0 (flax and we differ only on empty rows)."""
+    m = np.array(jax.random.bernoulli(jax.random.key(seed), 0.6, shape))
+    m[..., 0] = True
+    return jnp.asarray(m)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_matches_flax_multihead_dot_product_attention(cross):
+    q = _x((B, T, E), 0)
+    kv = _x((B, S, 12), 1) if cross else None
+    ref = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=24, out_features=10)
+    ref_vars = jinit(ref, q, kv, seed=3)
+    ours = MultiHeadAttention(num_heads=N, qkv_features=24, out_features=10)
+    # Same parameter tree layout, so flax's params drop in unchanged.
+    ours_vars = jax.eval_shape(lambda: ours.init(jax.random.key(0), q, kv))
+    assert jax.tree.map(jnp.shape, ours_vars) == jax.tree.map(jnp.shape, ref_vars)
+    for mask in (None, _random_mask((B, 1, T, S if cross else T), 2)):
+        got, want = jax.jit(lambda v: (ours.apply(v, q, kv, mask=mask), ref.apply(v, q, kv, mask=mask)))(
+            ref_vars)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    k = 2  # G = N // K = 2: query head n reads kv head n // 2
+    x = _x((B, T, E), 0)
+    gqa = MultiHeadAttention(num_heads=N, num_kv_heads=k)
+    params = jinit(gqa, x, seed=1)["params"]
+    assert params["key"]["kernel"].shape == (E, k, E // N)
+    assert params["value"]["kernel"].shape == (E, k, E // N)
+    assert params["query"]["kernel"].shape == (E, N, E // N)
+    out = japply(gqa, {"params": params}, x, is_causal=True)
+    assert out.shape == (B, T, E)
+    # Repeat each kv head G times: an ordinary MHA with those weights must agree.
+    rep = lambda a: jnp.repeat(a, N // k, axis=-2)  # noqa: E731
+    mha_params = dict(params)
+    for name in ("key", "value"):
+        mha_params[name] = {p: rep(v) for p, v in params[name].items()}
+    mha = MultiHeadAttention(num_heads=N, num_kv_heads=N)
+    np.testing.assert_allclose(
+        japply(mha, {"params": mha_params}, x, is_causal=True), out, rtol=1e-5, atol=1e-6)
+
+
+def test_shape_multiple_batch_dims_and_head_dim():
+    x = _x((2, 3, T, E), 0)
+    m = MultiHeadAttention(num_heads=N, num_kv_heads=1, head_dim=6, out_features=9)
+    v = jax.eval_shape(lambda: m.init(jax.random.key(0), x))
+    assert v["params"]["query"]["kernel"].shape == (E, N, 6)
+    assert v["params"]["key"]["kernel"].shape == (E, 1, 6)
+    assert jax.eval_shape(lambda v_: m.apply(v_, x), v).shape == (2, 3, T, 9)
+
+
+def test_bad_head_settings_raise():
+    x = _x((B, T, E), 0)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MultiHeadAttention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        MultiHeadAttention(num_heads=3).init(jax.random.key(0), x)
+
+
+def test_sow_weights_only_when_asked():
+    x = _x((B, T, E), 0)
+    m = MultiHeadAttention(num_heads=N)
+    v = jinit(m, x)
+    _, state = japply(m, v, x, mutable=["intermediates"])
+    assert "intermediates" not in state or not state["intermediates"]
+    mask = key_mask(jnp.arange(T) < 3)
+    _, state = japply(m, v, x, mask=mask, sow_weights=True, mutable=["intermediates"])
+    (w,) = state["intermediates"]["attention_weights"]
+    assert w.shape == (B, N, T, T)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(w)[..., 3:] == 0.0)
+
+
+def test_dropout_changes_output_and_is_reproducible():
+    x = _x((B, T, E), 0)
+    m = MultiHeadAttention(num_heads=N, dropout_rate=0.5)
+    v = jinit(m, x)
+    det = japply(m, v, x)
+    drop = jax.jit(lambda key: m.apply(v, x, deterministic=False, rngs={"dropout": key}))
+    a, b, c = drop(jax.random.key(1)), drop(jax.random.key(1)), drop(jax.random.key(2))
+    assert not np.allclose(a, det)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_bfloat16_output_dtype():
+    x = _x((B, T, E), 0).astype(jnp.bfloat16)
+    m = MultiHeadAttention(num_heads=N, dtype=jnp.bfloat16)
+    v = jinit(m, x)
+    assert japply(m, v, x, is_causal=True).dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------- KV cache
+
+L = 8  # cache length; 7 positions are decoded
+
+
+def _decode(m, params, x, mask, chunks):
+    """Feeds x [B, 7, E] to the cache in `chunks` (prefill, then steps)."""
+    cache = jinit(m, jnp.zeros((B, L, E)), decode=True)["cache"]
+    step = jax.jit(lambda c, xs: m.apply({"params": params, "cache": c}, xs, mask=mask,
+                                         decode=True, mutable=["cache"]))
+    outs, start = [], 0
+    for size in chunks:
+        out, state = step(cache, x[:, start:start + size])
+        cache = state["cache"]
+        outs.append(out)
+        start += size
+    assert int(cache["cache_index"]) == start
+    return jnp.concatenate(outs, axis=1)
+
+
+def test_cache_prefill_then_steps_equals_full_causal_pass():
+    x = _x((B, 7, E), 0)
+    m = MultiHeadAttention(num_heads=N, num_kv_heads=2)  # GQA: the cache holds K = 2 heads
+    params = jinit(m, x, seed=1)["params"]
+    # Key padding over the cache slots: example 1's first position is padding.
+    valid = jnp.ones((B, L), bool).at[1, 0].set(False)
+    full = japply(m, {"params": params}, x, mask=key_mask(valid[:, :7]), is_causal=True)
+    got = _decode(m, params, x, key_mask(valid), chunks=[3, 1, 1, 1, 1])
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_works_under_jit():
+    x = _x((B, 7, E), 0)
+    m = MultiHeadAttention(num_heads=N)
+    params = jinit(m, x, seed=1)["params"]
+    cache = jinit(m, jnp.zeros((B, L, E)), decode=True)["cache"]
+    step = jax.jit(lambda c, xs: m.apply({"params": params, "cache": c}, xs, decode=True,
+                                         mutable=["cache"]))
+    outs = []
+    for t in range(7):
+        out, state = step(cache, x[:, t:t + 1])
+        cache = state["cache"]
+        outs.append(out)
+    full = japply(m, {"params": params}, x, is_causal=True)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+    # Past the end under jit: cannot raise, so the output is poisoned with NaN.
+    out, state = step(cache, x[:, :1])  # slot 7 of 8: still fits
+    assert np.all(np.isfinite(out))
+    out, _ = step(state["cache"], x[:, :1])
+    assert np.all(np.isnan(out))
+
+
+def test_cache_errors():
+    x = _x((B, 3, E), 0)
+    m = MultiHeadAttention(num_heads=N)
+    params = jinit(m, x, seed=1)["params"]
+    cache = m.init(jax.random.key(0), jnp.zeros((B, 4, E)), decode=True)["cache"]
+    assert cache["cached_key"].shape == cache["cached_value"].shape == (B, 4, N, E // N)
+    assert int(cache["cache_index"]) == 0 and not np.any(cache["cached_key"])
+    # Eager calls: every check fires before any projection is computed.
+    apply = lambda c, xs, kv=None: m.apply({"params": params, "cache": c}, xs, kv,  # noqa: E731
+                                           decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match="cannot fit"):
+        apply(cache, _x((B, 5, E), 0))
+    with pytest.raises(ValueError, match="past the cache"):
+        apply({**cache, "cache_index": jnp.array(3, jnp.int32)}, x[:, :2])
+    with pytest.raises(ValueError, match="batch dims"):
+        apply(cache, x[:1])
+    with pytest.raises(ValueError, match="no 'cache' collection"):
+        m.apply({"params": params}, x, decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match="self-attention"):
+        apply(cache, x[:, :1], x)
