@@ -1,0 +1,135 @@
+"""Transformer-encoder text classifier (drop-in for the BiGRU IMDB model).
+
+``Embed(V, E)·√E + sinusoidal positions -> Dropout -> N encoder layers ->
+pooling -> Dropout -> Dense(1)``.
+
+Same interface as :class:`~flax_attention.models.bigru.BiGRUClassifier`:
+``model.apply(vars, tokens [B, S], lengths [B], train=...) -> (logits [B],
+weights [B, S])``; padding is taken from ``lengths`` (as a key mask in every
+layer and in the pooling), so what is stored at padded positions never
+changes a logit.
+
+Pooling (``pooling``):
+
+* ``"mean"``: masked mean of the encoder outputs over the real tokens;
+  ``weights`` = ``1 / length`` on real tokens.
+* ``"attention"``: learned context-vector attention pooling
+  (:class:`~flax_attention.AdditiveAttention`, as the BiGRU model);
+  ``weights`` = its attention weights.
+* ``"cls"``: a learned vector is prepended at position 0 and its final state
+  is classified (BERT style); it is not a pooling over tokens, so ``weights``
+  is all zeros. ``max_len`` must leave room for it (``S + 1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flax_attention.additive import AdditiveAttention
+from flax_attention.layers import SinusoidalPositionalEncoding, TransformerConfig
+from flax_attention.masks import key_mask, padding_mask
+from flax_attention.transformer import TransformerEncoder
+
+Array = jnp.ndarray
+
+POOLINGS = ("mean", "attention", "cls")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerClassifierConfig:
+    """Transformer classifier hyper-parameters (defaults: the suggested IMDB config).
+
+    Attributes:
+      vocab_size: ``V`` (id 0 is padding).
+      d_model: ``E``. num_heads: ``N``. num_kv_heads: ``K`` (``0`` = ``N``, plain
+        multi-head; an int, not ``None``, so it maps onto a ``train.py`` flag).
+      d_ff: ``F``. num_layers: encoder layers.
+      dropout_rate: embedding, residual and head dropout.
+      attention_dropout_rate: dropout on attention weights.
+      max_len: longest input (``S``, plus 1 with ``cls`` pooling).
+      pooling: ``"mean"``, ``"attention"`` or ``"cls"``.
+      attention_size: ``A`` of the ``"attention"`` pooling.
+      pre_ln: pre-LN encoder layers (stable with a plain warm-up; the paper is post-LN).
+    """
+
+    vocab_size: int = 10_000
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 0
+    d_ff: int = 512
+    num_layers: int = 2
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    max_len: int = 512
+    pooling: str = "mean"
+    attention_size: int = 64
+    pre_ln: bool = True
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} must be one of {POOLINGS}.")
+        if self.num_layers < 1 or self.attention_size < 1:
+            raise ValueError(f"num_layers ({self.num_layers}) and attention_size must be >= 1.")
+        self.encoder_config()  # validates heads, dropout, sizes
+
+    def encoder_config(self) -> TransformerConfig:
+        """The :class:`~flax_attention.layers.TransformerConfig` of the encoder stack."""
+        return TransformerConfig(
+            vocab_size=self.vocab_size, d_model=self.d_model, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads or None, d_ff=self.d_ff, num_encoder_layers=self.num_layers,
+            num_decoder_layers=0, dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate, max_len=self.max_len,
+            pre_ln=self.pre_ln,
+        )
+
+
+class TransformerClassifier(nn.Module):
+    """Embedding + sinusoidal positions + Transformer encoder + pooling + one logit."""
+
+    config: TransformerClassifierConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, lengths: Array, *, train: bool = False) -> Tuple[Array, Array]:
+        """Classifies padded token sequences.
+
+        Args:
+          tokens: int ``[B, S]``, padding after the real tokens.
+          lengths: int ``[B]`` true lengths (>= 1).
+          train: enables dropout (needs a ``"dropout"`` RNG).
+
+        Returns:
+          ``(logits [B], weights [B, S])``; see the module docstring for
+          ``weights`` per pooling.
+        """
+        cfg = self.config
+        b, s = tokens.shape
+        extra = 1 if cfg.pooling == "cls" else 0
+        if s + extra > cfg.max_len:
+            raise ValueError(f"input length {s}{' + 1 (cls)' if extra else ''} exceeds max_len="
+                             f"{cfg.max_len}; raise TransformerClassifierConfig.max_len.")
+        real = padding_mask(lengths, s)  # [B, S]
+        x = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed",
+                     embedding_init=nn.initializers.normal(cfg.d_model**-0.5))(tokens)
+        x = x * jnp.float32(cfg.d_model**0.5)  # unit-scale embeddings, as in the Transformer
+        if extra:
+            cls = self.param("cls", nn.initializers.normal(1.0), (cfg.d_model,))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.d_model)), x], axis=1)
+            real = jnp.concatenate([jnp.ones((b, 1), bool), real], axis=1)
+        x = SinusoidalPositionalEncoding(name="positions")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+        h = TransformerEncoder(cfg.encoder_config(), name="encoder")(
+            x, key_mask(real), deterministic=not train)
+
+        if cfg.pooling == "cls":
+            pooled, weights = h[:, 0], jnp.zeros((b, s), jnp.float32)
+        elif cfg.pooling == "attention":
+            pooled, weights = AdditiveAttention(cfg.attention_size, name="pool")(h, real)
+        else:
+            weights = real / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
+            pooled = jnp.einsum("bs,bse->be", weights, h.astype(jnp.float32))
+        pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
+        return nn.Dense(1, name="head")(pooled)[..., 0], weights
