@@ -44,6 +44,7 @@ from flax_attention.attention import (
     masked_softmax,
     scaled_dot_product_attention,
 )
+from flax_attention.flash import chunked_attention
 from flax_attention.additive import (
     AdditiveAttention,
     BahdanauAttention,
@@ -51,25 +52,58 @@ from flax_attention.additive import (
     additive_scores,
     context_attention,
 )
+from flax_attention.multihead import MultiHeadAttention
+from flax_attention.layers import (
+    PositionwiseFeedForward,
+    SinusoidalPositionalEncoding,
+    TransformerConfig,
+    TransformerDecoderLayer,
+    TransformerEncoderLayer,
+    sinusoidal_encoding,
+    sinusoidal_positions,
+)
+from flax_attention.transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerEncoder,
+    init_cache,
+)
+from flax_attention.decoding import beam_search, greedy_decode, length_penalty
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdditiveAttention",
     "BahdanauAttention",
+    "MultiHeadAttention",
+    "PositionwiseFeedForward",
+    "SinusoidalPositionalEncoding",
+    "Transformer",
+    "TransformerConfig",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "additive_attention",
     "additive_scores",
     "attention_weights",
+    "beam_search",
     "causal_mask",
     "causal_mask_from_positions",
+    "chunked_attention",
     "combine_masks",
     "context_attention",
+    "greedy_decode",
+    "init_cache",
     "key_mask",
+    "length_penalty",
     "masked_softmax",
     "padding_mask",
     "query_key_mask",
     "scaled_dot_product_attention",
     "segment_mask",
+    "sinusoidal_encoding",
+    "sinusoidal_positions",
     "sliding_window_mask",
     "token_mask",
 ]

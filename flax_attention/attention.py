@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.masks import causal_mask, combine_masks
+from flax_attention.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
 
@@ -93,6 +93,11 @@ def _check_inputs(query, key, value, mask, bias):
                 f"mask must be boolean (True = attend), got dtype {x.dtype}; "
                 "pass mask.astype(bool), or use `bias` for additive float masks."
             )
+        if name == "bias" and x.dtype == jnp.bool_:
+            raise ValueError(
+                "bias must be a float array added to the logits, got a boolean one; "
+                "pass boolean masks as `mask=` (True = attend)."
+            )
         try:
             if np.broadcast_shapes(x.shape, logits_shape) != logits_shape:
                 raise ValueError
@@ -130,8 +135,12 @@ def attention_weights(
     Returns:
       float32 ``[..., N, T, S]``; fully-masked rows are all zeros.
     """
+    mask = None if mask is None else jnp.asarray(mask)
+    bias = None if bias is None else jnp.asarray(bias)
     value = key  # only shapes are checked here
     _check_inputs(query, key, value, mask, bias)
+    if causal_alignment not in _ALIGNMENTS:  # checked even when unused: a typo is a bug
+        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}.")
     *batch, t, n, h = query.shape
     s, k = key.shape[-3], key.shape[-2]
     g = n // k
@@ -151,6 +160,29 @@ def attention_weights(
     return masked_softmax(logits, mask)
 
 
+# Auto-dispatch threshold on the dense path's float32 logits (4·B·N·T·S bytes):
+# below it the dense path is simplest and fast; above it a few such temporaries
+# (logits, probabilities, their gradients) would cost >1 GiB.
+AUTO_CHUNKED_BYTES = 256 * 2**20
+_IMPLEMENTATIONS = ("dense", "chunked")
+
+
+def _choose_implementation(implementation, query, key, dropout_active, return_weights):
+    """Resolves ``implementation=None`` and rejects what the chunked path cannot do."""
+    if implementation is None:
+        logits_bytes = 4 * int(np.prod(query.shape[:-3])) * query.shape[-2] * query.shape[-3] * key.shape[-3]
+        big = logits_bytes > AUTO_CHUNKED_BYTES
+        return "chunked" if big and not dropout_active and not return_weights else "dense"
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None (auto), 'dense' or 'chunked', got {implementation!r}.")
+    if implementation == "chunked" and (dropout_active or return_weights):
+        raise ValueError(
+            "implementation='chunked' supports neither attention dropout nor return_weights "
+            "(it never materialises the weights); use implementation='dense' for those."
+        )
+    return implementation
+
+
 def scaled_dot_product_attention(
     query: Array,
     key: Array,
@@ -166,6 +198,8 @@ def scaled_dot_product_attention(
     deterministic: bool = True,
     return_weights: bool = False,
     precision=None,
+    window=None,
+    implementation: Optional[str] = None,
 ):
     """Scaled dot-product attention, ``softmax(Q Kᵀ / √H) V`` (Vaswani et al., Eq. 1).
 
@@ -190,16 +224,43 @@ def scaled_dot_product_attention(
       deterministic: disables dropout when ``True``.
       return_weights: also return the (pre-dropout) weights.
       precision: passed to both einsums.
+      window: sliding window ``w`` (the query and its ``w`` predecessors) or
+        ``(left, right)``, as in :func:`~flax_attention.masks.sliding_window_mask`,
+        aligned by ``causal_alignment``; combined with ``mask``.
+      implementation: ``"dense"`` materialises the ``[..., N, T, S]``
+        logits; ``"chunked"`` runs :func:`~flax_attention.flash.chunked_attention`
+        (online softmax, ``O(T + S)`` memory, skips blocks hidden by
+        ``is_causal``/``window``; no dropout, no returned weights). ``None``
+        (auto) picks ``"chunked"`` when the dense float32 logits would exceed
+        ``AUTO_CHUNKED_BYTES`` (256 MiB, i.e. ``4·B·N·T·S`` bytes) and neither
+        dropout nor ``return_weights`` is requested, else ``"dense"``.
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype, or ``(output, weights)`` with
       float32 weights ``[..., N, T, S]`` if ``return_weights``.
 
     Raises:
-      ValueError: on mismatched shapes, indivisible heads, or a non-boolean mask.
+      ValueError: on mismatched shapes, indivisible heads, a non-boolean mask,
+        a boolean bias, an unknown alignment, or a dropout rate outside [0, 1).
     """
     value = key if value is None else value
+    mask = None if mask is None else jnp.asarray(mask)
+    bias = None if bias is None else jnp.asarray(bias)
     _check_inputs(query, key, value, mask, bias)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+    implementation = _choose_implementation(
+        implementation, query, key, dropout_rate > 0.0 and not deterministic, return_weights)
+    if implementation == "chunked":
+        from flax_attention.flash import chunked_attention  # lazy: flash imports this module
+
+        return chunked_attention(
+            query, key, value, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
+            causal_alignment=causal_alignment, window=window, precision=precision,
+        )
+    if window is not None:
+        mask = combine_masks(mask, sliding_window_mask(
+            query.shape[-3], key.shape[-3], window=window, alignment=causal_alignment))
     weights = attention_weights(
         query, key, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
         causal_alignment=causal_alignment, precision=precision,
