@@ -1,0 +1,209 @@
+"""Bidirectional GRU + additive attention text classifier (Yang et al. 2016 style).
+
+``Embedding(V, E) -> BiGRU(2 x U) -> AdditiveAttention(A) -> Dropout -> Dense(1)``.
+
+The GRU follows the cuDNN / PyTorch ``nn.GRU`` formulation (Cho et al. 2014
+with the reset gate applied *after* the recurrent matmul), so weights map 1:1
+onto PyTorch for benchmarks:
+
+    r = σ(W_ir x + b_ir + W_hr h + b_hr)
+    z = σ(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+    h' = (1 - z) ⊙ n + z ⊙ h
+
+Speed on CPU: the input projections ``W_i· x`` of all time steps and both
+directions are one big matmul hoisted out of the recurrence, and both
+directions run in the *same* ``lax.scan`` (a batched ``[2, B, U] x [2, U, 3U]``
+matmul per step), halving the number of sequential steps.
+
+Length handling: the backward direction reads each sequence's real tokens in
+reverse (position ``L-1`` first) by a per-sequence index permutation, so both
+directions see padding only *after* all real tokens; padding never enters a
+state that produces a real position's output. Outputs at padded positions are
+zeroed and the attention mask gives them exactly zero weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_attention.additive import AdditiveAttention
+from flax_attention.masks import padding_mask
+
+Array = jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class BiGRUConfig:
+    """Reference configuration of the BiGRU + attention IMDB classifier.
+
+    Attributes:
+      vocab_size: ``V`` (ids 0..V-1; 0 is padding).
+      embed_dim: ``E``.
+      hidden_size: ``U``, GRU units per direction.
+      attention_size: ``A``.
+      dropout_rate: dropout on the attention context (keep_prob = 1 - rate).
+      scan_unroll: time steps per ``lax.scan`` iteration (speed only).
+    """
+
+    vocab_size: int = 10_000
+    embed_dim: int = 100
+    hidden_size: int = 150
+    attention_size: int = 50
+    dropout_rate: float = 0.2
+    scan_unroll: int = 2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "embed_dim", "hidden_size", "attention_size", "scan_unroll"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BiGRUConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def gru_recurrence(x_proj: Array, w_hh: Array, b_hh: Array, h0: Array, *, unroll: int = 1) -> Array:
+    """Runs the GRU recurrence over precomputed input projections.
+
+    Any number of independent GRUs (e.g. the two directions) run at once via
+    the leading ``...`` dims of the weights.
+
+    Args:
+      x_proj: ``[T, ..., B, 3U]`` = ``W_i x + b_i`` for every step, gates
+        ordered (r, z, n) as in PyTorch.
+      w_hh: ``[..., U, 3U]`` recurrent kernel.
+      b_hh: ``[..., 3U]`` recurrent bias.
+      h0: ``[..., B, U]`` initial state.
+
+    Returns:
+      ``[T, ..., B, U]``: the state after each step.
+    """
+    u = h0.shape[-1]
+    b_hh = b_hh[..., None, :]  # broadcast over B
+
+    def step(h, xp):
+        hp = jnp.einsum("...bu,...uk->...bk", h, w_hh) + b_hh
+        r = jax.nn.sigmoid(xp[..., :u] + hp[..., :u])
+        z = jax.nn.sigmoid(xp[..., u:2 * u] + hp[..., u:2 * u])
+        n = jnp.tanh(xp[..., 2 * u:] + r * hp[..., 2 * u:])
+        h = (1.0 - z) * n + z * h
+        return h, h
+
+    _, hs = jax.lax.scan(step, h0, x_proj, unroll=unroll)
+    return hs
+
+
+def reverse_index(lengths: Array, max_length: int) -> Array:
+    """Per-sequence index that reverses the real prefix and leaves padding in place.
+
+    ``idx[b, t] = L_b - 1 - t`` for ``t < L_b`` else ``t``. It is its own
+    inverse, so the same gather maps inputs in and outputs back.
+
+    Returns:
+      int32 ``[B, T]``.
+    """
+    t = jnp.arange(max_length)
+    lengths = lengths[:, None]
+    return jnp.where(t < lengths, lengths - 1 - t, t).astype(jnp.int32)
+
+
+def bidirectional_gru(
+    x: Array, lengths: Array, w_ih: Array, b_ih: Array, w_hh: Array, b_hh: Array, *, unroll: int = 1
+) -> Array:
+    """Length-aware bidirectional GRU (pure function).
+
+    Args:
+      x: ``[B, T, E]`` inputs (padding after the real tokens).
+      lengths: int ``[B]`` true lengths.
+      w_ih: ``[2, E, 3U]`` input kernels (forward, backward).
+      b_ih: ``[2, 3U]``; w_hh: ``[2, U, 3U]``; b_hh: ``[2, 3U]``.
+
+    Returns:
+      ``[B, T, 2U]``: forward states then backward states at each position,
+      zeros at padded positions.
+    """
+    bsz, t, _ = x.shape
+    u = w_hh.shape[-2]
+    rev = reverse_index(lengths, t)
+    # Hoisted input projection for all steps and both directions: one matmul.
+    proj = jnp.einsum("bte,dek->dbtk", x, w_ih) + b_ih[:, None, None, :]  # [2, B, T, 3U]
+    proj_bwd = jnp.take_along_axis(proj[1], rev[:, :, None], axis=1)
+    proj = jnp.stack([proj[0], proj_bwd])                                   # [2, B, T, 3U]
+    h0 = jnp.zeros((2, bsz, u), proj.dtype)
+    hs = gru_recurrence(jnp.transpose(proj, (2, 0, 1, 3)), w_hh, b_hh, h0, unroll=unroll)  # [T, 2, B, U]
+    fwd = jnp.transpose(hs[:, 0], (1, 0, 2))
+    bwd = jnp.take_along_axis(jnp.transpose(hs[:, 1], (1, 0, 2)), rev[:, :, None], axis=1)
+    out = jnp.concatenate([fwd, bwd], axis=-1)
+    return jnp.where(padding_mask(lengths, t)[..., None], out, 0.0)
+
+
+# ------------------------------------------------------------------ modules
+
+
+class BiGRU(nn.Module):
+    """Bidirectional GRU layer; parameters in PyTorch layout (transposed).
+
+    Initialisation: LeCun-normal input kernels, orthogonal recurrent kernels
+    (per gate), zero biases.
+    """
+
+    hidden_size: int
+    unroll: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array, lengths: Array) -> Array:
+        """``x [B, T, E]``, ``lengths [B]`` -> ``[B, T, 2U]``."""
+        e, u = x.shape[-1], self.hidden_size
+
+        def recurrent_init(key, shape, dtype=jnp.float32):
+            # One orthogonal U x U block per (direction, gate).
+            keys = jax.random.split(key, 6)
+            blocks = [nn.initializers.orthogonal()(k, (u, u), dtype) for k in keys]
+            return jnp.stack([jnp.concatenate(blocks[3 * d: 3 * d + 3], axis=1) for d in range(2)])
+
+        def input_init(key, shape, dtype=jnp.float32):
+            k0, k1 = jax.random.split(key)
+            init = nn.initializers.lecun_normal()
+            return jnp.stack([init(k0, shape[1:], dtype), init(k1, shape[1:], dtype)])
+
+        w_ih = self.param("w_ih", input_init, (2, e, 3 * u))
+        b_ih = self.param("b_ih", nn.initializers.zeros, (2, 3 * u))
+        w_hh = self.param("w_hh", recurrent_init, (2, u, 3 * u))
+        b_hh = self.param("b_hh", nn.initializers.zeros, (2, 3 * u))
+        return bidirectional_gru(x, lengths, w_ih, b_ih, w_hh, b_hh, unroll=self.unroll)
+
+
+class BiGRUClassifier(nn.Module):
+    """Embedding -> BiGRU -> masked additive attention -> dropout -> one logit."""
+
+    config: BiGRUConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, lengths: Array, *, train: bool = False) -> Tuple[Array, Array]:
+        """Classifies padded reviews.
+
+        Args:
+          tokens: int ``[B, S]``, padding after the real tokens.
+          lengths: int ``[B]`` true lengths (>= 1).
+          train: enables dropout (needs a ``"dropout"`` RNG).
+
+        Returns:
+          ``(logits [B], attention weights [B, S])``; weights are exactly 0 at
+          padded positions and sum to 1 over the real ones.
+        """
+        cfg = self.config
+        s = tokens.shape[-1]
+        x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(tokens)
+        hidden = BiGRU(cfg.hidden_size, unroll=cfg.scan_unroll, name="bigru")(x, lengths)
+        context, weights = AdditiveAttention(cfg.attention_size, name="attention")(
+            hidden, padding_mask(lengths, s))
+        context = nn.Dropout(cfg.dropout_rate, deterministic=not train)(context)
+        logits = nn.Dense(1, name="head")(context)[..., 0]
+        return logits, weights

@@ -1,0 +1,170 @@
+"""Registry of trainable ``--model`` choices for ``train.py``.
+
+A :class:`Task` bundles everything model- or data-specific; the training loop
+in ``train.py`` only talks to this interface. To add a model, write its
+builder and register a :class:`Task` (see ``_bigru`` below): e.g. a
+Transformer classifier can reuse :func:`binary_classification_loss`,
+:func:`prepare_imdb` and :func:`classify_texts` and only change
+``config_classes["model"]`` and ``build_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flax_attention.data import imdb
+from flax_attention.models.bigru import BiGRUClassifier, BiGRUConfig
+
+Configs = Mapping[str, Any]  # section name ("model", "data", "train") -> frozen dataclass
+
+
+@dataclasses.dataclass
+class Data:
+    """Prepared splits plus side information (e.g. the vocabulary)."""
+
+    train: Any
+    test: Any
+    extras: Dict[str, Any]
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        return imdb.train_batches(self.train, batch_size, seed, epoch, start_step)
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict]:
+        return imdb.eval_batches(self.test, batch_size)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return imdb.steps_per_epoch(self.train, batch_size)
+
+    def num_eval_batches(self, batch_size: int) -> int:
+        return -(-len(self.test) // batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One ``--model`` choice.
+
+    Attributes:
+      name: the ``--model`` value.
+      config_classes: ``{"model": cls, "data": cls}`` frozen dataclasses whose
+        fields become command-line flags (a field name shared by two sections,
+        e.g. ``vocab_size``, is one flag feeding both).
+      prepare: ``(workdir, configs) -> Data``; caches side files in ``workdir``.
+      load_extras: ``(workdir, configs) -> extras`` for prediction (no data read).
+      build_model: ``(configs, extras) -> flax Module``.
+      init_inputs: ``(configs) -> tuple`` of dummy model inputs for ``init``.
+      loss_and_metrics: see :mod:`flax_attention.training`.
+      predict: ``(model, params, configs, extras, texts) -> list of dicts``
+        (``prob``, ``label``, ``words``, ``weights``) or ``None``.
+      selection_metric: eval metric that picks the best checkpoint.
+    """
+
+    name: str
+    config_classes: Mapping[str, type]
+    prepare: Callable[[Any, Configs], Data]
+    load_extras: Callable[[Any, Configs], Dict[str, Any]]
+    build_model: Callable[[Configs, Dict[str, Any]], Any]
+    init_inputs: Callable[[Configs], Tuple]
+    loss_and_metrics: Callable
+    predict: Optional[Callable] = None
+    selection_metric: str = "accuracy"
+
+
+REGISTRY: Dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in REGISTRY:
+        raise ValueError(f"model {task.name!r} is already registered.")
+    REGISTRY[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown --model {name!r}; choose one of {sorted(REGISTRY)}.")
+    return REGISTRY[name]
+
+
+# ------------------------------------------------------------ binary text classification
+
+
+def binary_classification_loss(params, apply_fn, batch, rngs, train: bool):
+    """Sigmoid cross-entropy on a model ``(tokens, lengths) -> (logits [B], ...)``.
+
+    Returns the weighted loss sum and weighted sums of loss and correct
+    predictions (``sigmoid(logit) >= 0.5`` i.e. ``logit >= 0`` is positive).
+    """
+    logits, _ = apply_fn({"params": params}, batch["tokens"], batch["lengths"], train=train, rngs=rngs)
+    labels = batch["labels"].astype(jnp.float32)
+    w = batch["weights"].astype(jnp.float32)
+    losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
+    correct = ((logits >= 0).astype(jnp.float32) == labels).astype(jnp.float32)
+    loss_sum = jnp.sum(w * losses)
+    return loss_sum, {"loss": loss_sum, "accuracy": jnp.sum(w * correct), "weight": jnp.sum(w)}
+
+
+def prepare_imdb(workdir, configs: Configs) -> Data:
+    vocab, train, test = imdb.prepare(workdir, configs["data"])
+    return Data(train, test, {"vocab": vocab})
+
+
+def load_imdb_extras(workdir, configs: Configs) -> Dict[str, Any]:
+    path = Path(workdir) / "vocab.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train first with `python train.py --workdir {workdir}`.")
+    return {"vocab": imdb.Vocabulary.load(path)}
+
+
+def classify_texts(model, params, configs: Configs, extras, texts: Sequence[str]) -> List[Dict[str, Any]]:
+    """Probability, label and per-word attention weights for raw review texts.
+
+    The model must return ``(logits [B], weights [B, S])`` (weights over token
+    positions, e.g. additive attention pooling).
+    """
+    vocab, cfg = extras["vocab"], configs["data"]
+    tokens, lengths = imdb.encode(texts, vocab, cfg)
+    logits, weights = jax.jit(lambda p, t, l: model.apply({"params": p}, t, l))(params, tokens, lengths)
+    probs = np.asarray(jax.nn.sigmoid(logits))
+    weights = np.asarray(weights)
+    out = []
+    for b in range(len(texts)):
+        n = int(lengths[b])
+        out.append({"prob": float(probs[b]), "label": "positive" if probs[b] >= 0.5 else "negative",
+                    "words": imdb.kept_words(texts[b], cfg),
+                    "weights": weights[b, :n].tolist()})
+    return out
+
+
+def _imdb_token_inputs(configs: Configs) -> Tuple:
+    return (jnp.ones((1, configs["data"].max_length), jnp.int32), jnp.ones((1,), jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _bigru(config: BiGRUConfig) -> BiGRUClassifier:
+    # One module per (frozen, hashable) config: TrainState.apply_fn is a static
+    # pmap argument, so reusing the instance reuses compiled steps.
+    return BiGRUClassifier(config)
+
+
+def _build_bigru(configs: Configs, extras) -> BiGRUClassifier:
+    return _bigru(configs["model"])
+
+
+register(Task(
+    name="bigru",
+    config_classes={"model": BiGRUConfig, "data": imdb.IMDBConfig},
+    prepare=prepare_imdb,
+    load_extras=load_imdb_extras,
+    build_model=_build_bigru,
+    init_inputs=_imdb_token_inputs,
+    loss_and_metrics=binary_classification_loss,
+    predict=classify_texts,
+))

@@ -1,0 +1,176 @@
+"""Model-agnostic pieces of the training program: config, state, pmapped steps.
+
+A *task* (see :mod:`flax_attention.tasks`) supplies one function,
+``loss_and_metrics(params, apply_fn, batch, rngs, train) -> (loss_sum, sums)``
+where ``loss_sum`` is the weighted sum of per-example losses of the local
+shard and ``sums`` a dict of weighted metric sums that includes ``"weight"``
+(the number of real examples). Everything here is generic over that contract.
+
+Data parallelism: every step runs under :func:`jax.pmap` over all local
+devices with axis name ``"batch"``. The local loss is divided by the *global*
+example count (``psum`` of the weights), so the ``psum`` of the local
+gradients is exactly the gradient of the global-batch mean loss, whatever the
+device count: 1 and N devices follow the same trajectory up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+AXIS = "batch"
+Batch = Dict[str, np.ndarray]
+LossFn = Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping settings (model-independent).
+
+    Attributes:
+      learning_rate: Adam learning rate.
+      batch_size: global batch size, split evenly over local devices.
+      num_epochs: passes over the training split.
+      seed: seeds initialisation, dropout and the shuffle order.
+      checkpoint_every: also checkpoint every N steps (0 = only at epoch ends).
+      keep_checkpoints: newest checkpoints kept (the best one is kept as well).
+      log_every: fetch metrics / update the progress bar every N steps.
+      eval_batch_size: global evaluation batch (0 = batch_size).
+    """
+
+    learning_rate: float = 1e-3
+    batch_size: int = 256
+    num_epochs: int = 3
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_batch_size: int = 0
+
+    # Fields that may change when resuming a workdir (they do not alter what
+    # has been trained so far).
+    RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size")
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_epochs", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
+        if self.checkpoint_every < 0 or self.eval_batch_size < 0:
+            raise ValueError("--checkpoint_every and --eval_batch_size must be >= 0.")
+
+
+class TrainState(train_state.TrainState):
+    """optax TrainState plus the base dropout key (checkpointed with the rest)."""
+
+    dropout_key: jax.Array
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls :func:`jax.distributed.initialize` only for multi-process runs.
+
+    Triggered by ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` (> 1) +
+    ``JAX_PROCESS_ID`` in the environment; single-process runs never touch it.
+    Hook for multi-host training: the input pipeline must then also shard the
+    data by ``jax.process_index()``.
+    """
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    nproc = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if not addr or nproc <= 1:
+        return False
+    jax.distributed.initialize(coordinator_address=addr, num_processes=nproc,
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+    return True
+
+
+def create_train_state(model, init_inputs: Tuple, config: TrainConfig, rng: jax.Array) -> TrainState:
+    """Initialises parameters and the Adam optimiser (unreplicated)."""
+    init_key, dropout_key = jax.random.split(rng)
+    variables = jax.jit(lambda k: model.init(k, *init_inputs))(init_key)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             tx=_adam(config.learning_rate), dropout_key=dropout_key)
+
+
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    # apply_fn and tx are static TrainState fields, i.e. part of the pmap cache
+    # key: reusing the same objects lets a second run in one process skip compiling.
+    return optax.adam(learning_rate)
+
+
+def _global_mean_loss(loss_fn: LossFn, params, apply_fn, batch, rngs, train):
+    loss_sum, sums = loss_fn(params, apply_fn, batch, rngs, train)
+    total = jax.lax.psum(sums["weight"], AXIS)
+    return loss_sum / jnp.maximum(total, 1.0), sums
+
+
+@functools.lru_cache(maxsize=None)  # one pmapped function per loss: repeated runs in a process reuse compilations
+def make_train_step(loss_fn: LossFn) -> Callable:
+    """pmapped ``(state, batch) -> (state, metric sums)`` (sums are over all devices)."""
+
+    def train_step(state: TrainState, batch: Batch):
+        # Distinct dropout key per step and per device.
+        key = jax.random.fold_in(jax.random.fold_in(state.dropout_key, state.step), jax.lax.axis_index(AXIS))
+        grad_fn = jax.value_and_grad(_global_mean_loss, argnums=1, has_aux=True)
+        (_, sums), grads = grad_fn(loss_fn, state.params, state.apply_fn, batch, {"dropout": key}, True)
+        grads = jax.lax.psum(grads, AXIS)  # local losses already divide by the global count
+        return state.apply_gradients(grads=grads), jax.lax.psum(sums, AXIS)
+
+    return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=None)
+def make_eval_step(loss_fn: LossFn) -> Callable:
+    """pmapped ``(params, batch) -> metric sums`` over all devices (no dropout)."""
+
+    def eval_step(state: TrainState, batch: Batch):
+        _, sums = loss_fn(state.params, state.apply_fn, batch, {}, False)
+        return jax.lax.psum(sums, AXIS)
+
+    return jax.pmap(eval_step, axis_name=AXIS)
+
+
+def replicate(tree):
+    return flax.jax_utils.replicate(tree)
+
+
+def unreplicate(tree):
+    return flax.jax_utils.unreplicate(tree)
+
+
+class MetricAccumulator:
+    """Sums per-step metric dicts on device; fetches them only when asked."""
+
+    def __init__(self):
+        self._pending = []
+        self.totals: Dict[str, float] = {}
+
+    def add(self, sums) -> None:
+        self._pending.append(sums)
+
+    def fetch(self) -> Dict[str, float]:
+        """Brings pending sums to the host (a sync point) and returns running totals."""
+        for sums in jax.device_get(self._pending):
+            for k, v in sums.items():
+                # pmap outputs are replicated [devices]; psum made them equal.
+                self.totals[k] = self.totals.get(k, 0.0) + float(np.asarray(v).reshape(-1)[0])
+        self._pending = []
+        return dict(self.totals)
+
+
+def summarize(totals: Dict[str, float]) -> Dict[str, float]:
+    """Turns weighted sums into means: every key except ``weight`` is divided by it."""
+    w = max(totals.get("weight", 0.0), 1.0)
+    out = {k: v / w for k, v in totals.items() if k != "weight"}
+    out["examples"] = totals.get("weight", 0.0)
+    return out

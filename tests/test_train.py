@@ -1,0 +1,143 @@
+"""train.py and flax_attention.training: pmap equivalence, resume, end-to-end CLI runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).parents[1]
+REAL_DATA = Path(os.environ.get("TFDS_DATA_DIR") or ROOT.parent / "shared" / "tensorflow_datasets")
+HAS_IMDB = (REAL_DATA / "imdb_reviews" / "plain_text" / "1.0.0").is_dir()
+TINY = ["--vocab_size", "60", "--embed_dim", "8", "--hidden_size", "6", "--attention_size", "4",
+        "--max_length", "12", "--batch_size", "8"]
+
+
+def _run(code, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    return out
+
+
+_PMAP_SCRIPT = """
+import json, jax, numpy as np
+from flax_attention import tasks, training
+from flax_attention.data import imdb
+from flax_attention.models.bigru import BiGRUConfig
+task = tasks.get_task("bigru")
+cfg = {"model": BiGRUConfig(vocab_size=50, embed_dim=8, hidden_size=6, attention_size=4, dropout_rate=0.0),
+       "data": imdb.IMDBConfig(vocab_size=50, max_length=10), "train": training.TrainConfig(batch_size=8)}
+rng = np.random.default_rng(0)
+lengths = rng.integers(1, 11, 32).astype(np.int32)
+tokens = np.where(np.arange(10) < lengths[:, None], rng.integers(1, 50, (32, 10)), 0).astype(np.int32)
+data = imdb.EncodedSplit(tokens, lengths, rng.integers(0, 2, 32).astype(np.int32))
+model = task.build_model(cfg, None)
+state = training.create_train_state(model, task.init_inputs(cfg), cfg["train"], jax.random.PRNGKey(0))
+step = training.make_train_step(task.loss_and_metrics)
+rstate, n, losses = training.replicate(state), jax.local_device_count(), []
+for epoch in range(2):
+    for batch in imdb.train_batches(data, 8, seed=0, epoch=epoch):
+        rstate, sums = step(rstate, imdb.shard(batch, n))
+        losses.append(float(sums["loss"][0] / sums["weight"][0]))
+print(json.dumps({"devices": n, "losses": losses}))
+"""
+
+
+@pytest.mark.slow
+def test_pmap_four_devices_matches_one_device():
+    """Same global batch on 1 and 4 simulated devices -> same loss trajectory.
+
+    Dropout is off: its masks depend on the device layout by design (one key
+    per device). Tolerance 1e-5 relative: only float32 summation order differs.
+    """
+    runs = {}
+    for n in (1, 4):
+        out = _run(_PMAP_SCRIPT, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert runs[n]["devices"] == n
+    assert len(runs[1]["losses"]) == 8
+    np.testing.assert_allclose(runs[4]["losses"], runs[1]["losses"], rtol=1e-5)
+    assert runs[1]["losses"][-1] != runs[1]["losses"][0]  # it did train
+
+
+def _params(workdir):
+    """``(latest step, parameter leaves)`` of a workdir, restored without a target structure."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(workdir, "checkpoints").absolute(), item_names=("state", "meta")) as mgr:
+        step = mgr.latest_step()
+        state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return step, jax.tree_util.tree_leaves(state["params"])
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import train
+
+    with tfds.testing.mock_data(num_examples=48):  # 6 steps per epoch
+        assert train.main(TINY + ["--workdir", str(tmp_path / "a"), "--num_epochs", "2"]) == 0
+        assert train.main(TINY + ["--workdir", str(tmp_path / "b"), "--num_epochs", "1", "--checkpoint_every", "4"]) == 0
+        # Simulate a crash after step 4: drop the epoch-end checkpoint, keep the mid-epoch one.
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+        assert train.main(TINY + ["--workdir", str(tmp_path / "b"), "--num_epochs", "2"]) == 0
+    step_a, leaves_a = _params(tmp_path / "a")
+    step_b, leaves_b = _params(tmp_path / "b")
+    assert step_a == step_b == 12
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+_E2E_SCRIPT = """
+import sys, tensorflow_datasets as tfds, train
+w = sys.argv[1]
+tiny = {tiny}
+with tfds.testing.mock_data(num_examples=20):
+    print("RC", train.main(tiny + ["--workdir", w, "--num_epochs", "1"]))
+    print("RC", train.main(tiny + ["--workdir", w, "--hidden_size", "7"]))  # incompatible -> refuse
+    print("RC", train.main(["visualize", "--workdir", w, "--num_examples", "3"]))
+print("RC", train.main(["predict", "--workdir", w, "--html", w + "/pred.html", "a great film", "awful"]))
+print("RC", train.main(["predict", "--workdir", w, " "]))
+print("RC", train.main(["--batch_size", "0", "--workdir", w]))
+"""
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end_on_mock_data(tmp_path):
+    w = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-c", _E2E_SCRIPT.format(tiny=TINY), w], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rcs = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("RC ")]
+    assert rcs == ["0", "2", "0", "0", "2", "2"], out.stdout + out.stderr[-2000:]
+    assert "Final test accuracy" in out.stdout and "on all 20 test reviews" in out.stdout
+    assert "different configuration" in out.stderr and "hidden_size" in out.stderr
+    assert "non-empty review" in out.stderr and "--batch_size must be >= 1" in out.stderr
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "eval" and records[-1]["test_examples"] == 20
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["hidden_size"] == 6
+    page = (tmp_path / "run" / "attention.html").read_text()
+    assert page.count("class=card") == 3 and "rgba(255,0,0," in page
+    assert (tmp_path / "run" / "pred.html").read_text().count("class=card") == 2
+    assert "p(positive)" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_IMDB, reason="prepared IMDB not found (set TFDS_DATA_DIR)")
+def test_train_py_few_real_steps(tmp_path):
+    args = ["--workdir", str(tmp_path), "--max_length", "24", "--embed_dim", "8", "--hidden_size", "8",
+            "--attention_size", "4", "--batch_size", "2500", "--eval_batch_size", "5000", "--num_epochs", "1"]
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TFDS_DATA_DIR": str(REAL_DATA)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "on all 25000 test reviews" in out.stdout
+    vocab = json.loads((tmp_path / "vocab.json").read_text())["words"]
+    assert len(vocab) == 10_000 - 3 and vocab[0] == "the"
