@@ -2,6 +2,9 @@
 
     python train.py                                   # reference config, 3 epochs
     python train.py --model bigru --num_epochs 5 --workdir /tmp/run
+    python train.py --model transformer --workdir /tmp/tfm     # Transformer-encoder classifier
+    python train.py --model seq2seq --task reverse              # encoder-decoder on a synthetic task
+    python train.py --model seq2seq --help                      # its own flags (no checkpoints)
     python train.py visualize --workdir checkpoints/bigru --num_examples 5
     python train.py predict --workdir checkpoints/bigru "A wonderful, moving film."
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -116,13 +118,14 @@ def eval_step(task):
 def evaluate(p_eval, rstate, data, batch_size: int, num_devices: int, desc: str = "eval") -> Dict[str, float]:
     """Full test-set metrics; every example counted exactly once (padding has weight 0)."""
     from tqdm import tqdm
-    from flax_attention.data.imdb import shard
+    from flax_attention import distributed
     from flax_attention.training import MetricAccumulator, summarize
 
     acc = MetricAccumulator()
     for i, batch in enumerate(tqdm(data.eval_batches(batch_size), total=data.num_eval_batches(batch_size),
-                                   desc=desc, leave=False, dynamic_ncols=True)):
-        acc.add(p_eval(rstate, shard(batch, num_devices)))
+                                   desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_primary())):
+        # num_devices (global) was checked to divide batch_size; each process feeds its rows.
+        acc.add(p_eval(rstate, distributed.local_batch(batch)))
         if (i + 1) % 10 == 0:
             acc.fetch()
     return summarize(acc.fetch())
@@ -131,58 +134,80 @@ def evaluate(p_eval, rstate, data, batch_size: int, num_devices: int, desc: str 
 # --------------------------------------------------------------------------- loop
 
 
-class _Log:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __call__(self, **record) -> None:
-        record["time"] = time.time()
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, float]:
     """Trains (resuming from the latest checkpoint in ``workdir``) and returns the final test metrics."""
     import jax
-    from tqdm import tqdm
+    from flax_attention import distributed
     from flax_attention.checkpointing import Checkpointer, check_or_write_config
-    from flax_attention.data.imdb import shard
-    from flax_attention.training import MetricAccumulator, TrainConfig, replicate, summarize, unreplicate
+    from flax_attention.training import DivergenceError, TrainConfig, check_writable_dir
 
     tcfg = configs["train"]
-    n_dev = jax.local_device_count()
     eval_bs = tcfg.eval_batch_size or tcfg.batch_size
-    for name, b in (("--batch_size", tcfg.batch_size), ("--eval_batch_size", eval_bs)):
-        if b % n_dev:
-            raise ValueError(f"{name} {b} is not divisible by the {n_dev} local devices; use a multiple of {n_dev}.")
-    workdir = Path(workdir)
-    check_or_write_config(workdir, configs_to_json(task.name, configs),
-                          resumable=[f"train.{k}" for k in TrainConfig.RESUMABLE_CHANGES])
-    data = input_pipeline(task, configs, workdir)
+    distributed.check_global_batch(tcfg.batch_size, "--batch_size")
+    distributed.check_global_batch(eval_bs, "--eval_batch_size")
+    workdir, primary = Path(workdir), distributed.is_primary()
+    config_json = configs_to_json(task.name, configs)
+    resumable = [f"train.{k}" for k in TrainConfig.RESUMABLE_CHANGES]
+    # Refuse an incompatible workdir before anything in it is touched.
+    check_or_write_config(workdir, config_json, resumable, write=False)
+    if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
+        check_writable_dir(workdir, "--workdir")
+        data = input_pipeline(task, configs, workdir)
+    distributed.barrier("flax_attention_data_ready")
+    if not primary:
+        data = input_pipeline(task, configs, workdir)
     model, state = create_train_state(task, configs, data.extras)
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
+    try:
+        return _train_loop(task, configs, workdir, data, state, ckpt,
+                           lambda: check_or_write_config(workdir, config_json, resumable, write=primary))
+    except DivergenceError as e:
+        ckpt.wait()
+        raise DivergenceError(f"{e}; stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept in "
+                              f"{workdir}. Lower --learning_rate and train in a fresh --workdir.") from None
+    finally:
+        ckpt.close()  # waits for an in-flight save
+
+
+def _train_loop(task, configs, workdir: Path, data, state, ckpt, write_config) -> Dict[str, float]:
+    import jax
+    from tqdm import tqdm
+    from flax_attention import distributed
+    from flax_attention.training import (MetricAccumulator, MetricsLog, check_finite_loss, replicate,
+                                         save_if_finite, summarize, unreplicate)
+
+    tcfg, primary = configs["train"], distributed.is_primary()
+    eval_bs = tcfg.eval_batch_size or tcfg.batch_size
     epoch, start = 0, 0
-    if ckpt.latest_step() is not None:
+    if ckpt.latest_step() is not None:  # the newest *complete* checkpoint; checks shapes first
         state, meta = ckpt.restore(ckpt.latest_step(), state)
         epoch, start = int(meta["next_epoch"]), int(meta["next_step"])
-        print(f"Resuming from step {int(state.step)} (epoch {epoch + 1}, batch {start}) in {workdir}")
-    log = _Log(workdir / "metrics.jsonl")
+        if primary:
+            print(f"Resuming from step {int(state.step)} (epoch {epoch + 1}, batch {start}) in {workdir}")
+    write_config()  # only now: the workdir is known to fit this run
+    log = MetricsLog(workdir / "metrics.jsonl", enabled=primary)
+    log.truncate_after(int(state.step))
     p_train, p_eval = train_step(task), eval_step(task)
     rstate = replicate(state)
     spe = data.steps_per_epoch(tcfg.batch_size)
     if spe == 0:
         raise ValueError(f"--batch_size {tcfg.batch_size} exceeds the {len(data.train)} training examples.")
-    print(f"{task.name}: {len(data.train)} train / {len(data.test)} test examples, {spe} steps/epoch, "
-          f"{n_dev} device(s) [{jax.devices()[0].platform}], global batch {tcfg.batch_size}")
+    n_dev = jax.device_count()
+    if primary:
+        print(f"{task.name}: {len(data.train)} train / {len(data.test)} test examples, {spe} steps/epoch, "
+              f"{n_dev} device(s) [{jax.devices()[0].platform}] in {jax.process_count()} process(es), "
+              f"global batch {tcfg.batch_size}")
     metrics: Dict[str, float] = {}
     for epoch in range(epoch, tcfg.num_epochs):
         t0, acc, shown = time.time(), MetricAccumulator(), start
-        bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", dynamic_ncols=True)
+        bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", dynamic_ncols=True,
+                   disable=not primary)
         for i, batch in enumerate(data.train_batches(tcfg.batch_size, tcfg.seed, epoch, start), start=start):
-            rstate, sums = p_train(rstate, shard(batch, n_dev))
+            rstate, sums = p_train(rstate, distributed.local_batch(batch))
             acc.add(sums)
             if (i + 1) % tcfg.log_every == 0 or i + 1 == spe:  # regular syncs also avoid collective pile-ups
                 m = summarize(acc.fetch())
+                check_finite_loss(m["loss"], epoch * spe + i + 1)
                 rate = m["examples"] / max(time.time() - t0, 1e-9)
                 bar.update(i + 1 - shown)
                 shown = i + 1
@@ -190,25 +215,26 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
                 log(event="train", epoch=epoch + 1, step=int(epoch * spe + i + 1), loss=m["loss"],
                     accuracy=m["accuracy"], examples_per_sec=rate)
             if tcfg.checkpoint_every and (epoch * spe + i + 1) % tcfg.checkpoint_every == 0 and i + 1 < spe:
-                ckpt.save(epoch * spe + i + 1, unreplicate(rstate), {"next_epoch": epoch, "next_step": i + 1})
+                save_if_finite(ckpt, epoch * spe + i + 1, rstate, {"next_epoch": epoch, "next_step": i + 1})
         bar.close()
         train_m, train_time = summarize(acc.fetch()), time.time() - t0
         metrics = evaluate(p_eval, rstate, data, eval_bs, n_dev)
-        ckpt.save((epoch + 1) * spe, unreplicate(rstate),
-                  {"next_epoch": epoch + 1, "next_step": 0, "accuracy": metrics["accuracy"]},
-                  metrics={"accuracy": metrics["accuracy"]})
+        save_if_finite(ckpt, (epoch + 1) * spe, rstate, {"next_epoch": epoch + 1, "next_step": 0, "accuracy": metrics["accuracy"]},
+              metrics={"accuracy": metrics["accuracy"]})
         log(event="eval", epoch=epoch + 1, step=(epoch + 1) * spe, test_loss=metrics["loss"],
             test_accuracy=metrics["accuracy"], test_examples=metrics["examples"], train_loss=train_m.get("loss"),
             train_accuracy=train_m.get("accuracy"), epoch_seconds=train_time)
-        print(f"epoch {epoch + 1}/{tcfg.num_epochs}: train loss {train_m.get('loss', float('nan')):.4f} "
-              f"acc {train_m.get('accuracy', float('nan')):.4f} ({train_time:.0f} s) | test loss "
-              f"{metrics['loss']:.4f} acc {metrics['accuracy']:.4f} ({int(metrics['examples'])} reviews)")
+        if primary:
+            print(f"epoch {epoch + 1}/{tcfg.num_epochs}: train loss {train_m.get('loss', float('nan')):.4f} "
+                  f"acc {train_m.get('accuracy', float('nan')):.4f} ({train_time:.0f} s) | test loss "
+                  f"{metrics['loss']:.4f} acc {metrics['accuracy']:.4f} ({int(metrics['examples'])} reviews)")
         start = 0
     if not metrics:  # nothing left to train: evaluate the restored state
         metrics = evaluate(p_eval, rstate, data, eval_bs, n_dev)
-    ckpt.close()
-    print(f"Final test accuracy: {metrics['accuracy']:.4f} on all {int(metrics['examples'])} test reviews "
-          f"(step {int(unreplicate(rstate).step)}, checkpoints in {workdir})")
+    ckpt.wait()
+    if primary:
+        print(f"Final test accuracy: {metrics['accuracy']:.4f} on all {int(metrics['examples'])} test reviews "
+              f"(step {int(unreplicate(rstate).step)}, checkpoints in {workdir})")
     return metrics
 
 
@@ -237,8 +263,14 @@ def predict(workdir, texts: Sequence[str], html_path: Optional[str] = None) -> L
     """Classifies raw texts; prints the prediction and top-weighted words."""
     from flax_attention import visualize
 
+    from flax_attention.data.imdb import tokenize
+
     if not texts or any(not t.strip() for t in texts):
         raise ValueError('give at least one non-empty review text, e.g. predict --workdir W "Great film!"')
+    wordless = [i + 1 for i, t in enumerate(texts) if not tokenize(t)]
+    if wordless:
+        raise ValueError(f"text {wordless[0]} has no words to classify (only digits/punctuation: {texts[wordless[0] - 1][:40]!r}); "
+                         "pass review text, e.g. \"A wonderful film\".")
     task, configs, model, params, extras = load_for_inference(workdir)
     results = task.predict(model, params, configs, extras, list(texts))
     for r in results:
@@ -272,6 +304,22 @@ def visualize_test(workdir, num_examples: int, seed: int, html_path: Optional[st
 # --------------------------------------------------------------------------- CLI
 
 
+SEQ2SEQ = "seq2seq"
+
+
+def _without_model_flag(argv: List[str]) -> List[str]:
+    """``argv`` minus ``--model seq2seq`` / ``--model=seq2seq`` (the seq2seq trainer has no --model)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--model" and i + 1 < len(argv):
+            skip = True
+        elif not a.startswith("--model="):
+            out.append(a)
+    return out
+
+
 def parse_args(argv: Sequence[str]):
     from flax_attention.tasks import REGISTRY, get_task
 
@@ -290,10 +338,19 @@ def parse_args(argv: Sequence[str]):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="bigru")
     model = pre.parse_known_args(argv)[0].model
+    if model == SEQ2SEQ:  # its own trainer and flags (flax_attention.seq2seq_train), no IMDB pipeline
+        return SEQ2SEQ, _without_model_flag(argv), None
     task = get_task(model)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bigru", choices=sorted(REGISTRY), help="model/task to train")
+    p.add_argument("--model", default="bigru", choices=sorted([*REGISTRY, SEQ2SEQ]),
+                   help="bigru: BiGRU + additive attention (IMDB); transformer: Transformer-encoder "
+                        "classifier (IMDB); seq2seq: encoder-decoder Transformer on a synthetic --task "
+                        "(copy/reverse/sort/dedup/add; `train.py --model seq2seq --help` lists its flags)")
     p.add_argument("--workdir", default=None, help="checkpoints, vocab, metrics (default: checkpoints/<model>)")
+    g = p.add_argument_group("multi-process (one process per host; see flax_attention.distributed)")
+    g.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num_processes", type=int, default=None, help="total processes (or $JAX_NUM_PROCESSES)")
+    g.add_argument("--process_id", type=int, default=None, help="this process, 0..n-1 (or $JAX_PROCESS_ID)")
     add_config_flags(p, config_sections(task))
     args = p.parse_args(argv)
     args.workdir = args.workdir or str(Path("checkpoints") / model)
@@ -303,21 +360,40 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from flax_attention.checkpointing import IncompatibleWorkdirError
     from flax_attention.data.imdb import DataUnavailableError
-    from flax_attention.training import maybe_initialize_distributed
+    from flax_attention.training import DivergenceError, maybe_initialize_distributed
 
     try:
         command, args, task = parse_args(sys.argv[1:] if argv is None else argv)
+        if command == SEQ2SEQ:
+            from flax_attention.seq2seq_train import main as seq2seq_main
+            return seq2seq_main(args, prog="train.py --model seq2seq")
         if command == "predict":
             predict(args.workdir, args.texts, args.html)
         elif command == "visualize":
             visualize_test(args.workdir, args.num_examples, args.seed, args.html)
         else:
-            maybe_initialize_distributed()
-            train_and_evaluate(task, build_configs(task, args), args.workdir)
+            configs = build_configs(task, args)  # bad values fail before processes connect
+            maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+            train_and_evaluate(task, configs, args.workdir)
     except (ValueError, FileNotFoundError, DataUnavailableError, IncompatibleWorkdirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
+    except DivergenceError as e:
+        return _fail(str(e), 3)
+    except OSError as e:  # disk full, permissions, ...: one line naming the file
+        return _fail(f"{type(e).__name__}: {e}", 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted; rerun the same command to resume from the last checkpoint.", 130)
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    """One ``error:`` line on stderr (after closing progress bars) and the exit code."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -9,17 +9,29 @@ Layout of a workdir::
 
 Retention: the newest ``keep`` checkpoints plus the one with the best
 ``accuracy`` metric (epoch-end checkpoints carry metrics, mid-epoch ones do
-not). Orbax writes a step directory atomically, so ``latest_step`` is always
-a complete checkpoint.
+not).
+
+Crash safety: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and
+renames it when complete, so ``latest_step`` is always a complete checkpoint;
+temporary folders left by a killed run are deleted when the next run opens
+the workdir. ``config.json`` is replaced atomically, and ``train.py`` writes
+it only after the requested run has been checked against the workdir (config
+and checkpoint shapes), so a refused run changes nothing.
+
+Multi-process runs: every process calls :meth:`Checkpointer.save` (orbax
+coordinates them); the state is saved from host memory, so only process 0
+writes it. Side files are written by process 0 only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -28,13 +40,17 @@ class IncompatibleWorkdirError(ValueError):
     """The workdir holds a run whose configuration differs from the requested one."""
 
 
-def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[str] = ()) -> Dict[str, Any]:
-    """Writes ``workdir/config.json``, or checks the requested config against it.
+def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[str] = (),
+                          write: bool = True) -> Dict[str, Any]:
+    """Checks the requested config against ``workdir/config.json``, then (``write``) saves it.
 
     Args:
       workdir: run directory.
       config: JSON-able dict ``{section: {field: value}}`` plus ``"model_name"``.
       resumable: ``"section.field"`` names allowed to differ (e.g. the epoch count).
+      write: also (over)write ``config.json`` (atomically) once the check passed;
+        ``False`` only checks (e.g. before the checkpoint shapes are verified,
+        or on processes other than 0).
 
     Returns:
       The config to use (the requested one).
@@ -58,9 +74,11 @@ def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[s
             raise IncompatibleWorkdirError(
                 f"{workdir} holds a run with a different configuration ({'; '.join(diffs)}). "
                 "Use the saved settings to resume, or pass a fresh --workdir.")
-        # Persist allowed changes (e.g. more epochs) for the next resume.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    if write:  # persists allowed changes (e.g. more epochs) for the next resume
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+        os.replace(tmp, path)  # atomic: a crash never leaves half a config
     return config
 
 
@@ -69,6 +87,12 @@ def load_config(workdir) -> Dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is --workdir a directory written by `train.py`?")
     return json.loads(path.read_text())
+
+
+def _path(keys) -> str:
+    """``params/Embed_0/embedding``: one spelling for attribute, dict and index keys."""
+    names = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in keys)
+    return "/".join(str(n) for n in names)
 
 
 class Checkpointer:
@@ -85,9 +109,15 @@ class Checkpointer:
         ])
         # read_only only stops us creating the directory; orbax's own read_only
         # mode logs warnings on every open and nothing here saves anyway.
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only)
+        # cleanup_tmp_directories: a run killed mid-save leaves a
+        # ``<step>.orbax-checkpoint-tmp-*`` folder; it is never read (not a
+        # finished step) and is deleted here.
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
+                                               cleanup_tmp_directories=not read_only)
         directory = (Path(workdir) / "checkpoints").absolute()
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(
+            directory, options=options, item_names=("state", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -99,21 +129,56 @@ class Checkpointer:
         """Step of the retained checkpoint with the highest ``meta["accuracy"]`` (else the latest)."""
         scored = []
         for step in self.manager.all_steps():
-            acc = self.read_meta(step).get("accuracy")
+            try:
+                acc = self.read_meta(step).get("accuracy")
+            except Exception:  # e.g. a step half-deleted by a killed run: not a candidate
+                continue
             if acc is not None:
                 scored.append((acc, step))
         return max(scored)[1] if scored else self.latest_step()
 
     def save(self, step: int, state, meta: Dict[str, Any], metrics: Optional[Dict[str, float]] = None) -> None:
-        """Saves (blocking until written, so a crash right after still resumes here)."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        """Starts saving ``state`` (copied to host now, written in the background).
+
+        Training continues while orbax writes; the next ``save`` or
+        :meth:`close` waits for it. A crash before it finishes leaves only a
+        temporary folder, and the run resumes from the previous checkpoint.
+        """
+        host_state = jax.device_get(state)  # a snapshot: later (donated) steps cannot change it
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        """Blocks until the last :meth:`save` is on disk."""
         self.manager.wait_until_finished()
 
+    def check_compatible(self, step: int, abstract_state) -> None:
+        """Raises :class:`IncompatibleWorkdirError` if the checkpoint's arrays do not fit the model."""
+        try:
+            saved = self.manager.item_metadata(step).state
+        except Exception as e:
+            raise IncompatibleWorkdirError(f"checkpoint {step} in {self.manager.directory} is unreadable "
+                                           f"({type(e).__name__}); use a fresh --workdir.") from e
+        want = {_path(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        have = {_path(k): tuple(getattr(v, "shape", ()) or ()) for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+        diffs = [f"{k}: checkpoint {have.get(k, 'missing')}, model {want.get(k, 'missing')}"
+                 for k in sorted(set(want) | set(have), key=lambda k: (not k.startswith("params"), k))
+                 if have.get(k) != want.get(k)]
+        if diffs:
+            raise IncompatibleWorkdirError(
+                f"checkpoint {step} in {self.manager.directory} does not fit the requested model "
+                f"({len(diffs)} arrays differ, e.g. {'; '.join(diffs[:3])}). Use the settings it was "
+                "trained with, or pass a fresh --workdir.")
+
     def restore(self, step: int, abstract_state) -> Tuple[Any, Dict[str, Any]]:
-        """Restores ``(state, meta)`` at ``step`` into the structure of ``abstract_state``."""
-        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        """Restores ``(state, meta)`` at ``step`` into the structure of ``abstract_state``.
+
+        Arrays come back as host NumPy arrays (identical on every process);
+        replicate them onto the devices.
+        """
+        self.check_compatible(step, abstract_state)
+        target = jax.device_get(abstract_state)
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                  meta=ocp.args.JsonRestore()))
         return out.state, out.meta
@@ -122,4 +187,6 @@ class Checkpointer:
         return self.manager.all_steps()
 
     def close(self) -> None:
+        """Waits for a pending save, then releases orbax's resources."""
+        self.manager.wait_until_finished()
         self.manager.close()

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
@@ -76,21 +79,25 @@ class TrainState(train_state.TrainState):
     dropout_key: jax.Array
 
 
-def maybe_initialize_distributed() -> bool:
-    """Calls :func:`jax.distributed.initialize` only for multi-process runs.
+def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None) -> bool:
+    """Joins a multi-process run if flags or ``JAX_COORDINATOR_ADDRESS`` etc. ask for one.
 
-    Triggered by ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` (> 1) +
-    ``JAX_PROCESS_ID`` in the environment; single-process runs never touch it.
-    Hook for multi-host training: the input pipeline must then also shard the
-    data by ``jax.process_index()``.
+    See :mod:`flax_attention.distributed`; single-process runs never touch
+    :mod:`jax.distributed`.
     """
-    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    nproc = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    if not addr or nproc <= 1:
-        return False
-    jax.distributed.initialize(coordinator_address=addr, num_processes=nproc,
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
-    return True
+    from flax_attention import distributed
+    return distributed.initialize(distributed.resolve(coordinator_address, num_processes, process_id))
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN/Inf; the last finite checkpoint is kept."""
+
+
+def all_finite(tree) -> bool:
+    """Whether every floating-point leaf of ``tree`` (host or device arrays) is finite."""
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+    return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
 
 
 def create_train_state(model, init_inputs: Tuple, config: TrainConfig, rng: jax.Array) -> TrainState:
@@ -140,8 +147,19 @@ def make_eval_step(loss_fn: LossFn) -> Callable:
     return jax.pmap(eval_step, axis_name=AXIS)
 
 
+@functools.lru_cache(maxsize=None)
+def _pmap_identity() -> Callable:
+    return jax.pmap(lambda x: x, axis_name=AXIS)
+
+
 def replicate(tree):
-    return flax.jax_utils.replicate(tree)
+    """One copy per local device, with the sharding the pmapped steps return.
+
+    ``flax.jax_utils.replicate`` alone gives arrays on a differently named
+    mesh, so the train step's *second* call (fed its own outputs) would miss
+    the compilation cache and compile the whole step again.
+    """
+    return _pmap_identity()(flax.jax_utils.replicate(tree))
 
 
 def unreplicate(tree):
@@ -174,3 +192,62 @@ def summarize(totals: Dict[str, float]) -> Dict[str, float]:
     out = {k: v / w for k, v in totals.items() if k != "weight"}
     out["examples"] = totals.get("weight", 0.0)
     return out
+
+
+# --------------------------------------------------------------------------- run bookkeeping
+
+
+class MetricsLog:
+    """Appends JSON records to ``metrics.jsonl`` (process 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, **record) -> None:
+        if not self.enabled:
+            return
+        record["time"] = time.time()
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drops records of steps after ``step`` (they are replayed) and a torn last line."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:  # half-written line of a killed run
+                pass
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def check_writable_dir(workdir, flag: str = "--workdir") -> None:
+    """Creates ``workdir`` and probes a write: a one-line ValueError instead of a deep OSError later."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {workdir} is not a writable directory ({type(e).__name__}: "
+                         f"{e.strerror or e}); pass a directory you can create and write.") from None
+
+
+def save_if_finite(ckpt, step: int, rstate, meta, metrics=None) -> None:
+    """Checkpoints the (unreplicated) state unless it holds NaN/Inf: a bad state is never saved."""
+    state = unreplicate(rstate)
+    if not all_finite(state):
+        raise DivergenceError(f"training diverged: the model state holds NaN/Inf at step {step}")
+    ckpt.save(step, state, meta, metrics=metrics)
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    """Raises :class:`DivergenceError` for a NaN/Inf loss (checked at every metrics fetch)."""
+    if not np.isfinite(loss):
+        raise DivergenceError(f"training diverged: the training loss is {loss} at step {step}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -195,7 +196,12 @@ def load_split(split: str) -> Tuple[List, np.ndarray]:
 
     try:
         source = tfds.data_source(DATASET, split=split, download=False)
-    except Exception:  # not prepared here: let TFDS download + prepare (needs TensorFlow)
+    except Exception as missing:  # not prepared here: let TFDS download + prepare (needs TensorFlow)
+        if importlib.util.find_spec("tensorflow") is None:
+            # Preparing needs TensorFlow anyway; without it, fail now instead of
+            # after minutes of download retries on a machine without network.
+            no_tf = ModuleNotFoundError("TensorFlow, which TFDS needs to prepare it, is not installed")
+            raise DataUnavailableError(_missing_message(split, no_tf)) from missing
         try:
             source = tfds.data_source(DATASET, split=split, download=True)
         except (Exception, SystemExit) as e:  # ImportError (no TF), network errors, ...
