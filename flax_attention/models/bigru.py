@@ -15,6 +15,10 @@ Speed on CPU: the input projections ``W_i· x`` of all time steps and both
 directions are one big matmul hoisted out of the recurrence, and both
 directions run in the *same* ``lax.scan`` (a batched ``[2, B, U] x [2, U, 3U]``
 matmul per step), halving the number of sequential steps.
+The backward pass is hand-written (``jax.custom_vjp``): the forward scan
+stores the gates, and ``dW_hh``/``db_hh`` are one ``[U, T·B] x [T·B, 3U]``
+matmul after the backward scan instead of ``T`` small per-step products
+accumulated in the loop (``benchmarks/bench_gru.py`` measures both).
 
 Length handling: the backward direction reads each sequence's real tokens in
 reverse (position ``L-1`` first) by a per-sequence index permutation, so both
@@ -26,6 +30,7 @@ zeroed and the attention mask gives them exactly zero weight.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -49,6 +54,8 @@ class BiGRUConfig:
       attention_size: ``A``.
       dropout_rate: dropout on the attention context (keep_prob = 1 - rate).
       scan_unroll: time steps per ``lax.scan`` iteration (speed only).
+      fused_vjp: hand-written GRU backward pass with one weight-gradient
+        matmul after the scan (speed only; see :func:`gru_recurrence`).
     """
 
     vocab_size: int = 10_000
@@ -56,7 +63,8 @@ class BiGRUConfig:
     hidden_size: int = 150
     attention_size: int = 50
     dropout_rate: float = 0.2
-    scan_unroll: int = 2
+    scan_unroll: int = 1
+    fused_vjp: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "embed_dim", "hidden_size", "attention_size", "scan_unroll"):
@@ -69,7 +77,69 @@ class BiGRUConfig:
 # ------------------------------------------------------------------ pure functions
 
 
-def gru_recurrence(x_proj: Array, w_hh: Array, b_hh: Array, h0: Array, *, unroll: int = 1) -> Array:
+def _gru_step(h, xp, w_hh, b_hh):
+    """One GRU step; returns the new state and the gate values the VJP needs."""
+    u = h.shape[-1]
+    hp = jnp.einsum("...bu,...uk->...bk", h, w_hh) + b_hh  # all three gates in one matmul
+    r = jax.nn.sigmoid(xp[..., :u] + hp[..., :u])
+    z = jax.nn.sigmoid(xp[..., u:2 * u] + hp[..., u:2 * u])
+    n = jnp.tanh(xp[..., 2 * u:] + r * hp[..., 2 * u:])
+    return (1.0 - z) * n + z * h, (r, z, n, hp[..., 2 * u:])
+
+
+def _gru_scan(x_proj, w_hh, b_hh, h0, unroll):
+    def step(h, xp):
+        h, _ = _gru_step(h, xp, w_hh, b_hh)
+        return h, h
+
+    return jax.lax.scan(step, h0, x_proj, unroll=unroll)[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gru_scan_fused_vjp(x_proj, w_hh, b_hh, h0, unroll):
+    return _gru_scan(x_proj, w_hh, b_hh, h0, unroll)
+
+
+def _gru_fwd(x_proj, w_hh, b_hh, h0, unroll):
+    def step(h, xp):
+        h_new, gates = _gru_step(h, xp, w_hh, b_hh)
+        return h_new, (h_new, gates)
+
+    _, (hs, gates) = jax.lax.scan(step, h0, x_proj, unroll=unroll)
+    return hs, (hs, gates, w_hh, h0)
+
+
+def _gru_bwd(unroll, res, d_hs):
+    hs, (r, z, n, hn), w_hh, h0 = res
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [T, ..., B, U]
+    w_hh_t = jnp.swapaxes(w_hh, -1, -2)
+
+    def step(dh, inputs):
+        # Reverse-mode of h' = (1 - z) n + z h, n = tanh(x_n + r hn),
+        # r = σ(x_r + h_r), z = σ(x_z + h_z); dh is dL/dh' (carry + output).
+        dh_out, r_t, z_t, n_t, hn_t, hp_t = inputs
+        dh = dh + dh_out
+        dn = dh * (1.0 - z_t) * (1.0 - n_t * n_t)
+        dz = dh * (hp_t - n_t) * z_t * (1.0 - z_t)
+        dr = dn * hn_t * r_t * (1.0 - r_t)
+        d_gates_h = jnp.concatenate([dr, dz, dn * r_t], axis=-1)  # dL/d(W_hh h + b_hh)
+        dh_prev = dh * z_t + jnp.einsum("...bk,...ku->...bu", d_gates_h, w_hh_t)
+        return dh_prev, (jnp.concatenate([dr, dz, dn], axis=-1), d_gates_h)
+
+    dh0, (d_x, d_gates_h) = jax.lax.scan(
+        step, jnp.zeros_like(h0), (d_hs, r, z, n, hn, h_prev), reverse=True, unroll=unroll)
+    # The recurrent-weight gradient as ONE matmul over all T*B rows instead of
+    # T per-step [U, B] x [B, 3U] products accumulated inside the loop.
+    d_w_hh = jnp.einsum("t...bu,t...bk->...uk", h_prev, d_gates_h)
+    d_b_hh = jnp.sum(d_gates_h, axis=0).sum(axis=-2, keepdims=True)  # b_hh is [..., 1, 3U] here
+    return d_x, d_w_hh, d_b_hh, dh0
+
+
+_gru_scan_fused_vjp.defvjp(_gru_fwd, _gru_bwd)
+
+
+def gru_recurrence(x_proj: Array, w_hh: Array, b_hh: Array, h0: Array, *, unroll: int = 1,
+                   fused_vjp: bool = True) -> Array:
     """Runs the GRU recurrence over precomputed input projections.
 
     Any number of independent GRUs (e.g. the two directions) run at once via
@@ -81,23 +151,20 @@ def gru_recurrence(x_proj: Array, w_hh: Array, b_hh: Array, h0: Array, *, unroll
       w_hh: ``[..., U, 3U]`` recurrent kernel.
       b_hh: ``[..., 3U]`` recurrent bias.
       h0: ``[..., B, U]`` initial state.
+      unroll: time steps per ``lax.scan`` iteration (forward and backward).
+      fused_vjp: use the hand-written backward pass: it stores the gates in
+        the forward scan and computes ``dW_hh``/``db_hh`` as one
+        ``[U, T·B] x [T·B, 3U]`` matmul after the backward scan (autodiff of
+        the plain scan accumulates them step by step). Same values either way
+        (to float32 rounding); ``False`` gives plain ``jax.grad`` of the scan.
 
     Returns:
       ``[T, ..., B, U]``: the state after each step.
     """
-    u = h0.shape[-1]
     b_hh = b_hh[..., None, :]  # broadcast over B
-
-    def step(h, xp):
-        hp = jnp.einsum("...bu,...uk->...bk", h, w_hh) + b_hh
-        r = jax.nn.sigmoid(xp[..., :u] + hp[..., :u])
-        z = jax.nn.sigmoid(xp[..., u:2 * u] + hp[..., u:2 * u])
-        n = jnp.tanh(xp[..., 2 * u:] + r * hp[..., 2 * u:])
-        h = (1.0 - z) * n + z * h
-        return h, h
-
-    _, hs = jax.lax.scan(step, h0, x_proj, unroll=unroll)
-    return hs
+    if fused_vjp:
+        return _gru_scan_fused_vjp(x_proj, w_hh, b_hh, h0, unroll)
+    return _gru_scan(x_proj, w_hh, b_hh, h0, unroll)
 
 
 def reverse_index(lengths: Array, max_length: int) -> Array:
@@ -115,7 +182,8 @@ def reverse_index(lengths: Array, max_length: int) -> Array:
 
 
 def bidirectional_gru(
-    x: Array, lengths: Array, w_ih: Array, b_ih: Array, w_hh: Array, b_hh: Array, *, unroll: int = 1
+    x: Array, lengths: Array, w_ih: Array, b_ih: Array, w_hh: Array, b_hh: Array, *, unroll: int = 1,
+    fused_vjp: bool = True,
 ) -> Array:
     """Length-aware bidirectional GRU (pure function).
 
@@ -137,7 +205,8 @@ def bidirectional_gru(
     proj_bwd = jnp.take_along_axis(proj[1], rev[:, :, None], axis=1)
     proj = jnp.stack([proj[0], proj_bwd])                                   # [2, B, T, 3U]
     h0 = jnp.zeros((2, bsz, u), proj.dtype)
-    hs = gru_recurrence(jnp.transpose(proj, (2, 0, 1, 3)), w_hh, b_hh, h0, unroll=unroll)  # [T, 2, B, U]
+    hs = gru_recurrence(jnp.transpose(proj, (2, 0, 1, 3)), w_hh, b_hh, h0, unroll=unroll,
+                        fused_vjp=fused_vjp)  # [T, 2, B, U]
     fwd = jnp.transpose(hs[:, 0], (1, 0, 2))
     bwd = jnp.take_along_axis(jnp.transpose(hs[:, 1], (1, 0, 2)), rev[:, :, None], axis=1)
     out = jnp.concatenate([fwd, bwd], axis=-1)
@@ -156,6 +225,7 @@ class BiGRU(nn.Module):
 
     hidden_size: int
     unroll: int = 1
+    fused_vjp: bool = True
 
     @nn.compact
     def __call__(self, x: Array, lengths: Array) -> Array:
@@ -177,7 +247,8 @@ class BiGRU(nn.Module):
         b_ih = self.param("b_ih", nn.initializers.zeros, (2, 3 * u))
         w_hh = self.param("w_hh", recurrent_init, (2, u, 3 * u))
         b_hh = self.param("b_hh", nn.initializers.zeros, (2, 3 * u))
-        return bidirectional_gru(x, lengths, w_ih, b_ih, w_hh, b_hh, unroll=self.unroll)
+        return bidirectional_gru(x, lengths, w_ih, b_ih, w_hh, b_hh, unroll=self.unroll,
+                                 fused_vjp=self.fused_vjp)
 
 
 class BiGRUClassifier(nn.Module):
@@ -201,7 +272,7 @@ class BiGRUClassifier(nn.Module):
         cfg = self.config
         s = tokens.shape[-1]
         x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(tokens)
-        hidden = BiGRU(cfg.hidden_size, unroll=cfg.scan_unroll, name="bigru")(x, lengths)
+        hidden = BiGRU(cfg.hidden_size, unroll=cfg.scan_unroll, fused_vjp=cfg.fused_vjp, name="bigru")(x, lengths)
         context, weights = AdditiveAttention(cfg.attention_size, name="attention")(
             hidden, padding_mask(lengths, s))
         context = nn.Dropout(cfg.dropout_rate, deterministic=not train)(context)
