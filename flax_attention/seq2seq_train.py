@@ -3,6 +3,14 @@
 ``python -m flax_attention.seq2seq_train --task reverse`` trains the small
 Transformer of :func:`small_config` on ``reverse`` (lengths 1-20) and reports
 greedy-decoding exact match on a held-out set and by length up to 30.
+``python train.py --model seq2seq ...`` dispatches here with the same flags.
+
+The defaults (2000 updates of batch 64, Eq. 3 with 500 warm-up steps, then a
+linear cooldown to 0 over the last 30 %) reach 100 % held-out exact match on
+``reverse`` (lengths 1-20) for seeds 1, 2, 3 in 6-7 min each on a shared
+2-core CPU. Without the cooldown (Eq. 3 alone leaves the rate near half its
+peak) the same setup ended >= 99 % in only 2 of 4 runs: the held-out figure
+swung between 86 % and 100 % from one evaluation to the next late in training.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from typing import Callable, Dict, Optional, Sequence
 
@@ -25,6 +34,7 @@ from flax_attention.seq2seq import (
     summarize,
     transformer_optimizer,
     transformer_schedule,
+    with_linear_cooldown,
 )
 
 
@@ -37,6 +47,10 @@ class Seq2SeqTrainConfig:
       batch_size: global batch (split evenly over devices).
       warmup_steps: warm-up of the paper schedule (its peak step).
       lr_scale: multiplies the schedule (1.0 = the paper's Eq. 3).
+      cooldown_fraction: the last fraction of the updates decays the rate
+        linearly to 0 (:func:`~flax_attention.seq2seq.with_linear_cooldown`);
+        ``0`` keeps the paper's schedule. Makes the final parameters settle, so
+        the reported held-out figure no longer depends on where training stops.
       label_smoothing: ``ε_ls`` (paper: 0.1).
       clip_norm: optional global gradient-norm clipping (not in the paper).
       seed: parameter/dropout seed (the data seed is in the TaskConfig).
@@ -52,6 +66,7 @@ class Seq2SeqTrainConfig:
     batch_size: int = 64
     warmup_steps: int = 500
     lr_scale: float = 1.0
+    cooldown_fraction: float = 0.3
     label_smoothing: float = 0.1
     clip_norm: Optional[float] = None
     seed: int = 0
@@ -65,6 +80,8 @@ class Seq2SeqTrainConfig:
     def __post_init__(self):
         if min(self.steps, self.batch_size, self.warmup_steps, self.decode_batch, self.beam_size) < 1:
             raise ValueError("steps, batch_size, warmup_steps, decode_batch and beam_size must be >= 1.")
+        if not 0.0 <= self.cooldown_fraction <= 1.0:
+            raise ValueError(f"cooldown_fraction={self.cooldown_fraction} must be in [0, 1] (0 = no cooldown).")
 
 
 def decode_dataset(model, params, src: np.ndarray, max_len: int, decode_batch: int,
@@ -144,8 +161,9 @@ def train_seq2seq(model_config, task, train: Seq2SeqTrainConfig = Seq2SeqTrainCo
     rng, dropout_rng = jax.random.split(jax.random.PRNGKey(train.seed))
     sample = T.train_batch(task, 2, 0)
     params = jax.jit(model.init)(rng, sample["src"], sample["tgt_in"])["params"]
-    tx = transformer_optimizer(
-        transformer_schedule(model_config.d_model, train.warmup_steps, train.lr_scale), clip_norm=train.clip_norm)
+    schedule = with_linear_cooldown(transformer_schedule(model_config.d_model, train.warmup_steps, train.lr_scale),
+                                    train.steps, train.cooldown_fraction)
+    tx = transformer_optimizer(schedule, clip_norm=train.clip_norm)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, dropout_rng=dropout_rng)
 
     if devices > 1:
@@ -200,27 +218,46 @@ def small_config(task, **overrides):
     return TransformerConfig(**{**kw, **overrides})
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m flax_attention.seq2seq_train``: train and evaluate on a synthetic task."""
+def _attribute_docs(cls) -> Dict[str, str]:
+    """``name: text`` of a dataclass docstring's Attributes section (for ``--help``)."""
+    import re
+
+    docs, current = {}, None
+    for line in (cls.__doc__ or "").splitlines():
+        m = re.match(r"\s{6}(\w+): (.*)", line)
+        if m:
+            current, docs[m.group(1)] = m.group(1), m.group(2).strip()
+        elif current and line.startswith(" " * 8) and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """``python -m flax_attention.seq2seq_train`` (or ``train.py --model seq2seq``): train and evaluate."""
     from flax_attention.data.tasks import TASKS, TaskConfig
     from flax_attention.layers import TransformerConfig
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="reverse", choices=sorted(TASKS))
-    p.add_argument("--num_symbols", type=int, default=10)
-    p.add_argument("--min_len", type=int, default=1)
-    p.add_argument("--max_len", type=int, default=20)
-    p.add_argument("--test_max_len", type=int, default=30)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="reverse", choices=sorted(TASKS),
+                   help="synthetic task (flax_attention.data.tasks); bar: reverse >= 99%% exact match")
+    p.add_argument("--num_symbols", type=int, default=10, help="alphabet size (default: 10)")
+    p.add_argument("--min_len", type=int, default=1, help="shortest training source (default: 1)")
+    p.add_argument("--max_len", type=int, default=20, help="longest training source (default: 20)")
+    p.add_argument("--test_max_len", type=int, default=30,
+                   help="longest source of the by-length (extrapolation) evaluation (default: 30)")
+    p.add_argument("--data_seed", type=int, default=0, help="seed of the task's data streams (TaskConfig.seed)")
     p.add_argument("--model_size", choices=["small", "base"], default="small",
                    help="small: small_config(); base: the paper's Transformer-base")
+    docs = _attribute_docs(Seq2SeqTrainConfig)
     for f in dataclasses.fields(Seq2SeqTrainConfig):
-        typ = float if f.name in ("lr_scale", "label_smoothing", "alpha", "clip_norm") else int
-        p.add_argument(f"--{f.name}", type=typ, default=f.default)
+        typ = float if f.name in ("lr_scale", "cooldown_fraction", "label_smoothing", "alpha", "clip_norm") else int
+        p.add_argument(f"--{f.name}", type=typ, default=f.default,
+                       help=f"{docs.get(f.name, '')} (default: {f.default})")
     p.add_argument("--metrics_json", default=None, help="write the history here")
     args = p.parse_args(argv)
     try:
         task = TaskConfig(name=args.task, num_symbols=args.num_symbols, min_len=args.min_len,
-                          max_len=args.max_len, test_max_len=args.test_max_len)
+                          max_len=args.max_len, test_max_len=args.test_max_len, seed=args.data_seed)
         if args.model_size == "base":
             model_config = TransformerConfig.base(task.vocab_size, max_len=task.longest_target)
         else:
@@ -228,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train = Seq2SeqTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Seq2SeqTrainConfig)})
         _, history = train_seq2seq(model_config, task, train)
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.metrics_json:
         with open(args.metrics_json, "w") as fh:

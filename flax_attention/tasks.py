@@ -22,6 +22,7 @@ import optax
 
 from flax_attention.data import imdb
 from flax_attention.models.bigru import BiGRUClassifier, BiGRUConfig
+from flax_attention.models.classifier import TransformerClassifier, TransformerClassifierConfig
 
 Configs = Mapping[str, Any]  # section name ("model", "data", "train") -> frozen dataclass
 
@@ -164,6 +165,32 @@ register(Task(
     prepare=prepare_imdb,
     load_extras=load_imdb_extras,
     build_model=_build_bigru,
+    init_inputs=_imdb_token_inputs,
+    loss_and_metrics=binary_classification_loss,
+    predict=classify_texts,
+))
+
+
+# ------------------------------------------------------------ Transformer-encoder classifier
+
+
+@functools.lru_cache(maxsize=None)
+def _transformer(config: TransformerClassifierConfig) -> TransformerClassifier:
+    return TransformerClassifier(config)  # cached for the same reason as _bigru
+
+
+def _build_transformer(configs: Configs, extras) -> TransformerClassifier:
+    return _transformer(configs["model"])
+
+
+# Same IMDB pipeline, vocabulary, loss, evaluation, checkpoints and predict/visualize
+# as the BiGRU; only the model differs (see flax_attention.models.classifier).
+register(Task(
+    name="transformer",
+    config_classes={"model": TransformerClassifierConfig, "data": imdb.IMDBConfig},
+    prepare=prepare_imdb,
+    load_extras=load_imdb_extras,
+    build_model=_build_transformer,
     init_inputs=_imdb_token_inputs,
     loss_and_metrics=binary_classification_loss,
     predict=classify_texts,

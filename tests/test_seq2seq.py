@@ -71,6 +71,22 @@ def test_schedule_matches_equation_3():
     assert float(S.transformer_schedule(512, 4000, scale=2.0)(10)) == pytest.approx(2 * float(sched(10)))
 
 
+def test_linear_cooldown_follows_then_anneals_to_zero():
+    base = S.transformer_schedule(d_model=64, warmup_steps=10)
+    sched = S.with_linear_cooldown(base, total_steps=100, cooldown_fraction=0.2)  # c = 20, s0 = 80
+    for count in [0, 9, 50, 79]:
+        assert float(sched(count)) == pytest.approx(float(base(count)), rel=1e-6)
+    peak = float(base(80))
+    for count in [80, 90, 99]:
+        assert float(sched(count)) == pytest.approx(peak * (100 - count) / 20, rel=1e-5)
+    assert float(sched(100)) == 0.0 and float(sched(150)) == 0.0
+    assert S.with_linear_cooldown(base, 100, 0.0) is base
+    with pytest.raises(ValueError, match="cooldown_fraction"):
+        S.with_linear_cooldown(base, 100, 1.5)
+    with pytest.raises(ValueError, match="cooldown_fraction"):
+        ST.Seq2SeqTrainConfig(cooldown_fraction=-0.1)
+
+
 def test_optimizer_is_adam_098_1e9():
     # Two steps of Adam(lr, 0.9, 0.98, 1e-9) by hand, in float64.
     g1, g2, lr = np.array([0.3, -2.0]), np.array([-0.1, 1.0]), 0.01
