@@ -21,6 +21,7 @@ from flax_attention import (
     sinusoidal_encoding,
     sinusoidal_positions,
 )
+from module_helpers import japply, jinit
 
 CFG = TransformerConfig(vocab_size=13, d_model=16, num_heads=4, d_ff=32, num_encoder_layers=1,
                         num_decoder_layers=2, max_len=16)
@@ -28,32 +29,6 @@ B, S, T, E = 2, 6, 5, 16
 SRC = jnp.array([[3, 4, 5, 6, 7, 8], [9, 10, 11, 0, 0, 0]])  # example 1 has 3 pads
 TGT = jnp.array([[1, 5, 6, 7, 2], [1, 9, 10, 12, 4]])  # BOS = 1, no padding
 
-
-def japply(m, variables, *args, **kwargs):
-    """``m.apply`` under jit: one compile instead of dozens of eager op compiles."""
-    return jax.jit(lambda v, *a: m.apply(v, *a, **kwargs))(variables, *args)
-
-
-def jinit(m, *args, seed=0, **kwargs):
-    """Variables of ``m`` without compiling its initialisers (the slowest part of these tests).
-
-    Shapes come from tracing ``m.init``; parameters are drawn with NumPy (std
-    ``1/sqrt(fan_in)``, LayerNorm scales near 1); other collections (the
-    decoding cache) are zeros, which is what ``init`` allocates (asserted in
-    test_multihead.py::test_cache_errors).
-    """
-    shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), *args, **kwargs))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        if jax.tree_util.keystr(path[:1]) != "['params']":
-            return jnp.zeros(s.shape, s.dtype)
-        if jax.tree_util.keystr(path[-1:]) == "['scale']":
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(s.shape), s.dtype)
-        std = 1.0 / np.sqrt(s.shape[0]) if len(s.shape) > 1 else 0.1
-        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def shapes(m, *args, **kwargs):
