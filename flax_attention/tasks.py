@@ -2,7 +2,7 @@
 
 A :class:`Task` bundles everything model- or data-specific; the training loop
 in ``train.py`` only talks to this interface. To add a model, write its
-builder and register a :class:`Task` (see ``_bigru`` below): e.g. a
+builder and register a :class:`Task` (see ``_register_imdb_classifier`` below): e.g. a
 Transformer classifier can reuse :func:`binary_classification_loss`,
 :func:`prepare_imdb` and :func:`classify_texts` and only change
 ``config_classes["model"]`` and ``build_model``.
@@ -149,49 +149,26 @@ def _imdb_token_inputs(configs: Configs) -> Tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _bigru(config: BiGRUConfig) -> BiGRUClassifier:
+def _model(model_cls, config):
     # One module per (frozen, hashable) config: TrainState.apply_fn is a static
     # pmap argument, so reusing the instance reuses compiled steps.
-    return BiGRUClassifier(config)
+    return model_cls(config)
 
 
-def _build_bigru(configs: Configs, extras) -> BiGRUClassifier:
-    return _bigru(configs["model"])
+def _register_imdb_classifier(name: str, config_cls, model_cls) -> Task:
+    """IMDB pipeline, vocabulary, loss, evaluation, checkpoints, predict/visualize; only the model differs."""
+    return register(Task(
+        name=name,
+        config_classes={"model": config_cls, "data": imdb.IMDBConfig},
+        prepare=prepare_imdb,
+        load_extras=load_imdb_extras,
+        build_model=lambda configs, extras: _model(model_cls, configs["model"]),
+        init_inputs=_imdb_token_inputs,
+        loss_and_metrics=binary_classification_loss,
+        predict=classify_texts,
+    ))
 
 
-register(Task(
-    name="bigru",
-    config_classes={"model": BiGRUConfig, "data": imdb.IMDBConfig},
-    prepare=prepare_imdb,
-    load_extras=load_imdb_extras,
-    build_model=_build_bigru,
-    init_inputs=_imdb_token_inputs,
-    loss_and_metrics=binary_classification_loss,
-    predict=classify_texts,
-))
-
-
-# ------------------------------------------------------------ Transformer-encoder classifier
-
-
-@functools.lru_cache(maxsize=None)
-def _transformer(config: TransformerClassifierConfig) -> TransformerClassifier:
-    return TransformerClassifier(config)  # cached for the same reason as _bigru
-
-
-def _build_transformer(configs: Configs, extras) -> TransformerClassifier:
-    return _transformer(configs["model"])
-
-
-# Same IMDB pipeline, vocabulary, loss, evaluation, checkpoints and predict/visualize
-# as the BiGRU; only the model differs (see flax_attention.models.classifier).
-register(Task(
-    name="transformer",
-    config_classes={"model": TransformerClassifierConfig, "data": imdb.IMDBConfig},
-    prepare=prepare_imdb,
-    load_extras=load_imdb_extras,
-    build_model=_build_transformer,
-    init_inputs=_imdb_token_inputs,
-    loss_and_metrics=binary_classification_loss,
-    predict=classify_texts,
-))
+_register_imdb_classifier("bigru", BiGRUConfig, BiGRUClassifier)
+# Transformer-encoder classifier: see flax_attention.models.classifier.
+_register_imdb_classifier("transformer", TransformerClassifierConfig, TransformerClassifier)
