@@ -4,7 +4,8 @@
     python train.py --model bigru --num_epochs 5 --workdir /tmp/run
     python train.py --model transformer --workdir /tmp/tfm     # Transformer-encoder classifier
     python train.py --model seq2seq --task reverse              # encoder-decoder on a synthetic task
-    python train.py --model seq2seq --help                      # its own flags (no checkpoints)
+    python train.py --model seq2seq --help                      # its own flags
+    python train.py visualize --workdir checkpoints/seq2seq_reverse   # attention heatmap PNGs
     python train.py visualize --workdir checkpoints/bigru --num_examples 5
     python train.py predict --workdir checkpoints/bigru "A wonderful, moving film."
 
@@ -93,14 +94,19 @@ def input_pipeline(task, configs, workdir):
 # --------------------------------------------------------------------------- steps
 
 
-def create_train_state(task, configs, extras=None):
-    """Model + optax TrainState (unreplicated) for the task's config."""
+def create_train_state(task, configs, extras=None, steps_per_epoch: int = 1):
+    """Model + optax TrainState (unreplicated) for the task's config.
+
+    ``steps_per_epoch`` sets the horizon of a decaying learning-rate schedule
+    (``num_epochs * steps_per_epoch``); inference-only callers may leave it.
+    """
     import jax
     from flax_attention.training import create_train_state as _create
 
     model = task.build_model(configs, extras)
     tcfg = configs["train"]
-    return model, _create(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed))
+    return model, _create(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
+                          total_steps=tcfg.num_epochs * steps_per_epoch)
 
 
 def train_step(task):
@@ -139,7 +145,7 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     import jax
     from flax_attention import distributed
     from flax_attention.checkpointing import Checkpointer, check_or_write_config
-    from flax_attention.training import DivergenceError, TrainConfig, check_writable_dir
+    from flax_attention.training import DivergenceError, check_writable_dir
 
     tcfg = configs["train"]
     eval_bs = tcfg.eval_batch_size or tcfg.batch_size
@@ -147,7 +153,7 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     distributed.check_global_batch(eval_bs, "--eval_batch_size")
     workdir, primary = Path(workdir), distributed.is_primary()
     config_json = configs_to_json(task.name, configs)
-    resumable = [f"train.{k}" for k in TrainConfig.RESUMABLE_CHANGES]
+    resumable = [f"train.{k}" for k in tcfg.resumable_changes()]
     # Refuse an incompatible workdir before anything in it is touched.
     check_or_write_config(workdir, config_json, resumable, write=False)
     if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
@@ -156,7 +162,7 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     distributed.barrier("flax_attention_data_ready")
     if not primary:
         data = input_pipeline(task, configs, workdir)
-    model, state = create_train_state(task, configs, data.extras)
+    model, state = create_train_state(task, configs, data.extras, data.steps_per_epoch(tcfg.batch_size))
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     try:
         return _train_loop(task, configs, workdir, data, state, ckpt,
@@ -282,10 +288,16 @@ def predict(workdir, texts: Sequence[str], html_path: Optional[str] = None) -> L
 
 
 def visualize_test(workdir, num_examples: int, seed: int, html_path: Optional[str]) -> Path:
-    """Writes an HTML page for ``num_examples`` random test reviews."""
+    """Writes an HTML page for ``num_examples`` random test reviews (seq2seq workdirs: heatmap PNGs)."""
     from flax_attention import visualize
+    from flax_attention.checkpointing import load_config
     from flax_attention.data.imdb import load_split
 
+    if load_config(workdir).get("model_name") == SEQ2SEQ:
+        from flax_attention.heatmaps import heatmaps_from_workdir
+        paths = heatmaps_from_workdir(workdir, num_examples, seed, html_path)
+        print(f"wrote {len(paths)} PNGs to {paths[0].parents[1]}")
+        return paths[0].parents[1]
     if num_examples < 1:
         raise ValueError(f"--num_examples must be >= 1, got {num_examples}.")
     task, configs, model, params, extras = load_for_inference(workdir)
@@ -333,7 +345,8 @@ def parse_args(argv: Sequence[str]):
         else:
             p.add_argument("--num_examples", type=int, default=5, help="random test reviews to show")
             p.add_argument("--seed", type=int, default=0, help="picks the reviews")
-            p.add_argument("--html", default=None, help="output page (default: WORKDIR/attention.html)")
+            p.add_argument("--html", default=None, help="output page (default: WORKDIR/attention.html); for a "
+                           "seq2seq workdir, the folder of the heatmap PNGs (default: WORKDIR/heatmaps)")
         return argv[0], p.parse_args(argv[1:]), None
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="bigru")

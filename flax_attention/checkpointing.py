@@ -60,7 +60,7 @@ def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[s
     """
     path = Path(workdir) / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = with_legacy_defaults(json.loads(path.read_text()))
         diffs = []
         for section in sorted(set(saved) | set(config)):
             a, b = saved.get(section), config.get(section)
@@ -86,7 +86,23 @@ def load_config(workdir) -> Dict[str, Any]:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is --workdir a directory written by `train.py`?")
-    return json.loads(path.read_text())
+    return with_legacy_defaults(json.loads(path.read_text()))
+
+
+# Fields of train.py's TrainConfig added after workdirs were already written,
+# with the value those runs used (seq2seq workdirs have their own config).
+LEGACY_DEFAULTS = {("train", "lr_schedule"): "constant"}
+
+
+def with_legacy_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """``saved`` with fields that older versions did not write filled in as those versions behaved."""
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    if saved.get("model_name") == "seq2seq":
+        return saved
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, value)
+    return saved
 
 
 def _path(keys) -> str:

@@ -40,7 +40,10 @@ class TrainConfig:
     """Optimisation and bookkeeping settings (model-independent).
 
     Attributes:
-      learning_rate: Adam learning rate.
+      learning_rate: Adam learning rate (the peak of the schedule).
+      lr_schedule: ``"cosine"`` decays the rate to zero over the whole run
+        (``num_epochs`` x steps per epoch; Loshchilov & Hutter 2017, no
+        restarts); ``"constant"`` keeps it fixed.
       batch_size: global batch size, split evenly over local devices.
       num_epochs: passes over the training split.
       seed: seeds initialisation, dropout and the shuffle order.
@@ -51,6 +54,7 @@ class TrainConfig:
     """
 
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"
     batch_size: int = 256
     num_epochs: int = 3
     seed: int = 0
@@ -62,6 +66,7 @@ class TrainConfig:
     # Fields that may change when resuming a workdir (they do not alter what
     # has been trained so far).
     RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size")
+    SCHEDULES = ("cosine", "constant")
 
     def __post_init__(self):
         for name in ("batch_size", "num_epochs", "keep_checkpoints", "log_every"):
@@ -69,8 +74,16 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
+        if self.lr_schedule not in self.SCHEDULES:
+            raise ValueError(f"--lr_schedule must be one of {', '.join(self.SCHEDULES)}; got {self.lr_schedule!r}.")
         if self.checkpoint_every < 0 or self.eval_batch_size < 0:
             raise ValueError("--checkpoint_every and --eval_batch_size must be >= 0.")
+
+    def resumable_changes(self) -> Tuple[str, ...]:
+        """Fields a resumed run may change; a decaying schedule is laid out over ``num_epochs``, so it is fixed."""
+        if self.lr_schedule == "constant":
+            return self.RESUMABLE_CHANGES
+        return tuple(k for k in self.RESUMABLE_CHANGES if k != "num_epochs")
 
 
 class TrainState(train_state.TrainState):
@@ -100,18 +113,27 @@ def all_finite(tree) -> bool:
     return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
 
 
-def create_train_state(model, init_inputs: Tuple, config: TrainConfig, rng: jax.Array) -> TrainState:
-    """Initialises parameters and the Adam optimiser (unreplicated)."""
+def create_train_state(model, init_inputs: Tuple, config: TrainConfig, rng: jax.Array,
+                       total_steps: int = 1) -> TrainState:
+    """Initialises parameters and the Adam optimiser (unreplicated).
+
+    Args:
+      total_steps: length of the whole run in optimiser steps; the horizon of a
+        decaying ``config.lr_schedule`` (ignored by ``"constant"``).
+    """
     init_key, dropout_key = jax.random.split(rng)
     variables = jax.jit(lambda k: model.init(k, *init_inputs))(init_key)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             tx=_adam(config.learning_rate), dropout_key=dropout_key)
+    tx = make_optimizer(config.learning_rate, config.lr_schedule, max(int(total_steps), 1))
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, dropout_key=dropout_key)
 
 
 @functools.lru_cache(maxsize=None)
-def _adam(learning_rate: float) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float, schedule: str = "constant", total_steps: int = 1) -> optax.GradientTransformation:
+    """Adam at ``learning_rate``, constant or cosine-decayed to 0 over ``total_steps``."""
     # apply_fn and tx are static TrainState fields, i.e. part of the pmap cache
     # key: reusing the same objects lets a second run in one process skip compiling.
+    if schedule == "cosine":
+        return optax.adam(optax.cosine_decay_schedule(learning_rate, total_steps))
     return optax.adam(learning_rate)
 
 

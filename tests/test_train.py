@@ -79,21 +79,65 @@ def _params(workdir):
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, schedule):
+    """A crash after step 4 of 12, then a resume, ends with the uninterrupted run's parameters.
+
+    The constant schedule also extends the run (1 epoch, then 2) on resume; the
+    cosine one is laid out over the epoch count, so its run is 2 epochs throughout.
+    """
     tfds = pytest.importorskip("tensorflow_datasets")
     import train
 
+    tiny = TINY + ["--lr_schedule", schedule]
+    first_epochs = "1" if schedule == "constant" else "2"
     with tfds.testing.mock_data(num_examples=48):  # 6 steps per epoch
-        assert train.main(TINY + ["--workdir", str(tmp_path / "a"), "--num_epochs", "2"]) == 0
-        assert train.main(TINY + ["--workdir", str(tmp_path / "b"), "--num_epochs", "1", "--checkpoint_every", "4"]) == 0
-        # Simulate a crash after step 4: drop the epoch-end checkpoint, keep the mid-epoch one.
-        shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
-        assert train.main(TINY + ["--workdir", str(tmp_path / "b"), "--num_epochs", "2"]) == 0
+        assert train.main(tiny + ["--workdir", str(tmp_path / "a"), "--num_epochs", "2"]) == 0
+        assert train.main(tiny + ["--workdir", str(tmp_path / "b"), "--num_epochs", first_epochs,
+                                  "--checkpoint_every", "4", "--keep_checkpoints", "9"]) == 0
+        # Simulate a crash after step 4: keep only the mid-epoch checkpoint.
+        for step_dir in (tmp_path / "b" / "checkpoints").iterdir():
+            if step_dir.name.isdigit() and int(step_dir.name) > 4:
+                shutil.rmtree(step_dir)
+        assert train.main(tiny + ["--workdir", str(tmp_path / "b"), "--num_epochs", "2"]) == 0
     step_a, leaves_a = _params(tmp_path / "a")
     step_b, leaves_b = _params(tmp_path / "b")
     assert step_a == step_b == 12
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_cosine_schedule_decays_to_zero_and_fixes_the_epoch_count(tmp_path):
+    from flax_attention import checkpointing, training
+
+    # With a constant gradient Adam's normalised step is 1, so each update is -lr(t):
+    # cosine from 1e-3 at t=0, half-way at t=5, zero at the end (t=10).
+    tx = training.make_optimizer(1e-3, "cosine", 10)
+    opt, steps = tx.init(np.zeros(())), []
+    for _ in range(11):
+        update, opt = tx.update(np.ones(()), opt)
+        steps.append(-float(update))
+    np.testing.assert_allclose([steps[0], steps[5], steps[10]], [1e-3, 5e-4, 0.0], rtol=1e-4, atol=1e-9)
+    assert all(a > b for a, b in zip(steps[:10], steps[1:11]))
+    cosine, constant = training.TrainConfig(), training.TrainConfig(lr_schedule="constant")
+    assert cosine.lr_schedule == "cosine"
+    assert "num_epochs" not in cosine.resumable_changes() and "num_epochs" in constant.resumable_changes()
+    saved = {"model_name": "bigru", "train": {"num_epochs": 3, "lr_schedule": "cosine"}}
+    checkpointing.check_or_write_config(tmp_path, saved)
+    more = {"model_name": "bigru", "train": {"num_epochs": 5, "lr_schedule": "cosine"}}
+    with pytest.raises(checkpointing.IncompatibleWorkdirError, match="num_epochs"):
+        checkpointing.check_or_write_config(tmp_path, more, [f"train.{k}" for k in cosine.resumable_changes()])
+    with pytest.raises(ValueError, match="--lr_schedule must be one of"):
+        training.TrainConfig(lr_schedule="linear")
+
+
+def test_workdir_from_before_the_schedule_field_resumes_as_constant(tmp_path):
+    from flax_attention import checkpointing
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_name": "bigru", "train": {"num_epochs": 3}}))
+    assert checkpointing.load_config(tmp_path)["train"]["lr_schedule"] == "constant"
+    checkpointing.check_or_write_config(
+        tmp_path, {"model_name": "bigru", "train": {"num_epochs": 3, "lr_schedule": "constant"}}, write=False)
 
 
 _E2E_SCRIPT = """
