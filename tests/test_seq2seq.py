@@ -161,3 +161,29 @@ def test_train_seq2seq_loop_reports_metrics_by_length():
         assert np.isfinite(history[-1][key])
     with pytest.raises(ValueError, match="vocab"):
         ST.train_seq2seq(config.replace(vocab_size=9, output_vocab_size=None), task, train)
+
+
+@pytest.mark.slow
+def test_seq2seq_resume_equals_uninterrupted_and_loads_best(tmp_path):
+    import shutil
+
+    from flax_attention.seq2seq_checkpoint import load_trained
+
+    task = T.TaskConfig(name="reverse", num_symbols=4, min_len=1, max_len=3, test_max_len=4)
+    config = TransformerConfig(vocab_size=task.vocab_size, d_model=16, num_heads=2, d_ff=32,
+                               num_encoder_layers=1, num_decoder_layers=1, max_len=8, dropout_rate=0.1)
+    train = ST.Seq2SeqTrainConfig(steps=6, batch_size=8, warmup_steps=3, eval_every=3, eval_examples=8,
+                                 length_eval_per_length=1, decode_batch=8)
+    quiet = lambda line: None  # noqa: E731
+    full, _ = ST.train_seq2seq(config, task, train, log=quiet, workdir=tmp_path / "a")
+    ST.train_seq2seq(config, task, train, log=quiet, workdir=tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # "crash" after the step-3 checkpoint
+    lines = []
+    resumed, history = ST.train_seq2seq(config, task, train, log=lines.append, workdir=tmp_path / "b")
+    assert lines[0].startswith("resuming from step 3") and [h["step"] for h in history] == [3, 6]
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    model, params, task2, train2, step = load_trained(tmp_path / "a")
+    assert task2 == task and train2 == train and model.config == config and step in (3, 6)
+    with pytest.raises(Exception, match="different configuration"):
+        ST.train_seq2seq(config.replace(d_ff=64), task, train, log=quiet, workdir=tmp_path / "a")

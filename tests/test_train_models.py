@@ -68,12 +68,24 @@ def test_transformer_classifier_through_train_py(tmp_path):
 
 
 @pytest.mark.slow
-def test_seq2seq_dispatch_trains_and_rejects_bad_flags(tmp_path):
-    path = tmp_path / "history.json"
-    out = _train_py(*TINY_SEQ2SEQ, "--metrics_json", str(path))
+def test_seq2seq_dispatch_trains_resumes_draws_heatmaps_and_rejects_bad_flags(tmp_path):
+    path, w = tmp_path / "history.json", str(tmp_path / "s2s")
+    out = _train_py(*TINY_SEQ2SEQ, "--workdir", w, "--metrics_json", str(path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     history = json.loads(path.read_text())
     assert [h["step"] for h in history] == [4]
     assert set(history[-1]["length_eval"]["exact_by_length"]) == {"1", "2", "3", "4"}
-    bad = _train_py(*TINY_SEQ2SEQ, "--cooldown_fraction", "2")
+    saved = json.loads((tmp_path / "s2s" / "config.json").read_text())
+    assert saved["model_name"] == "seq2seq" and saved["task"]["name"] == "copy"
+    # A finished run is found and not retrained; more steps would change the schedule -> refused.
+    again = _train_py(*TINY_SEQ2SEQ, "--workdir", w)
+    assert again.returncode == 0 and "resuming from step 4" in again.stdout, again.stderr[-2000:]
+    longer = _train_py(*TINY_SEQ2SEQ, "--steps", "5", "--workdir", w)  # the last --steps wins
+    assert longer.returncode == 2 and "different configuration" in longer.stderr and "steps" in longer.stderr
+    vis = _train_py("visualize", "--workdir", w, "--num_examples", "2")
+    assert vis.returncode == 0, vis.stderr[-2000:]
+    pngs = sorted(p.relative_to(tmp_path / "s2s" / "heatmaps") for p in (tmp_path / "s2s" / "heatmaps").rglob("*.png"))
+    assert len(pngs) == 2 * 3 * 2, pngs  # 2 examples x (encoder self, decoder self, cross) x 2 layers
+    assert " -> " in vis.stdout
+    bad = _train_py(*TINY_SEQ2SEQ, "--workdir", str(tmp_path / "bad"), "--cooldown_fraction", "2")
     assert bad.returncode == 2 and "cooldown_fraction" in bad.stderr

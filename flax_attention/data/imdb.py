@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from flax_attention.data.tfds_source import DataUnavailableError, read_records  # noqa: F401 (re-exported)
 
 PAD_ID, START_ID, OOV_ID = 0, 1, 2
 NUM_RESERVED = 3
@@ -45,10 +46,6 @@ TOKENIZER_VERSION = "v1"  # bump when tokenize() changes: it invalidates caches
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 # A word: letters, optionally joined by inner apostrophes (don't, o'neill).
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
-
-
-class DataUnavailableError(RuntimeError):
-    """IMDB is neither prepared under TFDS_DATA_DIR nor downloadable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,38 +176,9 @@ def data_dir() -> Optional[str]:
     return os.environ.get("TFDS_DATA_DIR")
 
 
-def _missing_message(split: str, cause: BaseException) -> str:
-    where = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets (TFDS default; TFDS_DATA_DIR is unset)"
-    return (
-        f"IMDB ({DATASET}, split {split!r}) is not prepared under {where} and could not be "
-        f"downloaded/prepared ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}). "
-        "Fix: point TFDS_DATA_DIR at a directory holding a prepared imdb_reviews/1.0.0 "
-        "(e.g. export TFDS_DATA_DIR=../shared/tensorflow_datasets), or, with network access, "
-        "`pip install tensorflow` once so TFDS can download and prepare it."
-    )
-
-
 def load_split(split: str) -> Tuple[List, np.ndarray]:
     """Reads all ``(texts, labels)`` of one split; downloads/prepares if possible."""
-    import tensorflow_datasets as tfds  # lazy: importing TFDS costs ~1 s
-
-    try:
-        source = tfds.data_source(DATASET, split=split, download=False)
-    except Exception as missing:  # not prepared here: let TFDS download + prepare (needs TensorFlow)
-        if importlib.util.find_spec("tensorflow") is None:
-            # Preparing needs TensorFlow anyway; without it, fail now instead of
-            # after minutes of download retries on a machine without network.
-            no_tf = ModuleNotFoundError("TensorFlow, which TFDS needs to prepare it, is not installed")
-            raise DataUnavailableError(_missing_message(split, no_tf)) from missing
-        try:
-            source = tfds.data_source(DATASET, split=split, download=True)
-        except (Exception, SystemExit) as e:  # ImportError (no TF), network errors, ...
-            raise DataUnavailableError(_missing_message(split, e)) from e
-    n = len(source)
-    try:  # batched read: ~1 s for 25k reviews
-        records = source.__getitems__(list(range(n)))
-    except (AttributeError, TypeError):  # tfds.testing.mock_data's source lacks a working __getitems__
-        records = [source[i] for i in range(n)]
+    records = read_records(DATASET, split)
     texts = [r["text"] for r in records]
     labels = np.asarray([int(r["label"]) for r in records], np.int32)
     return texts, labels

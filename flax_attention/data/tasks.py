@@ -110,6 +110,14 @@ class TaskConfig:
         """Decoder positions needed by the longest test source (target + EOS)."""
         return self.test_max_len + 1
 
+    # The seq2seq trainer reads data through these two methods (a translation
+    # task, flax_attention.data.translate.TranslateConfig, has the same pair).
+    def train_batch(self, batch_size: int, step: int) -> "Batch":
+        return train_batch(self, batch_size, step)
+
+    def test_set(self, num_examples: int) -> "Batch":
+        return test_set(self, num_examples)
+
 
 def _add_example(rng: np.random.Generator, length: int) -> Tuple[np.ndarray, np.ndarray]:
     """``a + b`` as digit symbols (most significant first); the target is the sum's digits."""
