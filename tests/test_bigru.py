@@ -10,6 +10,7 @@ from flax_attention.models.bigru import (
     BiGRUClassifier,
     BiGRUConfig,
     bidirectional_gru,
+    flip_prefix,
     gru_recurrence,
     reverse_index,
 )
@@ -54,6 +55,17 @@ def test_reverse_index_is_an_involution_on_real_prefix():
     idx = np.asarray(reverse_index(jnp.array([3, 5, 1]), 5))
     np.testing.assert_array_equal(idx, [[2, 1, 0, 3, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]])
     np.testing.assert_array_equal(np.take_along_axis(idx, idx, axis=1), np.tile(np.arange(5), (3, 1)))
+
+
+def test_flip_prefix_gradient_is_the_autodiff_gradient():
+    lengths = jnp.array([3, 5, 1])
+    rev = reverse_index(lengths, 5)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 2)), jnp.float32)
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 2)), jnp.float32)
+    ours = jax.grad(lambda x: jnp.sum(ct * flip_prefix(x, rev)))(x)
+    plain = jax.grad(lambda x: jnp.sum(ct * jnp.take_along_axis(x, rev[:, :, None], axis=1)))(x)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
+    np.testing.assert_array_equal(np.asarray(flip_prefix(x, rev))[0, :3], np.asarray(x)[0, 2::-1])
 
 
 @pytest.mark.parametrize("unroll", [1, 3])
