@@ -253,6 +253,9 @@ def load_for_inference(workdir):
     from flax_attention.tasks import get_task
 
     saved = load_config(workdir)
+    if saved.get("model_name") == SEQ2SEQ:
+        raise ValueError(f"{workdir} holds a seq2seq run: `predict` classifies reviews with an IMDB model; "
+                         f"use `train.py visualize --workdir {workdir}` for its decoded examples and heatmaps.")
     task = get_task(saved["model_name"])
     configs = configs_from_json(task, saved)
     extras = task.load_extras(workdir, configs)

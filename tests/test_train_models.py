@@ -87,5 +87,7 @@ def test_seq2seq_dispatch_trains_resumes_draws_heatmaps_and_rejects_bad_flags(tm
     pngs = sorted(p.relative_to(tmp_path / "s2s" / "heatmaps") for p in (tmp_path / "s2s" / "heatmaps").rglob("*.png"))
     assert len(pngs) == 2 * 3 * 2, pngs  # 2 examples x (encoder self, decoder self, cross) x 2 layers
     assert " -> " in vis.stdout
+    pred = _train_py("predict", "--workdir", w, "a great film")
+    assert pred.returncode == 2 and "holds a seq2seq run" in pred.stderr
     bad = _train_py(*TINY_SEQ2SEQ, "--workdir", str(tmp_path / "bad"), "--cooldown_fraction", "2")
     assert bad.returncode == 2 and "cooldown_fraction" in bad.stderr
