@@ -180,6 +180,9 @@ def train_seq2seq(model_config, task, train: Seq2SeqTrainConfig = Seq2SeqTrainCo
     if train.batch_size % devices:
         raise ValueError(f"batch_size={train.batch_size} must be divisible by {devices} devices.")
     model, state = create_train_state(model_config, task, train)
+    # Read the data before the workdir is touched: missing data must not leave a config behind.
+    held_out = task.test_set(train.eval_examples)
+    task.train_batch(1, 0)
     ckpt, history, first = None, [], 1
     if workdir is not None:
         ckpt, state, history = _open_workdir(workdir, model_config, task, train, state, log)
@@ -195,7 +198,6 @@ def train_seq2seq(model_config, task, train: Seq2SeqTrainConfig = Seq2SeqTrainCo
         step_fn = jax.jit(make_train_step(model, train.label_smoothing), donate_argnums=0)
         shard = lambda b: b  # noqa: E731
         host_state = lambda s: s  # noqa: E731
-    held_out = task.test_set(train.eval_examples)
     sums, start, cpu_start = None, time.perf_counter(), time.process_time()
     try:
         for step in range(first, train.steps + 1):

@@ -214,7 +214,7 @@ def test_missing_dataset_fails_with_one_line(tmp_path):
     out = _cli(*TINY, "--workdir", str(tmp_path / "w"), env_extra={"TFDS_DATA_DIR": str(empty)})
     assert out.returncode == 2
     line = _error_line(out)
-    assert "IMDB (imdb_reviews" in line and "TFDS_DATA_DIR" in line
+    assert "imdb_reviews (split 'train') is not prepared" in line and "TFDS_DATA_DIR" in line
 
 
 def test_unwritable_workdir_fails_with_one_line(tmp_path):

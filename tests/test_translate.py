@@ -67,3 +67,21 @@ def test_translate_on_mock_tfds_trains_resumes_and_scores_bleu(tmp_path):
         assert task2 == task and model.config.vocab_size == 259
         paths = heatmaps_from_workdir(tmp_path, num_examples=1)
         assert len(paths) == 3 and all(p.exists() for p in paths)
+
+
+@pytest.mark.slow
+def test_translate_without_data_fails_with_one_actionable_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "empty")}
+    out = subprocess.run([sys.executable, "train.py", "--model", "seq2seq", "--task", "translate", "--steps", "2",
+                          "--workdir", str(tmp_path / "w")], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ted_hrlr_translate/pt_to_en (split '") and "is not prepared" in line
+    assert "TFDS_DATA_DIR" in line and "pip install tensorflow" in line
+    assert not (tmp_path / "w").exists()  # nothing written for a run that could not start
