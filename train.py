@@ -145,7 +145,7 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     import jax
     from flax_attention import distributed
     from flax_attention.checkpointing import Checkpointer, check_or_write_config
-    from flax_attention.training import DivergenceError, check_writable_dir
+    from flax_attention.training import DivergenceError, StopSignal, check_writable_dir
 
     tcfg = configs["train"]
     eval_bs = tcfg.eval_batch_size or tcfg.batch_size
@@ -165,8 +165,9 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     model, state = create_train_state(task, configs, data.extras, data.steps_per_epoch(tcfg.batch_size))
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     try:
-        return _train_loop(task, configs, workdir, data, state, ckpt,
-                           lambda: check_or_write_config(workdir, config_json, resumable, write=primary))
+        with StopSignal() as stop:
+            return _train_loop(task, configs, workdir, data, state, ckpt,
+                               lambda: check_or_write_config(workdir, config_json, resumable, write=primary), stop)
     except DivergenceError as e:
         ckpt.wait()
         raise DivergenceError(f"{e}; stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept in "
@@ -175,12 +176,17 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
         ckpt.close()  # waits for an in-flight save
 
 
-def _train_loop(task, configs, workdir: Path, data, state, ckpt, write_config) -> Dict[str, float]:
+def _train_loop(task, configs, workdir: Path, data, state, ckpt, write_config, stop) -> Dict[str, float]:
     import jax
     from tqdm import tqdm
     from flax_attention import distributed
-    from flax_attention.training import (MetricAccumulator, MetricsLog, check_finite_loss, replicate,
-                                         save_if_finite, summarize, unreplicate)
+    from flax_attention.training import (MetricAccumulator, MetricsLog, StopRequested, check_finite_loss,
+                                         replicate, save_if_finite, summarize, unreplicate)
+
+    def stopped(step: int) -> StopRequested:
+        ckpt.wait()
+        return StopRequested(f"SIGTERM received: stopped after step {step} with a checkpoint of it in {workdir}; "
+                             "rerun the same command to resume from there.")
 
     tcfg, primary = configs["train"], distributed.is_primary()
     eval_bs = tcfg.eval_batch_size or tcfg.batch_size
@@ -211,7 +217,8 @@ def _train_loop(task, configs, workdir: Path, data, state, ckpt, write_config) -
         for i, batch in enumerate(data.train_batches(tcfg.batch_size, tcfg.seed, epoch, start), start=start):
             rstate, sums = p_train(rstate, distributed.local_batch(batch))
             acc.add(sums)
-            if (i + 1) % tcfg.log_every == 0 or i + 1 == spe:  # regular syncs also avoid collective pile-ups
+            sync_point = (i + 1) % tcfg.log_every == 0 or i + 1 == spe
+            if sync_point:  # regular syncs also avoid collective pile-ups
                 m = summarize(acc.fetch())
                 check_finite_loss(m["loss"], epoch * spe + i + 1)
                 rate = m["examples"] / max(time.time() - t0, 1e-9)
@@ -220,8 +227,12 @@ def _train_loop(task, configs, workdir: Path, data, state, ckpt, write_config) -
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.4f}", ex_s=f"{rate:.0f}")
                 log(event="train", epoch=epoch + 1, step=int(epoch * spe + i + 1), loss=m["loss"],
                     accuracy=m["accuracy"], examples_per_sec=rate)
-            if tcfg.checkpoint_every and (epoch * spe + i + 1) % tcfg.checkpoint_every == 0 and i + 1 < spe:
+            periodic = tcfg.checkpoint_every and (epoch * spe + i + 1) % tcfg.checkpoint_every == 0
+            stopping = i + 1 < spe and stop.requested(sync_point)  # at the epoch's end: after its evaluation
+            if (periodic or stopping) and i + 1 < spe:
                 save_if_finite(ckpt, epoch * spe + i + 1, rstate, {"next_epoch": epoch, "next_step": i + 1})
+            if stopping:
+                raise stopped(epoch * spe + i + 1)
         bar.close()
         train_m, train_time = summarize(acc.fetch()), time.time() - t0
         metrics = evaluate(p_eval, rstate, data, eval_bs, n_dev)
@@ -235,6 +246,8 @@ def _train_loop(task, configs, workdir: Path, data, state, ckpt, write_config) -
                   f"acc {train_m.get('accuracy', float('nan')):.4f} ({train_time:.0f} s) | test loss "
                   f"{metrics['loss']:.4f} acc {metrics['accuracy']:.4f} ({int(metrics['examples'])} reviews)")
         start = 0
+        if epoch + 1 < tcfg.num_epochs and stop.requested():
+            raise stopped((epoch + 1) * spe)
     if not metrics:  # nothing left to train: evaluate the restored state
         metrics = evaluate(p_eval, rstate, data, eval_bs, n_dev)
     ckpt.wait()
@@ -376,7 +389,7 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from flax_attention.checkpointing import IncompatibleWorkdirError
     from flax_attention.data.imdb import DataUnavailableError
-    from flax_attention.training import DivergenceError, maybe_initialize_distributed
+    from flax_attention.training import DivergenceError, StopRequested, maybe_initialize_distributed
 
     try:
         command, args, task = parse_args(sys.argv[1:] if argv is None else argv)
@@ -397,18 +410,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(str(e), 3)
     except OSError as e:  # disk full, permissions, ...: one line naming the file
         return _fail(f"{type(e).__name__}: {e}", 2)
+    except StopRequested as e:  # 128 + SIGTERM, what a scheduler expects from a preempted job
+        return _fail(str(e), 143, prefix="stopped")
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume from the last checkpoint.", 130)
     return 0
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int, prefix: str = "error") -> int:
     """One ``error:`` line on stderr (after closing progress bars) and the exit code."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-    print(f"error: {message}", file=sys.stderr)
+    print(f"{prefix}: {message}", file=sys.stderr)
     return code
 
 

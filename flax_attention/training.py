@@ -19,6 +19,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -273,3 +275,42 @@ def check_finite_loss(loss: float, step: int) -> None:
     """Raises :class:`DivergenceError` for a NaN/Inf loss (checked at every metrics fetch)."""
     if not np.isfinite(loss):
         raise DivergenceError(f"training diverged: the training loss is {loss} at step {step}")
+
+
+class StopRequested(RuntimeError):
+    """SIGTERM arrived (e.g. a preemption notice); the last finished step was checkpointed."""
+
+
+class StopSignal:
+    """While active (a context manager), SIGTERM sets a flag instead of killing the process.
+
+    The training loop polls :meth:`requested` between steps, saves a checkpoint
+    and stops, so a preempted job resumes exactly where it stopped. In a
+    multi-process run every process must stop after the same step (or the
+    others would wait forever in the next collective), so the flag is combined
+    over processes with a host all-gather, only at the loop's sync points.
+    """
+
+    def __init__(self):
+        self._flag, self._previous = False, None
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def requested(self, sync_point: bool = True) -> bool:
+        """Whether to stop now; between sync points a multi-process run never stops."""
+        if jax.process_count() == 1:
+            return self._flag
+        if not sync_point:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self._flag))))

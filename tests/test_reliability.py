@@ -150,6 +150,42 @@ def test_sigkill_mid_save_and_mid_step_then_resume_matches_uninterrupted(referen
     assert len(steps) == len(set(steps)) and ("eval", 8) in steps
 
 
+def _logged_steps(workdir):
+    path = Path(workdir, "metrics.jsonl")
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r["step"] for r in map(json.loads, lines) if r["event"] == "train"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_resume_matches_uninterrupted(reference, tmp_path):
+    """A preemption notice (SIGTERM) mid-epoch: exit 143 after checkpointing the finished step."""
+    w = tmp_path / "run"
+    run = TINY + ["--num_epochs", "2", "--log_every", "1"]  # no periodic checkpoints: the stop must save
+    proc = subprocess.Popen(_mock_cmd(*run, "--workdir", str(w)), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t_end = time.time() + 240
+    while proc.poll() is None and time.time() < t_end and not any(s in (5, 6) for s in _logged_steps(w)):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("stopped: ")]
+    assert len(line) == 1 and "SIGTERM received" in line[0] and "rerun the same command" in line[0], err[-2000:]
+    stopped_at = max(_finished_steps(w))
+    assert 5 <= stopped_at < 8 and f"after step {stopped_at}" in line[0]  # not only the epoch-end one (4)
+
+    out = _train(w)  # same flags but periodic checkpoints: allowed to change on resume
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Resuming from step {stopped_at}" in out.stdout
+    step_a, a = _state(reference)
+    step_b, b = _state(w)
+    assert step_a == step_b == 8
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
 @pytest.mark.slow
 def test_incompatible_workdir_is_refused_and_untouched(reference, tmp_path):
     w = tmp_path / "run"
