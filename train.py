@@ -145,7 +145,7 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     import jax
     from flax_attention import distributed
     from flax_attention.checkpointing import Checkpointer, check_or_write_config
-    from flax_attention.training import DivergenceError, StopSignal, check_writable_dir
+    from flax_attention.training import DivergenceError, StopSignal, TrainConfig, check_writable_dir
 
     tcfg = configs["train"]
     eval_bs = tcfg.eval_batch_size or tcfg.batch_size
@@ -155,7 +155,8 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     config_json = configs_to_json(task.name, configs)
     resumable = [f"train.{k}" for k in tcfg.resumable_changes()]
     # Refuse an incompatible workdir before anything in it is touched.
-    check_or_write_config(workdir, config_json, resumable, write=False)
+    added = TrainConfig.added_fields()
+    check_or_write_config(workdir, config_json, resumable, write=False, added_fields=added)
     if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
         check_writable_dir(workdir, "--workdir")
         data = input_pipeline(task, configs, workdir)
@@ -167,7 +168,8 @@ def train_and_evaluate(task, configs: Dict[str, Any], workdir) -> Dict[str, floa
     try:
         with StopSignal() as stop:
             return _train_loop(task, configs, workdir, data, state, ckpt,
-                               lambda: check_or_write_config(workdir, config_json, resumable, write=primary), stop)
+                               lambda: check_or_write_config(workdir, config_json, resumable, write=primary,
+                                                             added_fields=added), stop)
     except DivergenceError as e:
         ckpt.wait()
         raise DivergenceError(f"{e}; stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept in "
@@ -264,8 +266,9 @@ def load_for_inference(workdir):
     """``(task, configs, model, params, extras)`` from a workdir's best checkpoint."""
     from flax_attention.checkpointing import Checkpointer, load_config
     from flax_attention.tasks import get_task
+    from flax_attention.training import TrainConfig
 
-    saved = load_config(workdir)
+    saved = load_config(workdir, TrainConfig.added_fields())
     if saved.get("model_name") == SEQ2SEQ:
         raise ValueError(f"{workdir} holds a seq2seq run: `predict` classifies reviews with an IMDB model; "
                          f"use `train.py visualize --workdir {workdir}` for its decoded examples and heatmaps.")

@@ -41,7 +41,7 @@ class IncompatibleWorkdirError(ValueError):
 
 
 def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[str] = (),
-                          write: bool = True) -> Dict[str, Any]:
+                          write: bool = True, added_fields: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Checks the requested config against ``workdir/config.json``, then (``write``) saves it.
 
     Args:
@@ -51,6 +51,7 @@ def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[s
       write: also (over)write ``config.json`` (atomically) once the check passed;
         ``False`` only checks (e.g. before the checkpoint shapes are verified,
         or on processes other than 0).
+      added_fields: see :func:`load_config`.
 
     Returns:
       The config to use (the requested one).
@@ -60,7 +61,7 @@ def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[s
     """
     path = Path(workdir) / "config.json"
     if path.exists():
-        saved = with_legacy_defaults(json.loads(path.read_text()))
+        saved = _with_added_fields(json.loads(path.read_text()), added_fields)
         diffs = []
         for section in sorted(set(saved) | set(config)):
             a, b = saved.get(section), config.get(section)
@@ -82,24 +83,24 @@ def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[s
     return config
 
 
-def load_config(workdir) -> Dict[str, Any]:
+def load_config(workdir, added_fields: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``workdir/config.json`` as a dict.
+
+    Args:
+      added_fields: ``{"section.field": value}`` for fields added to a config
+        class after workdirs were written, with the value those older runs
+        used; a saved config without the field gets it.
+    """
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is --workdir a directory written by `train.py`?")
-    return with_legacy_defaults(json.loads(path.read_text()))
+    return _with_added_fields(json.loads(path.read_text()), added_fields)
 
 
-# Fields of train.py's TrainConfig added after workdirs were already written,
-# with the value those runs used (seq2seq workdirs have their own config).
-LEGACY_DEFAULTS = {("train", "lr_schedule"): "constant"}
-
-
-def with_legacy_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
-    """``saved`` with fields that older versions did not write filled in as those versions behaved."""
+def _with_added_fields(saved: Dict[str, Any], added_fields: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
-    if saved.get("model_name") == "seq2seq":
-        return saved
-    for (section, key), value in LEGACY_DEFAULTS.items():
+    for name, value in (added_fields or {}).items():
+        section, key = name.split(".", 1)
         if isinstance(saved.get(section), dict):
             saved[section].setdefault(key, value)
     return saved

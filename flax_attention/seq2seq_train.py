@@ -242,10 +242,11 @@ def final_evaluation(model, params, task, train: Seq2SeqTrainConfig, test_length
         from flax_attention.bleu import corpus_bleu
         from flax_attention.data.translate import decode_bytes
 
-        data = task.test_set(len(task.references()[1]))
+        references = task.references()[1]
+        data = task.test_set(len(references))
         pred = decode_dataset(model, params, data["src"], data["tgt_out"].shape[1], train.decode_batch,
                               train.beam_size, train.alpha)
-        bleu = corpus_bleu([decode_bytes(row) for row in pred], task.references()[1])
+        bleu = corpus_bleu([decode_bytes(row) for row in pred], references)
         log(f"test BLEU {bleu.score:.2f} on {len(pred)} sentences (precisions "
             + " ".join(f"{p:.3f}" for p in bleu.precisions) + f", brevity penalty {bleu.brevity_penalty:.3f})")
         return {"bleu": bleu.score, "bleu_precisions": list(bleu.precisions)}

@@ -69,6 +69,8 @@ class TrainConfig:
     # has been trained so far).
     RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size")
     SCHEDULES = ("cosine", "constant")
+    # Fields added after workdirs were written -> the value those older runs used.
+    ADDED_FIELDS = {"lr_schedule": "constant"}
 
     def __post_init__(self):
         for name in ("batch_size", "num_epochs", "keep_checkpoints", "log_every"):
@@ -80,6 +82,11 @@ class TrainConfig:
             raise ValueError(f"--lr_schedule must be one of {', '.join(self.SCHEDULES)}; got {self.lr_schedule!r}.")
         if self.checkpoint_every < 0 or self.eval_batch_size < 0:
             raise ValueError("--checkpoint_every and --eval_batch_size must be >= 0.")
+
+    @classmethod
+    def added_fields(cls) -> Dict[str, Any]:
+        """:attr:`ADDED_FIELDS` as ``{"train.field": value}`` (see :func:`~flax_attention.checkpointing.load_config`)."""
+        return {f"train.{k}": v for k, v in cls.ADDED_FIELDS.items()}
 
     def resumable_changes(self) -> Tuple[str, ...]:
         """Fields a resumed run may change; a decaying schedule is laid out over ``num_epochs``, so it is fixed."""

@@ -132,12 +132,14 @@ def test_cosine_schedule_decays_to_zero_and_fixes_the_epoch_count(tmp_path):
 
 
 def test_workdir_from_before_the_schedule_field_resumes_as_constant(tmp_path):
-    from flax_attention import checkpointing
+    from flax_attention import checkpointing, training
 
+    added = training.TrainConfig.added_fields()  # what train.py passes
     (tmp_path / "config.json").write_text(json.dumps({"model_name": "bigru", "train": {"num_epochs": 3}}))
-    assert checkpointing.load_config(tmp_path)["train"]["lr_schedule"] == "constant"
+    assert checkpointing.load_config(tmp_path, added)["train"]["lr_schedule"] == "constant"
     checkpointing.check_or_write_config(
-        tmp_path, {"model_name": "bigru", "train": {"num_epochs": 3, "lr_schedule": "constant"}}, write=False)
+        tmp_path, {"model_name": "bigru", "train": {"num_epochs": 3, "lr_schedule": "constant"}}, write=False,
+        added_fields=added)
 
 
 _E2E_SCRIPT = """

@@ -83,9 +83,9 @@ class BiGRUConfig:
 
 
 def _sigmoid(x):
-    # σ(x) = (1 + tanh(x / 2)) / 2 exactly; XLA's CPU tanh is a vectorised
-    # rational approximation, its logistic is not: this halves the cost of the
-    # gate activations, which dominate a GRU step after the matmul.
+    # σ(x) = (1 + tanh(x / 2)) / 2 exactly. On XLA:CPU this form is much cheaper
+    # than jax.nn.sigmoid: at the reference shape the GRU forward scan took
+    # 316 ms instead of 466 ms (the gate activations cost more than the matmul).
     return 0.5 + 0.5 * jnp.tanh(0.5 * x)
 
 
@@ -221,7 +221,8 @@ def flip_prefix(x: Array, rev: Array) -> Array:
     """``x [B, T, ...]`` with each sequence's real prefix reversed (``rev`` from :func:`reverse_index`).
 
     The permutation is its own inverse, so the gradient is the same gather
-    (autodiff would emit a scatter-add, which is several times slower on CPU).
+    instead of the scatter-add autodiff would emit (a small saving on CPU:
+    about 50 ms of a 2 s training step at the reference shape).
     """
     return jnp.take_along_axis(x, rev.reshape(rev.shape + (1,) * (x.ndim - 2)), axis=1)
 
