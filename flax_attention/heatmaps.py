@@ -9,7 +9,6 @@ Agg canvas directly, so importing this module never changes the global backend.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -149,42 +148,3 @@ def token_label(token: int, byte_level: bool = False) -> str:
         byte = token - NUM_SPECIAL
         return chr(byte) if 32 < byte < 127 else ("_" if byte == 32 else f"\\x{byte:02x}")
     return "+" if token == NUM_SPECIAL + 10 else str(token - NUM_SPECIAL)
-
-
-def heatmaps_from_workdir(workdir, num_examples: int = 3, seed: int = 0, out_dir=None) -> List[Path]:
-    """Decodes held-out examples with a seq2seq workdir's best checkpoint and draws every attention map.
-
-    For each example, the source is decoded greedily and the model is run
-    teacher-forced on its own output, so the maps show the attention that
-    produced the prediction. Writes ``out_dir/example_<i>/{kind}_layer<l>.png``
-    (default ``out_dir``: ``workdir/heatmaps``), cropped to the real tokens.
-
-    Returns:
-      The written paths.
-    """
-    from flax_attention.data import tasks as T
-    from flax_attention.seq2seq_checkpoint import load_trained
-    from flax_attention.seq2seq_train import decode_dataset
-
-    if num_examples < 1:
-        raise ValueError(f"--num_examples must be >= 1, got {num_examples}.")
-    model, params, task, _, step = load_trained(workdir)
-    pool = task.test_set(max(num_examples, 100))
-    num_examples = min(num_examples, len(pool["src"]))
-    label = functools.partial(token_label, byte_level=task.name == "translate")
-    idx = np.sort(np.random.default_rng(seed).choice(len(pool["src"]), size=num_examples, replace=False))
-    src = pool["src"][idx]
-    pred = decode_dataset(model, params, src, pool["tgt_out"].shape[1], decode_batch=len(src))
-    tgt_in = np.concatenate([np.full((len(src), 1), T.BOS_ID, np.int32), pred[:, :-1]], axis=1)
-    maps = collect_attention(model, params, src, tgt_in)
-    out_dir = Path(out_dir) if out_dir is not None else Path(workdir) / "heatmaps"
-    paths = []
-    for row, (s, p) in enumerate(zip(T.decode_symbols(np.where(src == T.PAD_ID, T.EOS_ID, src)),
-                                     T.decode_symbols(pred))):
-        want = T.decode_symbols(pool["tgt_out"][idx[row]][None])[0]
-        print(f"example {idx[row]} (step {step}): {' '.join(map(label, s))} -> "
-              f"{' '.join(map(label, p))} ({'correct' if p == want else 'wrong'})")
-        paths += save_attention_heatmaps(maps, out_dir / f"example_{idx[row]}", example=row,
-                                         src_labels=[label(t) for t in s],
-                                         tgt_labels=["<s>"] + [label(t) for t in p])
-    return paths

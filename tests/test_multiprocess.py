@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_attention import distributed
+from flax_attention.training import distributed
 
 ROOT = Path(__file__).parents[1]
 _MOCK_MAIN = ("import sys, tensorflow_datasets as tfds, train\n"

@@ -1,15 +1,27 @@
-"""Seq2seq losses, metrics, the paper's schedule/optimiser, train/eval steps and the loop."""
+"""Seq2seq losses, the paper's schedule/optimiser, and the seq2seq tasks in the one training loop."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention import seq2seq as S
-from flax_attention import seq2seq_train as ST
+import flax_attention.training as training
 from flax_attention.data import tasks as T
-from flax_attention.layers import TransformerConfig
-from flax_attention.transformer import Transformer
+from flax_attention.training import seq2seq as Q
+from flax_attention.training import seq2seq_loss as S
+
+ROOT = Path(__file__).parents[1]
+TINY = ["--model", "seq2seq", "--task", "reverse", "--num_symbols", "4", "--max_len", "3", "--test_max_len", "4",
+        "--d_model", "16", "--num_heads", "2", "--d_ff", "32", "--num_encoder_layers", "1",
+        "--num_decoder_layers", "1", "--batch_size", "8", "--warmup_steps", "3", "--steps_per_epoch", "3",
+        "--num_epochs", "2", "--eval_examples", "8", "--length_eval_per_length", "2", "--decode_batch", "8",
+        "--eval_batch_size", "8"]
 
 
 def np_log_softmax(x):
@@ -30,29 +42,36 @@ def test_smoothed_cross_entropy_is_kl_to_smoothed_target(eps):
     kl = (q_log_q - q * np_log_softmax(logits)).sum(-1)
     got = S.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), eps)
     np.testing.assert_allclose(got, kl, rtol=1e-5, atol=1e-5)
-    # Predicting the smoothed target exactly costs zero.
-    if eps > 0:
-        np.testing.assert_allclose(S.smoothed_cross_entropy(jnp.log(jnp.asarray(q)), targets, eps), 0.0,
-                                   atol=1e-5)
+    if eps > 0:  # predicting the smoothed target exactly costs zero
+        np.testing.assert_allclose(S.smoothed_cross_entropy(jnp.log(jnp.asarray(q)), targets, eps), 0.0, atol=1e-5)
     with pytest.raises(ValueError, match="label_smoothing"):
         S.smoothed_cross_entropy(logits, targets, 1.0)
 
 
-def test_padding_excluded_from_loss_and_metrics():
+def _fake_apply(logits):
+    return lambda variables, src, tgt_in, deterministic, rngs: jnp.asarray(logits)
+
+
+def test_seq2seq_loss_ignores_padding_and_sums_split_exactly():
     rng = np.random.default_rng(1)
     targets = np.array([[5, 4, 2, 0, 0], [3, 2, 0, 0, 0]])
     logits = rng.normal(size=(2, 5, 6)).astype(np.float32)
-    loss, count = S.masked_loss(jnp.asarray(logits), jnp.asarray(targets))
-    changed = logits.copy()
-    changed[targets == 0] = 100.0 * rng.normal(size=(5, 6))  # garbage at padding
-    loss2, _ = S.masked_loss(jnp.asarray(changed), jnp.asarray(targets))
-    assert float(count) == 5.0
+    loss_fn = Q.seq2seq_loss(0.1)
+    batch = {"src": targets, "tgt_in": targets, "tgt_out": targets}
+    loss, sums = loss_fn(None, _fake_apply(logits), batch, {}, False)
+    garbage = logits.copy()
+    garbage[targets == 0] = 100.0 * rng.normal(size=(5, 6))  # padding positions change nothing
+    loss2, _ = loss_fn(None, _fake_apply(garbage), batch, {}, False)
+    assert float(sums["weight"]) == 5.0
     np.testing.assert_allclose(loss2, loss, rtol=1e-6)
-
-    pred = np.array([[5, 4, 1, 0, 3], [3, 2, 4, 4, 4]])  # row 0: 2/3 right; row 1: exact
-    onehot = jax.nn.one_hot(pred, 6) * 10.0
-    m = S.summarize({"loss": jnp.float32(0.0), **S.token_metrics(onehot, jnp.asarray(targets))})
-    assert m["token_acc"] == pytest.approx(4 / 5) and m["exact_match"] == pytest.approx(0.5)
+    # Hand value: row 0 gets 2 of 3 right, row 1 both -> 4 of 5 tokens.
+    pred = np.array([[5, 4, 1, 0, 3], [3, 2, 4, 4, 4]])
+    _, s = loss_fn(None, _fake_apply(jax.nn.one_hot(pred, 6) * 10.0), batch, {}, False)
+    assert float(s["accuracy"]) == 4.0
+    # Sums over halves add up to the whole: the psum over devices is exact.
+    halves = [loss_fn(None, _fake_apply(logits[i:i + 1]), {k: v[i:i + 1] for k, v in batch.items()}, {}, False)
+              for i in (0, 1)]
+    np.testing.assert_allclose(float(halves[0][0] + halves[1][0]), float(loss), rtol=1e-6)
 
 
 def test_sequence_match_stops_at_eos():
@@ -61,36 +80,37 @@ def test_sequence_match_stops_at_eos():
     np.testing.assert_array_equal(S.sequence_match(pred, targets), [True, False, False])
 
 
-def test_schedule_matches_equation_3():
-    sched = S.transformer_schedule(d_model=512, warmup_steps=4000)
+def test_rsqrt_schedule_is_equation_3_with_its_peak_as_learning_rate():
+    d, w = 512, 4000
+    cfg = training.TrainConfig(learning_rate=(d * w) ** -0.5, lr_schedule="rsqrt", warmup_steps=w)
+    sched = training.learning_rate_schedule(cfg, 100_000)
     for count in [0, 99, 3999, 4000, 15999]:
         step = count + 1
-        expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
-        np.testing.assert_allclose(float(sched(count)), expected, rtol=1e-5)
+        np.testing.assert_allclose(float(sched(count)), d**-0.5 * min(step**-0.5, step * w**-1.5), rtol=1e-5)
     assert float(sched(3999)) > float(sched(3000)) and float(sched(3999)) > float(sched(5000))
-    assert float(S.transformer_schedule(512, 4000, scale=2.0)(10)) == pytest.approx(2 * float(sched(10)))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        training.TrainConfig(lr_schedule="rsqrt", warmup_steps=0)
 
 
 def test_linear_cooldown_follows_then_anneals_to_zero():
-    base = S.transformer_schedule(d_model=64, warmup_steps=10)
-    sched = S.with_linear_cooldown(base, total_steps=100, cooldown_fraction=0.2)  # c = 20, s0 = 80
-    for count in [0, 9, 50, 79]:
+    cfg = training.TrainConfig(learning_rate=0.01, lr_schedule="rsqrt", warmup_steps=10)
+    base = training.learning_rate_schedule(cfg, 100)
+    sched = training.learning_rate_schedule(cfg.__class__(**{**cfg.__dict__, "cooldown_fraction": 0.2}), 100)
+    for count in [0, 9, 50, 79]:  # c = 20 cooldown updates from s0 = 80
         assert float(sched(count)) == pytest.approx(float(base(count)), rel=1e-6)
     peak = float(base(80))
     for count in [80, 90, 99]:
         assert float(sched(count)) == pytest.approx(peak * (100 - count) / 20, rel=1e-5)
     assert float(sched(100)) == 0.0 and float(sched(150)) == 0.0
-    assert S.with_linear_cooldown(base, 100, 0.0) is base
     with pytest.raises(ValueError, match="cooldown_fraction"):
-        S.with_linear_cooldown(base, 100, 1.5)
-    with pytest.raises(ValueError, match="cooldown_fraction"):
-        ST.Seq2SeqTrainConfig(cooldown_fraction=-0.1)
+        training.TrainConfig(cooldown_fraction=1.5)
 
 
 def test_optimizer_is_adam_098_1e9():
     # Two steps of Adam(lr, 0.9, 0.98, 1e-9) by hand, in float64.
     g1, g2, lr = np.array([0.3, -2.0]), np.array([-0.1, 1.0]), 0.01
-    tx = S.transformer_optimizer(lr)
+    tx = training.make_optimizer(training.TrainConfig(learning_rate=lr, lr_schedule="constant", adam_b2=0.98,
+                                                      adam_eps=1e-9))
     params = jnp.zeros(2)
     opt = tx.init(params)
     updates = []
@@ -101,89 +121,117 @@ def test_optimizer_is_adam_098_1e9():
     for t, g in enumerate((g1, g2), start=1):
         m = 0.9 * m + 0.1 * g
         v = 0.98 * v + 0.02 * g * g
-        expected = -lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.98**t)) + 1e-9)
-        np.testing.assert_allclose(updates[t - 1], expected, rtol=1e-5)
+        np.testing.assert_allclose(updates[t - 1], -lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.98**t)) + 1e-9),
+                                   rtol=1e-5)
 
 
-def tiny_setup(dropout=0.0):
-    task = T.TaskConfig(name="copy", num_symbols=4, min_len=1, max_len=4, test_max_len=5)
-    config = TransformerConfig(vocab_size=task.vocab_size, d_model=32, num_heads=2, d_ff=64,
-                               num_encoder_layers=1, num_decoder_layers=1, dropout_rate=dropout, max_len=8)
-    model = Transformer(config)
-    batch = {k: jnp.asarray(v) for k, v in T.train_batch(task, 16, 0).items() if k != "length"}
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["src"], batch["tgt_in"])["params"]
-    tx = S.transformer_optimizer(S.transformer_schedule(32, warmup_steps=20, scale=2.0))
-    state = S.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                dropout_rng=jax.random.PRNGKey(1))
-    return task, model, state, batch
+def test_short_training_through_the_common_step_lowers_the_loss():
+    from flax_attention.training.tasks import get_task
 
-
-def test_short_training_lowers_the_loss():
-    task, model, state, _ = tiny_setup(dropout=0.1)
-    step = jax.jit(S.make_train_step(model, 0.1))
-    evaluate = jax.jit(S.make_eval_step(model, 0.1))
-    held_out = {k: jnp.asarray(v) for k, v in T.test_set(task, 64).items() if k != "length"}
-    before = S.summarize(evaluate(state.params, held_out))
-    for i in range(40):
-        batch = {k: jnp.asarray(v) for k, v in T.train_batch(task, 16, i).items() if k != "length"}
-        state, _ = step(state, batch)
-    after = S.summarize(evaluate(state.params, held_out))
+    task = get_task("seq2seq")
+    configs = {"model": Q.Seq2SeqModelConfig(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1,
+                                             num_decoder_layers=1, dropout_rate=0.1),
+               "data": Q.SyntheticConfig(task="copy", num_symbols=4, max_len=4, test_max_len=5, eval_examples=64),
+               "decode": Q.DecodeConfig(),
+               "train": training.TrainConfig(learning_rate=3e-3, lr_schedule="constant", batch_size=16)}
+    data = task.prepare(None, configs)
+    from flax_attention.training.loop import create_train_state, eval_step, evaluate, train_step
+    model, state = create_train_state(task, configs, data.extras, 40)
+    rstate, step, ev = training.replicate(state), train_step(task, configs), eval_step(task, configs)
+    before = evaluate(ev, rstate, data, 64)
+    for i, batch in zip(range(40), data.train_batches(16, 0, 0)):
+        rstate, _ = step(rstate, {k: v[None] for k, v in batch.items()})
+    after = evaluate(ev, rstate, data, 64)
     assert after["loss"] < 0.7 * before["loss"], (before, after)
-    assert int(state.step) == 40
+    assert int(training.unreplicate(rstate).step) == 40
 
 
-def test_data_parallel_step_equals_single_device():
-    # vmap with an axis name runs the same psum code path as pmap over 2 devices.
-    _, model, state, batch = tiny_setup()
-    single, m1 = jax.jit(S.make_train_step(model, 0.1))(state, batch)
-    halves = {k: v.reshape(2, 8, *v.shape[1:]) for k, v in batch.items()}
-    step = jax.vmap(S.make_train_step(model, 0.1, axis_name="batch"), in_axes=(None, 0), axis_name="batch")
-    split, m2 = jax.jit(step)(state, halves)
-    for a, b in zip(jax.tree_util.tree_leaves(single.params), jax.tree_util.tree_leaves(split.params)):
-        np.testing.assert_allclose(b[0], a, rtol=2e-5, atol=2e-6)
-        np.testing.assert_allclose(b[1], a, rtol=2e-5, atol=2e-6)
-    for k in m1:
-        np.testing.assert_allclose(m2[k][0], m1[k], rtol=1e-5)
+def _train_py(*args, timeout=600):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-@pytest.mark.slow
-def test_train_seq2seq_loop_reports_metrics_by_length():
-    task = T.TaskConfig(name="reverse", num_symbols=4, min_len=1, max_len=3, test_max_len=5)
-    config = TransformerConfig(vocab_size=task.vocab_size, d_model=16, num_heads=2, d_ff=32,
-                               num_encoder_layers=1, num_decoder_layers=1, max_len=8)
-    train = ST.Seq2SeqTrainConfig(steps=6, batch_size=8, warmup_steps=3, eval_every=3, eval_examples=12,
-                                 length_eval_per_length=2, decode_batch=8)
-    lines = []
-    params, history = ST.train_seq2seq(config, task, train, log=lines.append)
-    assert [h["step"] for h in history] == [3, 6] and len(lines) == 3
-    assert set(history[-1]["length_eval"]["exact_by_length"]) == {1, 2, 3, 4, 5}
-    for key in ("train_loss", "test_token_acc", "test_exact_match"):
-        assert np.isfinite(history[-1][key])
-    with pytest.raises(ValueError, match="vocab"):
-        ST.train_seq2seq(config.replace(vocab_size=9, output_vocab_size=None), task, train)
+def _params(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(workdir, "checkpoints").absolute(), item_names=("state", "meta")) as mgr:
+        state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return jax.tree_util.tree_leaves(state["params"])
 
 
 @pytest.mark.slow
-def test_seq2seq_resume_equals_uninterrupted_and_loads_best(tmp_path):
-    import shutil
+def test_seq2seq_resume_equals_uninterrupted_through_the_common_loop(tmp_path):
+    """With dropout on: a run cut after epoch 1 and resumed ends with the uninterrupted parameters."""
+    import train
 
-    from flax_attention.seq2seq_checkpoint import load_trained
-
-    task = T.TaskConfig(name="reverse", num_symbols=4, min_len=1, max_len=3, test_max_len=4)
-    config = TransformerConfig(vocab_size=task.vocab_size, d_model=16, num_heads=2, d_ff=32,
-                               num_encoder_layers=1, num_decoder_layers=1, max_len=8, dropout_rate=0.1)
-    train = ST.Seq2SeqTrainConfig(steps=6, batch_size=8, warmup_steps=3, eval_every=3, eval_examples=8,
-                                 length_eval_per_length=1, decode_batch=8)
-    quiet = lambda line: None  # noqa: E731
-    full, _ = ST.train_seq2seq(config, task, train, log=quiet, workdir=tmp_path / "a")
-    ST.train_seq2seq(config, task, train, log=quiet, workdir=tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # "crash" after the step-3 checkpoint
-    lines = []
-    resumed, history = ST.train_seq2seq(config, task, train, log=lines.append, workdir=tmp_path / "b")
-    assert lines[0].startswith("resuming from step 3") and [h["step"] for h in history] == [3, 6]
-    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)):
+    tiny = TINY + ["--dropout_rate", "0.1"]
+    assert train.main(tiny + ["--workdir", str(tmp_path / "a")]) == 0
+    assert train.main(tiny + ["--workdir", str(tmp_path / "b")]) == 0
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # "crash" after the epoch-1 checkpoint
+    assert train.main(tiny + ["--workdir", str(tmp_path / "b")]) == 0
+    for a, b in zip(_params(tmp_path / "a", 6), _params(tmp_path / "b", 6)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    model, params, task2, train2, step = load_trained(tmp_path / "a")
-    assert task2 == task and train2 == train and model.config == config and step in (3, 6)
-    with pytest.raises(Exception, match="different configuration"):
-        ST.train_seq2seq(config.replace(d_ff=64), task, train, log=quiet, workdir=tmp_path / "a")
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and "exact_match" in evals[-1] and "exact_len4" in evals[-1]
+    # A changed model is refused with the field named; nothing is overwritten.
+    before = (tmp_path / "a" / "config.json").read_text()
+    assert train.main(tiny + ["--workdir", str(tmp_path / "a"), "--d_ff", "64"]) == 2
+    assert (tmp_path / "a" / "config.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_seq2seq_cli_translate_and_visualize_draw_heatmaps(tmp_path):
+    w = str(tmp_path / "run")
+    out = _train_py(*TINY, "--workdir", w)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exact match by length: 1:" in out.stdout and "Final evaluation" in out.stdout
+    out = _train_py("translate", "--workdir", w, "1 2 3", "0 0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 2 3 ->" in out.stdout
+    assert (tmp_path / "run" / "heatmaps" / "input_1" / "cross_layer0.png").stat().st_size > 1000
+    out = _train_py("visualize", "--workdir", w, "--num_examples", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "run" / "heatmaps").glob("example_*/encoder_self_layer0.png"))) == 2
+    bad = _train_py("translate", "--workdir", w, "7 x")
+    assert bad.returncode == 2 and "symbol indices" in bad.stderr
+
+
+def test_workdir_of_the_retired_seq2seq_trainer_is_refused_untouched(tmp_path):
+    import train
+
+    old = {"model_name": "seq2seq", "task": {"name": "reverse"}, "model": {"d_model": 64}, "train": {"steps": 2000}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert train.main(TINY + ["--workdir", str(tmp_path)]) == 2
+    assert json.loads((tmp_path / "config.json").read_text()) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert train.main(["visualize", "--workdir", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_seq2seq_sigterm_checkpoints_the_step_and_resume_matches_uninterrupted(tmp_path):
+    """SIGTERM mid-epoch through the common loop: exit 143, checkpoint of that step, bit-identical resume."""
+    import signal
+    import time
+
+    run = TINY + ["--steps_per_epoch", "12", "--log_every", "1", "--dropout_rate", "0.1"]
+    assert _train_py(*run, "--workdir", str(tmp_path / "ref")).returncode == 0
+    w = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *run, "--workdir", str(w)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, t_end = w / "metrics.jsonl", time.time() + 300
+    while proc.poll() is None and time.time() < t_end:
+        steps = [json.loads(l).get("step", 0) for l in log.read_text().splitlines()] if log.exists() else []
+        if any(3 <= s < 10 for s in steps):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = [x for x in err.splitlines() if x.startswith("stopped: SIGTERM received")]
+    saved = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(stopped) == 1 and saved and 3 <= saved[-1] < 12 and f"after step {saved[-1]}" in stopped[0]
+    out = _train_py(*run, "--workdir", str(w))
+    assert out.returncode == 0 and f"Resuming from step {saved[-1]}" in out.stdout, out.stderr[-2000:]
+    for a, b in zip(_params(tmp_path / "ref", 24), _params(w, 24)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))

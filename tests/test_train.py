@@ -27,7 +27,8 @@ def _run(code, env_extra=None, timeout=600):
 
 _PMAP_SCRIPT = """
 import json, jax, numpy as np
-from flax_attention import tasks, training
+import flax_attention.training as training
+from flax_attention.training import tasks
 from flax_attention.data import imdb
 from flax_attention.models.bigru import BiGRUConfig
 task = tasks.get_task("bigru")
@@ -108,11 +109,12 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, schedule):
 
 
 def test_cosine_schedule_decays_to_zero_and_fixes_the_epoch_count(tmp_path):
-    from flax_attention import checkpointing, training
+    import flax_attention.training as training
+    from flax_attention.training import checkpointing
 
     # With a constant gradient Adam's normalised step is 1, so each update is -lr(t):
     # cosine from 1e-3 at t=0, half-way at t=5, zero at the end (t=10).
-    tx = training.make_optimizer(1e-3, "cosine", 10)
+    tx = training.make_optimizer(training.TrainConfig(learning_rate=1e-3, lr_schedule="cosine"), 10)
     opt, steps = tx.init(np.zeros(())), []
     for _ in range(11):
         update, opt = tx.update(np.ones(()), opt)
@@ -132,7 +134,8 @@ def test_cosine_schedule_decays_to_zero_and_fixes_the_epoch_count(tmp_path):
 
 
 def test_workdir_from_before_the_schedule_field_resumes_as_constant(tmp_path):
-    from flax_attention import checkpointing, training
+    import flax_attention.training as training
+    from flax_attention.training import checkpointing
 
     added = training.TrainConfig.added_fields()  # what train.py passes
     (tmp_path / "config.json").write_text(json.dumps({"model_name": "bigru", "train": {"num_epochs": 3}}))

@@ -1,83 +1,90 @@
-"""A TFDS translation dataset as byte-level seq2seq batches (``train.py --model seq2seq --task translate``).
+"""A TFDS translation dataset as SentencePiece-tokenised, length-bucketed seq2seq batches.
 
-Any TFDS dataset whose records map two language codes to sentences works
-(``ted_hrlr_translate/pt_to_en``, ``wmt14_translate/de-en``, ...); the source
-and target languages are the dataset's ``supervised_keys``.
+Default: Multi30k German-English (:mod:`flax_attention.data.multi30k`), any
+direction (``source_lang``/``target_lang``). Any TFDS dataset whose records map
+language codes to sentences works the same way (``wmt14_translate/de-en``, ...).
 
-Vocabulary: UTF-8 bytes, so nothing has to be learned or stored and any
-language works: token ``= byte + 3`` (``PAD_ID 0``, ``BOS_ID 1``, ``EOS_ID 2``
-as in :mod:`flax_attention.data.tasks`), ``vocab_size = 259``. Sentences longer
-than ``max_bytes`` are cut (a training choice; the BLEU references are always
-the full test sentences).
+Vocabulary: one joint SentencePiece model (Kudo & Richardson 2018; unigram LM by
+default) over the source and target sentences of the *training* split only,
+saved as ``WORKDIR/spm.model`` and reused on resume and at inference. Ids:
+``PAD_ID 0``, ``BOS_ID 1``, ``EOS_ID 2`` (as in :mod:`flax_attention.data.tasks`),
+``3`` unknown. A joint vocabulary lets the Transformer share one embedding
+matrix between encoder, decoder and output layer (§3.4); German and English
+share most names, numbers and punctuation.
 
 Batches have the layout of :mod:`flax_attention.data.tasks` (``src``,
-``tgt_in``, ``tgt_out``, ``length``). Training batch ``i`` samples examples
-uniformly with replacement from ``SeedSequence([seed, 0, i])``, so a resumed
-run sees the same batches; the held-out set is the start of the test split.
+``tgt_in``, ``tgt_out``) plus ``weights`` (1 for real rows, 0 for the rows that
+pad the last evaluation batch). To waste little compute on padding, each epoch
+shuffles the pairs, sorts them by length within pools of 50 batches, cuts
+batches and shuffles the batch order (the "pooled bucketing" of torchtext and
+fairseq); each batch is padded to a multiple of 8 tokens, so a jitted step
+compiles once per length bucket, not per batch. The order depends only on
+``(seed, epoch)``, so a run resumed mid-epoch sees the same batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, List, Sequence, Tuple
+import io
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from flax_attention.data.tasks import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+from flax_attention.data.tasks import BOS_ID, EOS_ID, PAD_ID
 from flax_attention.data.tfds_source import read_records
 
 Batch = Dict[str, np.ndarray]
+UNK_ID = 3
+SPM_FILE = "spm.model"
+_POOL = 50  # batches per sorting pool
+_ROUND = 8  # pad lengths to a multiple of this (one compilation per bucket)
 
 
 @dataclasses.dataclass(frozen=True)
 class TranslateConfig:
-    """A byte-level translation task read from TFDS.
+    """A translation task read from TFDS.
 
     Attributes:
-      dataset: TFDS name with config, e.g. ``ted_hrlr_translate/pt_to_en``.
-      max_bytes: longest source/target kept, in bytes (longer ones are cut).
-      seed: seeds the training batches.
-      train_split: TFDS split to train on.
-      test_split: TFDS split for held-out metrics and BLEU.
-      name: always ``"translate"`` (tells saved configs apart from synthetic tasks).
+      dataset: TFDS name (with config if any), e.g. ``multi30k``.
+      source_lang: language key of the source sentences (e.g. ``de``).
+      target_lang: language key of the target sentences (e.g. ``en``).
+      vocab_size: joint SentencePiece vocabulary size (special ids included).
+      spm_model_type: SentencePiece algorithm, ``unigram`` or ``bpe``.
+      max_tokens: training pairs longer than this many subwords (source, or
+        target + EOS) are left out; evaluation never drops or cuts sentences.
+      train_examples: train on the first N pairs of the training split only
+        (0 = all; for quick trials and tests; the vocabulary still sees all).
+      train_split: TFDS split to train on (the vocabulary is learned from it).
+      eval_split: split of the periodic evaluations (model selection).
+      test_split: split of the final evaluation (beam search, reported BLEU).
     """
 
-    dataset: str = "ted_hrlr_translate/pt_to_en"
-    max_bytes: int = 128
-    seed: int = 0
+    dataset: str = "multi30k"
+    source_lang: str = "de"
+    target_lang: str = "en"
+    vocab_size: int = 8000
+    spm_model_type: str = "unigram"
+    max_tokens: int = 64
+    train_examples: int = 0
     train_split: str = "train"
+    eval_split: str = "validation"
     test_split: str = "test"
-    name: str = "translate"
 
     def __post_init__(self):
-        if self.max_bytes < 1:
-            raise ValueError(f"--max_bytes must be >= 1, got {self.max_bytes}.")
-        if self.name != "translate":
-            raise ValueError(f"TranslateConfig.name must be 'translate', got {self.name!r}.")
-
-    @property
-    def vocab_size(self) -> int:
-        return NUM_SPECIAL + 256
-
-    @property
-    def longest_target(self) -> int:
-        """Decoder positions: ``max_bytes`` + EOS."""
-        return self.max_bytes + 1
-
-    def train_batch(self, batch_size: int, step: int) -> Batch:
-        data = encoded_split(self, self.train_split)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0, int(step)]))
-        idx = rng.integers(0, len(data["src"]), size=batch_size)
-        return {k: v[idx] for k, v in data.items()}
-
-    def test_set(self, num_examples: int) -> Batch:
-        data = encoded_split(self, self.test_split)
-        return {k: v[:num_examples] for k, v in data.items()}
-
-    def references(self) -> Tuple[List[str], List[str]]:
-        """Full (uncut) ``(sources, targets)`` of the test split, as text."""
-        return sentence_pairs(self, self.test_split)
+        if self.source_lang == self.target_lang:
+            raise ValueError(f"--source_lang and --target_lang are both {self.source_lang!r}; pick two languages "
+                             "of the dataset, e.g. --source_lang de --target_lang en.")
+        if self.vocab_size < 8:
+            raise ValueError(f"--vocab_size must be >= 8, got {self.vocab_size}.")
+        if self.spm_model_type not in ("unigram", "bpe"):
+            raise ValueError(f"--spm_model_type must be unigram or bpe, got {self.spm_model_type!r}.")
+        if self.train_examples < 0:
+            raise ValueError(f"--train_examples must be >= 0 (0 = all), got {self.train_examples}.")
+        if self.max_tokens < 2:
+            raise ValueError(f"--max_tokens must be >= 2, got {self.max_tokens}.")
 
 
 def _text(value) -> str:
@@ -85,56 +92,157 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def encode_bytes(text: str, max_bytes: int) -> np.ndarray:
-    """UTF-8 bytes of ``text`` (cut at ``max_bytes``) as token ids ``byte + 3``."""
-    raw = text.encode("utf-8")[:max_bytes]
-    return np.frombuffer(raw, np.uint8).astype(np.int32) + NUM_SPECIAL
-
-
-def decode_bytes(tokens: Sequence[int]) -> str:
-    """Token ids -> text; stops at EOS, skips PAD/BOS, replaces invalid UTF-8 (a cut character)."""
-    out = bytearray()
-    for t in tokens:
-        t = int(t)
-        if t == EOS_ID:
-            break
-        if t >= NUM_SPECIAL:
-            out.append(t - NUM_SPECIAL)
-    return out.decode("utf-8", "replace")
-
-
-def _languages(dataset: str, record: Dict) -> Tuple[str, str]:
-    import tensorflow_datasets as tfds
-
-    keys = tfds.builder(dataset).info.supervised_keys
-    if not keys or len(keys) != 2 or any(k not in record for k in keys):
-        raise ValueError(f"{dataset} has no (source, target) supervised_keys naming two record fields "
-                         f"(got {keys}, fields {sorted(record)}); choose a TFDS translation dataset such as "
-                         "ted_hrlr_translate/pt_to_en.")
-    return keys[0], keys[1]
-
-
-@functools.lru_cache(maxsize=4)
-def sentence_pairs(config: TranslateConfig, split: str) -> Tuple[List[str], List[str]]:
-    """``(sources, targets)`` text of one split (read once per process)."""
-    records = read_records(config.dataset, split)
+@functools.lru_cache(maxsize=8)
+def sentence_pairs(dataset: str, split: str, source_lang: str, target_lang: str) -> Tuple[List[str], List[str]]:
+    """``(sources, targets)`` text of one split, in record order (read once per process)."""
+    if dataset.split("/")[0] == "multi30k":
+        from flax_attention.data import multi30k  # noqa: F401  registers the builder with TFDS
+    records = read_records(dataset, split)
     if not records:
-        raise ValueError(f"{config.dataset} split {split!r} is empty.")
-    src_key, tgt_key = _languages(config.dataset, records[0])
-    return [_text(r[src_key]) for r in records], [_text(r[tgt_key]) for r in records]
+        raise ValueError(f"{dataset} split {split!r} is empty.")
+    missing = [k for k in (source_lang, target_lang) if k not in records[0]]
+    if missing:
+        raise ValueError(f"{dataset} has no language {missing[0]!r} (its records have {sorted(records[0])}); "
+                         "set --source_lang/--target_lang to two of those.")
+    return [_text(r[source_lang]) for r in records], [_text(r[target_lang]) for r in records]
 
 
-@functools.lru_cache(maxsize=4)
-def encoded_split(config: TranslateConfig, split: str) -> Batch:
-    """Padded int32 ``src [M, max_bytes]``, ``tgt_in``/``tgt_out [M, max_bytes + 1]``, ``length [M]``."""
-    sources, targets = sentence_pairs(config, split)
-    n, s = len(sources), config.max_bytes
-    out = {"src": np.full((n, s), PAD_ID, np.int32), "tgt_in": np.full((n, s + 1), PAD_ID, np.int32),
-           "tgt_out": np.full((n, s + 1), PAD_ID, np.int32), "length": np.zeros((n,), np.int32)}
-    for i, (a, b) in enumerate(zip(sources, targets)):
-        x, y = encode_bytes(a, s), encode_bytes(b, s)
-        out["src"][i, :len(x)] = x
-        out["tgt_in"][i, 0], out["tgt_in"][i, 1:len(y) + 1] = BOS_ID, y
-        out["tgt_out"][i, :len(y)], out["tgt_out"][i, len(y)] = y, EOS_ID
-        out["length"][i] = len(x)
-    return out
+class Tokenizer:
+    """A SentencePiece model with the project's special ids (pad 0, bos 1, eos 2, unk 3)."""
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()) != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
+            raise ValueError("the SentencePiece model does not use pad 0, bos 1, eos 2, unk 3; it was not "
+                             "written by this project. Train in a fresh --workdir.")
+
+    @classmethod
+    def train(cls, sentences: Sequence[str], vocab_size: int, model_type: str = "unigram") -> "Tokenizer":
+        import sentencepiece as spm
+
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
+            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, character_coverage=1.0,
+            # One thread and no sampling: the same sentences give the same model.
+            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+            hard_vocab_limit=False)
+        return cls(buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        return cls(Path(path).read_bytes())
+
+    def save(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(self.proto)
+        os.replace(tmp, path)  # atomic: a crash never leaves half a vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, texts: Sequence[str]) -> List[List[int]]:
+        return self.sp.encode(list(texts))
+
+    def decode(self, rows) -> List[str]:
+        """Token rows -> text; each row stops at its first EOS, PAD/BOS are dropped."""
+        out = []
+        for row in rows:
+            ids = []
+            for t in np.asarray(row).tolist():
+                if t == EOS_ID:
+                    break
+                if t not in (PAD_ID, BOS_ID):
+                    ids.append(t)
+            out.append(self.sp.decode(ids))
+        return out
+
+    def pieces(self, ids: Sequence[int]) -> List[str]:
+        return [self.sp.id_to_piece(int(i)) for i in ids]
+
+
+def load_tokenizer(workdir, config: TranslateConfig, train: bool = True) -> Tokenizer:
+    """``WORKDIR/spm.model``; learned from the training split (and saved) if absent and ``train``."""
+    path = Path(workdir) / SPM_FILE
+    if path.exists():
+        return Tokenizer.load(path)
+    if not train:
+        raise FileNotFoundError(f"{path} not found: train first with `python train.py --model translate "
+                                f"--workdir {workdir}`.")
+    sources, targets = sentence_pairs(config.dataset, config.train_split, config.source_lang, config.target_lang)
+    tok = Tokenizer.train([*sources, *targets], config.vocab_size, config.spm_model_type)
+    tok.save(path)
+    return tok
+
+
+def _round_up(n: int) -> int:
+    return max(_ROUND, -(-n // _ROUND) * _ROUND)
+
+
+@dataclasses.dataclass
+class Split:
+    """Tokenised sentence pairs of one split (variable length; padded per batch)."""
+
+    src: List[np.ndarray]
+    tgt: List[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def lengths(self) -> np.ndarray:
+        return np.array([max(len(s), len(t) + 1) for s, t in zip(self.src, self.tgt)], np.int64)
+
+
+def encode_split(tok: Tokenizer, sources: Sequence[str], targets: Sequence[str], max_tokens: int = 0) -> Split:
+    """Token ids per pair; with ``max_tokens`` > 0, pairs longer than that are dropped (training only)."""
+    src = [np.asarray(x, np.int32) for x in tok.encode(sources)]
+    tgt = [np.asarray(y, np.int32) for y in tok.encode(targets)]
+    if max_tokens:
+        keep = [i for i in range(len(src)) if len(src[i]) <= max_tokens and len(tgt[i]) + 1 <= max_tokens]
+        src, tgt = [src[i] for i in keep], [tgt[i] for i in keep]
+    return Split(src, tgt)
+
+
+def make_batch(split: Split, idx: Sequence[int], rows: int) -> Batch:
+    """Pads pairs ``idx`` (and ``rows - len(idx)`` all-PAD rows of weight 0) to one bucket length."""
+    length = _round_up(max(max(len(split.src[i]), len(split.tgt[i]) + 1) for i in idx))
+    b = {"src": np.full((rows, length), PAD_ID, np.int32), "tgt_in": np.full((rows, length), PAD_ID, np.int32),
+         "tgt_out": np.full((rows, length), PAD_ID, np.int32), "weights": np.zeros((rows,), np.float32)}
+    for r, i in enumerate(idx):
+        x, y = split.src[i], split.tgt[i]
+        b["src"][r, :len(x)] = x
+        b["tgt_in"][r, 0], b["tgt_in"][r, 1:len(y) + 1] = BOS_ID, y
+        b["tgt_out"][r, :len(y)], b["tgt_out"][r, len(y)] = y, EOS_ID
+        b["weights"][r] = 1.0
+    return b
+
+
+def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int) -> List[np.ndarray]:
+    """The index batches of one epoch (full batches only), in training order."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3, epoch]))
+    order = rng.permutation(len(split))
+    lengths = split.lengths()
+    pool = _POOL * batch_size
+    batches = []
+    for start in range(0, len(order) - batch_size + 1, pool):
+        chunk = order[start:start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+    for idx in epoch_batches(split, batch_size, seed, epoch)[start_step:]:
+        yield make_batch(split, idx, batch_size)
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[Batch]:
+    """Every pair once, in order of length (less padding); the last batch is filled with weight-0 rows."""
+    order = np.argsort(split.lengths(), kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield make_batch(split, order[start:start + batch_size], batch_size)

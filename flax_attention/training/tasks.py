@@ -1,11 +1,12 @@
-"""Registry of trainable ``--model`` choices for ``train.py``.
+"""Registry of trainable ``--model`` choices for ``train.py``; the IMDB classifiers.
 
-A :class:`Task` bundles everything model- or data-specific; the training loop
-in ``train.py`` only talks to this interface. To add a model, write its
-builder and register a :class:`Task` (see ``_register_imdb_classifier`` below): e.g. a
-Transformer classifier can reuse :func:`binary_classification_loss`,
-:func:`prepare_imdb` and :func:`classify_texts` and only change
-``config_classes["model"]`` and ``build_model``.
+A :class:`Task` bundles everything model- or data-specific (model + data +
+loss + evaluation + inspection); the one training loop
+(:mod:`flax_attention.training.loop`) only talks to this interface. To add a
+model, write its builder and register a :class:`Task` (see
+``_register_imdb_classifier`` below, :mod:`~flax_attention.training.seq2seq`
+for the synthetic seq2seq tasks and :mod:`~flax_attention.training.translate`
+for translation).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ Configs = Mapping[str, Any]  # section name ("model", "data", "train") -> frozen
 
 @dataclasses.dataclass
 class Data:
-    """Prepared splits plus side information (e.g. the vocabulary)."""
+    """Prepared splits plus side information (e.g. the vocabulary).
+
+    The loop needs exactly these members from any task's data: ``train`` and
+    ``test`` (sized), ``extras``, ``train_batches``, ``eval_batches``,
+    ``steps_per_epoch`` and ``num_eval_batches``. Batches are dicts of arrays
+    whose leading axis is the global batch.
+    """
 
     train: Any
     test: Any
@@ -65,6 +72,17 @@ class Task:
       predict: ``(model, params, configs, extras, texts) -> list of dicts``
         (``prob``, ``label``, ``words``, ``weights``) or ``None``.
       selection_metric: eval metric that picks the best checkpoint.
+      flag_defaults: ``{field: value}`` replacing flag defaults for this
+        model (e.g. Adam(0.9, 0.98) with warm-up).
+      make_loss: ``(configs) -> loss_and_metrics``, for a loss that depends
+        on the config (then ``loss_and_metrics`` is ``None``).
+      resumable: ``"section.field"`` names a resumed run may change (they do
+        not alter what is trained, e.g. decoding settings).
+      decode_eval: optional ``(model, params, configs, data, workdir, step,
+        final) -> metrics`` run after the teacher-forced evaluation (decoding
+        metrics such as BLEU; ``final`` marks the last evaluation).
+      summary: ``(metrics) -> str``, the evaluation part of the epoch line.
+      eval_name: what the evaluation counts (``reviews``, ``tokens``).
     """
 
     name: str
@@ -76,6 +94,16 @@ class Task:
     loss_and_metrics: Callable
     predict: Optional[Callable] = None
     selection_metric: str = "accuracy"
+    flag_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    make_loss: Optional[Callable[[Configs], Callable]] = None
+    resumable: Tuple[str, ...] = ()
+    decode_eval: Optional[Callable] = None
+    summary: Callable[[Mapping[str, float]], str] = lambda m: f"loss {m['loss']:.4f} acc {m['accuracy']:.4f}"
+    eval_name: str = "test reviews"
+
+
+    def loss_fn(self, configs: Configs) -> Callable:
+        return self.make_loss(configs) if self.make_loss is not None else self.loss_and_metrics
 
 
 REGISTRY: Dict[str, Task] = {}
@@ -89,6 +117,10 @@ def register(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
+    # The seq2seq tasks register themselves on import; importing here keeps the
+    # classifiers free of their dependencies (SentencePiece, sacreBLEU).
+    from flax_attention.training import seq2seq, translate  # noqa: F401
+
     if name not in REGISTRY:
         raise ValueError(f"unknown --model {name!r}; choose one of {sorted(REGISTRY)}.")
     return REGISTRY[name]

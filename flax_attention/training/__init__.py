@@ -1,0 +1,24 @@
+"""The training program of flax_attention: one trainer for every model family.
+
+Layout (imports run one way: ``train.py`` -> this package -> models/data ->
+library; the library never imports from here):
+
+* :mod:`.config`: :class:`TrainConfig` and the dataclass-to-flags system;
+* :mod:`.steps`: ``TrainState``, the optax optimiser and schedules, pmapped
+  ``train_step``/``eval_step``, metric sums;
+* :mod:`.loop`: ``train_and_evaluate`` (resume, evaluation, checkpoints,
+  SIGTERM, divergence stop, metrics.jsonl + TensorBoard);
+* :mod:`.tasks`: the :class:`Task` interface and the IMDB classifiers;
+  :mod:`.seq2seq` the synthetic seq2seq tasks; :mod:`.translate` translation;
+* :mod:`.checkpointing`, :mod:`.distributed`, :mod:`.bookkeeping`: orbax
+  checkpoints, multi-process helpers, run bookkeeping;
+* :mod:`.inspect`: ``predict`` / ``translate`` / ``visualize`` on a workdir.
+"""
+
+from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, StopRequested, StopSignal,
+                                                 check_finite_loss, check_writable_dir,
+                                                 maybe_initialize_distributed, save_if_finite)
+from flax_attention.training.config import TrainConfig
+from flax_attention.training.steps import (AXIS, MetricAccumulator, TrainState, all_finite, create_train_state,
+                                           learning_rate_schedule, make_eval_step, make_optimizer, make_train_step,
+                                           replicate, summarize, unreplicate)

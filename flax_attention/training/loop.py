@@ -1,0 +1,194 @@
+"""The one training loop for every ``--model``: input pipeline, state, steps, evaluation, checkpoints.
+
+``train_and_evaluate(task, configs, workdir)`` trains (resuming from the newest
+complete checkpoint in ``workdir``), evaluates after every epoch (the task's
+teacher-forced metrics, then its decoding metrics such as BLEU), checkpoints
+(the newest ``keep_checkpoints`` plus the best by ``task.selection_metric``),
+logs to ``metrics.jsonl`` and TensorBoard, stops cleanly on SIGTERM and on a
+non-finite loss. The task (:mod:`flax_attention.training.tasks`) supplies
+everything model- and data-specific.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+import jax
+
+from flax_attention.training import distributed
+from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, StopRequested, StopSignal,
+                                                 check_finite_loss, check_writable_dir, save_if_finite)
+from flax_attention.training.checkpointing import Checkpointer, check_or_write_config
+from flax_attention.training.config import TrainConfig, configs_to_json
+from flax_attention.training.steps import (MetricAccumulator, create_train_state as _create_state,
+                                           learning_rate_schedule, make_eval_step, make_train_step, replicate,
+                                           summarize, unreplicate)
+
+
+def input_pipeline(task, configs, workdir):
+    """The task's prepared data (vocabulary and caches live in the workdir)."""
+    return task.prepare(workdir, configs)
+
+
+def create_train_state(task, configs, extras=None, steps_per_epoch: int = 1):
+    """``(model, TrainState)`` (unreplicated) for the task's config.
+
+    ``steps_per_epoch`` sets the horizon of a decaying learning-rate schedule
+    (``num_epochs * steps_per_epoch``); inference-only callers may leave it.
+    """
+    model = task.build_model(configs, extras)
+    tcfg = configs["train"]
+    return model, _create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
+                                total_steps=tcfg.num_epochs * steps_per_epoch)
+
+
+def train_step(task, configs):
+    """pmapped training step (grads summed over devices; see :mod:`flax_attention.training.steps`)."""
+    return make_train_step(task.loss_fn(configs))
+
+
+def eval_step(task, configs):
+    """pmapped evaluation step returning weighted metric sums over all devices."""
+    return make_eval_step(task.loss_fn(configs))
+
+
+def evaluate(p_eval, rstate, data, batch_size: int, desc: str = "eval") -> Dict[str, float]:
+    """Teacher-forced metrics on the whole evaluation split; every example counted exactly once."""
+    from tqdm import tqdm
+
+    acc = MetricAccumulator()
+    for i, batch in enumerate(tqdm(data.eval_batches(batch_size), total=data.num_eval_batches(batch_size),
+                                   desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_primary())):
+        # The global device count was checked to divide batch_size; each process feeds its rows.
+        acc.add(p_eval(rstate, distributed.local_batch(batch)))
+        if (i + 1) % 10 == 0:
+            acc.fetch()
+    return summarize(acc.fetch())
+
+
+def full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step: int, final: bool) -> Dict[str, Any]:
+    """Teacher-forced metrics, then the task's decoding metrics (BLEU, exact match) if it has any."""
+    tcfg = configs["train"]
+    metrics: Dict[str, Any] = evaluate(p_eval, rstate, data, tcfg.eval_batch_size or tcfg.batch_size)
+    if task.decode_eval is not None:
+        metrics.update(task.decode_eval(model, unreplicate(rstate).params, configs, data, workdir, step, final))
+    return metrics
+
+
+def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, Any]:
+    """Trains (resuming from the latest checkpoint in ``workdir``) and returns the final evaluation metrics."""
+    tcfg = configs["train"]
+    distributed.check_global_batch(tcfg.batch_size, "--batch_size")
+    distributed.check_global_batch(tcfg.eval_batch_size or tcfg.batch_size, "--eval_batch_size")
+    workdir, primary = Path(workdir), distributed.is_primary()
+    config_json = configs_to_json(task.name, configs)
+    resumable = [f"train.{k}" for k in tcfg.resumable_changes()] + list(task.resumable)
+    # Refuse an incompatible workdir before anything in it is touched.
+    added = TrainConfig.added_fields()
+    check_or_write_config(workdir, config_json, resumable, write=False, added_fields=added)
+    if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
+        check_writable_dir(workdir, "--workdir")
+        data = input_pipeline(task, configs, workdir)
+    distributed.barrier("flax_attention_data_ready")
+    if not primary:
+        data = input_pipeline(task, configs, workdir)
+    model, state = create_train_state(task, configs, data.extras, data.steps_per_epoch(tcfg.batch_size))
+    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
+    try:
+        with StopSignal() as stop:
+            return _train_loop(task, configs, workdir, data, model, state, ckpt,
+                               lambda: check_or_write_config(workdir, config_json, resumable, write=primary,
+                                                             added_fields=added), stop)
+    except DivergenceError as e:
+        ckpt.wait()
+        raise DivergenceError(f"{e}; stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept in "
+                              f"{workdir}. Lower --learning_rate and train in a fresh --workdir.") from None
+    finally:
+        ckpt.close()  # waits for an in-flight save
+
+
+def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_config, stop) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    def stopped(step: int) -> StopRequested:
+        ckpt.wait()
+        return StopRequested(f"SIGTERM received: stopped after step {step} with a checkpoint of it in {workdir}; "
+                             "rerun the same command to resume from there.")
+
+    tcfg, primary = configs["train"], distributed.is_primary()
+    epoch, start = 0, 0
+    if ckpt.latest_step() is not None:  # the newest *complete* checkpoint; checks shapes first
+        state, meta = ckpt.restore(ckpt.latest_step(), state)
+        epoch, start = int(meta["next_epoch"]), int(meta["next_step"])
+        if primary:
+            print(f"Resuming from step {int(state.step)} (epoch {epoch + 1}, batch {start}) in {workdir}")
+    write_config()  # only now: the workdir is known to fit this run
+    log = MetricsLog(workdir / "metrics.jsonl", enabled=primary, tensorboard_dir=workdir / "tensorboard")
+    log.truncate_after(int(state.step))
+    p_train, p_eval = train_step(task, configs), eval_step(task, configs)
+    rstate = replicate(state)
+    spe = data.steps_per_epoch(tcfg.batch_size)
+    if spe == 0:
+        raise ValueError(f"--batch_size {tcfg.batch_size} exceeds the {len(data.train)} training examples.")
+    lr = learning_rate_schedule(tcfg, tcfg.num_epochs * spe)
+    if primary:
+        what = getattr(data, "description", None) or f"{len(data.train)} train / {len(data.test)} test examples"
+        print(f"{task.name}: {what}, {spe} steps/epoch, {jax.device_count()} device(s) "
+              f"[{jax.devices()[0].platform}] in {jax.process_count()} process(es), global batch {tcfg.batch_size}")
+    metrics: Dict[str, Any] = {}
+    try:
+        for epoch in range(epoch, tcfg.num_epochs):
+            t0, acc, shown = time.time(), MetricAccumulator(), start
+            bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", dynamic_ncols=True,
+                       disable=not primary)
+            for i, batch in enumerate(data.train_batches(tcfg.batch_size, tcfg.seed, epoch, start), start=start):
+                rstate, sums = p_train(rstate, distributed.local_batch(batch))
+                acc.add(sums)
+                step = epoch * spe + i + 1
+                sync_point = (i + 1) % tcfg.log_every == 0 or i + 1 == spe
+                if sync_point:  # regular syncs also avoid collective pile-ups
+                    m = summarize(acc.fetch())
+                    check_finite_loss(m["loss"], step)
+                    rate = m["examples"] / max(time.time() - t0, 1e-9)
+                    bar.update(i + 1 - shown)
+                    shown = i + 1
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.4f}", ex_s=f"{rate:.0f}")
+                    log(event="train", epoch=epoch + 1, step=step, loss=m["loss"], accuracy=m["accuracy"],
+                        examples_per_sec=rate, learning_rate=float(lr(step - 1)))
+                periodic = tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0
+                stopping = i + 1 < spe and stop.requested(sync_point)  # at the epoch's end: after its evaluation
+                if (periodic or stopping) and i + 1 < spe:
+                    save_if_finite(ckpt, step, rstate, {"next_epoch": epoch, "next_step": i + 1})
+                if stopping:
+                    raise stopped(step)
+            bar.close()
+            train_m, train_time = summarize(acc.fetch()), time.time() - t0
+            final = epoch + 1 == tcfg.num_epochs
+            metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, (epoch + 1) * spe, final)
+            score = metrics[task.selection_metric]
+            save_if_finite(ckpt, (epoch + 1) * spe, rstate, {"next_epoch": epoch + 1, "next_step": 0, "accuracy": score},
+                           metrics={"accuracy": score})  # "accuracy": the selection metric, whatever the task
+            log(event="eval", epoch=epoch + 1, step=(epoch + 1) * spe,
+                **{f"test_{k}" if k in ("loss", "accuracy", "examples") else k: v for k, v in metrics.items()},
+                train_loss=train_m.get("loss"), train_accuracy=train_m.get("accuracy"), epoch_seconds=train_time)
+            if primary:
+                print(f"epoch {epoch + 1}/{tcfg.num_epochs}: train loss {train_m.get('loss', float('nan')):.4f} "
+                      f"acc {train_m.get('accuracy', float('nan')):.4f} ({train_time:.0f} s) | eval "
+                      f"{task.summary(metrics)} ({int(metrics['examples'])} {task.eval_name})")
+            start = 0
+            if epoch + 1 < tcfg.num_epochs and stop.requested():
+                raise stopped((epoch + 1) * spe)
+        if not metrics:  # nothing left to train: evaluate the restored state
+            step = int(unreplicate(rstate).step)
+            metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step, True)
+    finally:
+        log.close()
+    ckpt.wait()
+    if primary:
+        what = (f"test accuracy: {metrics['accuracy']:.4f}" if task.decode_eval is None
+                else f"evaluation: {task.summary(metrics)}")
+        print(f"Final {what} on all {int(metrics['examples'])} {task.eval_name} "
+              f"(step {int(unreplicate(rstate).step)}, checkpoints in {workdir})")
+    return metrics
