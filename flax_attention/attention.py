@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention._validation import (
-    check_inputs,
     compute_dtype,
     forward_mode_active,
     mask_fill,
@@ -27,7 +26,6 @@ from flax_attention.flash import chunked_attention
 from flax_attention.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
-_check_inputs = check_inputs  # former name, kept for callers of the private helper
 
 
 def masked_softmax(logits: Array, mask: Optional[Array] = None, axis: int = -1) -> Array:
@@ -240,6 +238,8 @@ def scaled_dot_product_attention(
         ``4·B·N·T·S`` bytes), unless dropout, ``return_weights`` or
         forward-mode autodiff (``jax.jvp``, ``jacfwd``, ``hessian``) needs the
         dense path; so auto never changes what works, only the memory used.
+        (One exception: ``jax.linearize`` looks like ``jax.grad`` at trace
+        time, so above the threshold pass ``implementation="dense"`` to it.)
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype, or ``(output, weights)`` with
