@@ -170,8 +170,11 @@ def check_inputs(query, key, value, mask, bias):
 def prepare(query, key, value, mask, bias):
     """Converts and validates the attention operands; ``value=None`` means key = value.
 
-    A ``-inf`` bias entry is moved into the mask (its bias becomes 0) before
-    any other op touches the bias, so no later op outputs an infinity.
+    Returns ``(query, key, value, mask, bias, bias_keep)``. ``-inf`` bias
+    entries are replaced by 0 before any other op touches the bias (so no
+    later op outputs an infinity) and marked ``False`` in the boolean
+    ``bias_keep`` (bias-shaped; ``None`` without a bias). It is kept apart from
+    ``mask`` because their joint broadcast shape can be far larger than either.
     """
     if value is None:
         query, key = as_float_arrays(query=query, key=key)
@@ -181,8 +184,10 @@ def prepare(query, key, value, mask, bias):
     mask = None if mask is None else as_array(mask, "mask")
     bias = None if bias is None else as_array(bias, "bias")
     check_inputs(query, key, value, mask, bias)
-    if bias is not None and jnp.issubdtype(bias.dtype, jnp.floating):
-        finite = not_neg_inf(bias)
-        bias = jax.lax.select(finite, bias, jax.lax.full_like(bias, 0))
-        mask = finite if mask is None else mask & finite
-    return query, key, value, mask, bias
+    bias_keep = None
+    if bias is not None:
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            bias = bias.astype(jnp.float32)  # an int bias is exact in float32 up to 2**24
+        bias_keep = not_neg_inf(bias)
+        bias = jax.lax.select(bias_keep, bias, jax.lax.full_like(bias, 0))
+    return query, key, value, mask, bias, bias_keep

@@ -22,7 +22,7 @@ from flax_attention._validation import (
     not_neg_inf,
     prepare,
 )
-from flax_attention.flash import chunked_attention
+from flax_attention.flash import _chunked
 from flax_attention.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
@@ -119,7 +119,8 @@ def attention_weights(
       ``[..., N, T, S]`` in the compute dtype (float32, or float64 for float64
       inputs); fully-masked rows are all zeros.
     """
-    query, key, _, mask, bias = prepare(query, key, None, mask, bias)
+    query, key, _, mask, bias, bias_keep = prepare(query, key, None, mask, bias)
+    mask = combine_masks(mask, bias_keep)
     return _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, precision)
 
 
@@ -144,7 +145,7 @@ def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, p
     )
     logits = logits.reshape(*batch, n, t, s) * scale
     if bias is not None:
-        logits = logits + bias.astype(cdt)  # -inf entries were moved into `mask` by prepare
+        logits = logits + bias.astype(cdt)  # finite: prepare moved -inf entries to bias_keep
     if is_causal:
         mask = combine_masks(mask, causal_mask(t, s, alignment=causal_alignment))
     return _softmax(logits, mask)
@@ -250,16 +251,15 @@ def scaled_dot_product_attention(
         mixed-dtype ``query``/``key``/``value``, a non-boolean mask, a boolean
         bias, an unknown alignment, or a dropout rate outside [0, 1).
     """
-    query, key, value, mask, bias = prepare(query, key, value, mask, bias)
+    query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
     implementation = _choose_implementation(
         implementation, query, key, dropout_rate > 0.0 and not deterministic, return_weights)
     if implementation == "chunked":
-        return chunked_attention(
-            query, key, value, mask=mask, bias=bias, scale=scale, is_causal=is_causal,
-            causal_alignment=causal_alignment, window=window, precision=precision,
-        )
+        return _chunked(query, key, value, mask, bias, bias_keep, scale, is_causal,
+                        causal_alignment, window, None, None, precision)
+    mask = combine_masks(mask, bias_keep)
     if window is not None:
         mask = combine_masks(mask, sliding_window_mask(
             query.shape[-3], key.shape[-3], window=window, alignment=causal_alignment))

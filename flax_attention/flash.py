@@ -101,7 +101,7 @@ def _block(x: Optional[Array], i, j, cfg: _Config):
     return lax.dynamic_slice(x, _idx(starts), sizes)
 
 
-def _scores(q_i, k_j, mask, bias, scale, i, j, cfg: _Config):
+def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config):
     """Scaled, biased, masked logits of block ``(i, j)``: ``[B, K, bq·G, bk]``, and ``keep``.
 
     Logits are in ``scale.dtype`` (the compute dtype). Masked entries hold the
@@ -116,8 +116,9 @@ def _scores(q_i, k_j, mask, bias, scale, i, j, cfg: _Config):
                    preferred_element_type=scale.dtype) * scale
     s = s.reshape(b, kh, bq, g, bk)
     keep = _block(mask, i, j, cfg)
-    if bias is not None:  # finite: `prepare` moved -inf entries into the mask
+    if bias is not None:  # finite: `prepare` moved -inf entries to bias_keep
         s = s + _block(bias, i, j, cfg).astype(s.dtype)
+        keep = _block(bias_keep, i, j, cfg) if keep is None else keep & _block(bias_keep, i, j, cfg)
     # Structural mask from positions: causal/window band and padded keys.
     q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32) + cfg.offset
     k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -156,7 +157,7 @@ def _put_rows(x, blk, i, block_q):
     return lax.dynamic_update_slice(x, blk.astype(x.dtype), _idx((0, 0, i * block_q) + (0,) * (x.ndim - 3)))
 
 
-def _forward(q, k, v, mask, bias, scale, cfg: _Config):
+def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config):
     """Online-softmax forward. ``q [B,K,Tp,G,H]``, ``k [B,K,Sp,H]``, ``v [B,K,Sp,D]``.
 
     Returns ``out [B,K,Tp,G,D]`` (input dtype) and ``lse [B,K,Tp,G]`` in the
@@ -175,7 +176,7 @@ def _forward(q, k, v, mask, bias, scale, cfg: _Config):
 
         def kv_step(j, state):
             m, l, acc = state
-            s, keep = _scores(q_i, _cols(k, j, cfg.block_k), mask, bias, scale, i, j, cfg)
+            s, keep = _scores(q_i, _cols(k, j, cfg.block_k), mask, bias, bias_keep, scale, i, j, cfg)
             m_new = jnp.maximum(m, s.max(-1))  # finite: masked entries hold mask_fill
             p = jnp.exp(s - m_new[..., None])
             if keep is not None:
@@ -201,7 +202,7 @@ def _forward(q, k, v, mask, bias, scale, cfg: _Config):
     return lax.fori_loop(jnp.int32(0), jnp.int32(tp // cfg.block_q), q_block, init)
 
 
-def _backward(q, k, v, mask, bias, scale, out, lse, do, cfg: _Config):
+def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config):
     """Recomputing backward: key blocks outer (dK, dV in registers), query blocks inner."""
     b, kh, tp, g, h = q.shape
     sp, d = v.shape[-2], v.shape[-1]
@@ -217,7 +218,7 @@ def _backward(q, k, v, mask, bias, scale, out, lse, do, cfg: _Config):
         def q_step(i, state):
             dk_j, dv_j, dq, dbias = state
             q_i, do_i = _rows(q, i, cfg.block_q), _rows(do, i, cfg.block_q)
-            s, keep = _scores(q_i, k_j, mask, bias, scale, i, j, cfg)
+            s, keep = _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg)
             p = jnp.exp(s - _rows(lse, i, cfg.block_q)[..., None])
             if keep is not None:
                 p = jnp.where(keep, p, 0)
@@ -267,27 +268,27 @@ def _add_bias_block(dbias, ds, i, j, cfg: _Config):
     return lax.dynamic_update_slice(dbias, old + ds, starts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, mask, bias, scale, cfg):
-    return _forward(q, k, v, mask, bias, scale, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, mask, bias, bias_keep, scale, cfg):
+    return _forward(q, k, v, mask, bias, bias_keep, scale, cfg)[0]
 
 
-def _flash_fwd(q, k, v, mask, bias, scale, cfg):
-    out, lse = _forward(q, k, v, mask, bias, scale, cfg)
-    return out, (q, k, v, mask, bias, scale, out, lse)
+def _flash_fwd(q, k, v, mask, bias, bias_keep, scale, cfg):
+    out, lse = _forward(q, k, v, mask, bias, bias_keep, scale, cfg)
+    return out, (q, k, v, mask, bias, bias_keep, scale, out, lse)
 
 
 def _flash_bwd(cfg, res, do):
-    q, k, v, mask, bias, scale, out, lse = res
-    dq, dk, dv, dbias, dscale = _backward(q, k, v, mask, bias, scale, out, lse, do, cfg)
-    return dq, dk, dv, None, dbias, dscale
+    q, k, v, mask, bias, bias_keep, scale, out, lse = res
+    dq, dk, dv, dbias, dscale = _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg)
+    return dq, dk, dv, None, dbias, None, dscale
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 # Jitted on its static config, so eager callers compile the loops once per shape
 # rather than on every call; under an outer jit this simply inlines. The scale
 # is an array operand: it may be traced, and it gets a gradient.
-_flash_jit = jax.jit(_flash, static_argnums=(6,))
+_flash_jit = jax.jit(_flash, static_argnums=(7,))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -372,7 +373,14 @@ def chunked_attention(
         ``hessian``: the ``custom_vjp`` defines reverse mode only; the dense
         path, which auto dispatch falls back to under forward mode, has both).
     """
-    query, key, value, mask, bias = prepare(query, key, value, mask, bias)
+    query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias)
+    return _chunked(query, key, value, mask, bias, bias_keep, scale, is_causal, causal_alignment,
+                    window, block_q, block_k, precision)
+
+
+def _chunked(query, key, value, mask, bias, bias_keep, scale, is_causal, causal_alignment,
+             window, block_q, block_k, precision):
+    """:func:`chunked_attention` on operands already through ``prepare``."""
     *batch, t, n, h = query.shape
     s, kh, d = value.shape[-3:]
     g = n // kh
@@ -387,8 +395,6 @@ def chunked_attention(
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     cdt = compute_dtype(query.dtype)
     scale = jnp.asarray(1.0 / math.sqrt(h) if scale is None else scale, cdt)
-    if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
-        bias = bias.astype(cdt)
 
     q = query.reshape(bsz, t, kh, g, h).transpose(0, 2, 1, 3, 4)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, tp - t), (0, 0), (0, 0)))
@@ -396,9 +402,10 @@ def chunked_attention(
     v = jnp.pad(value.reshape(bsz, s, kh, d).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
     mask = _normalize(mask, batch, kh, g, t, s, tp, sp, False)
     bias = _normalize(bias, batch, kh, g, t, s, tp, sp, 0)
+    bias_keep = _normalize(bias_keep, batch, kh, g, t, s, tp, sp, False)
     cfg = _Config(t, s, bq, bk, offset, left, right, precision)
     try:
-        out = _flash_jit(q, k, v, mask, bias, scale, cfg)  # [B, K, Tp, G, D]
+        out = _flash_jit(q, k, v, mask, bias, bias_keep, scale, cfg)  # [B, K, Tp, G, D]
     except TypeError as err:
         if not forward_mode_active():
             raise
