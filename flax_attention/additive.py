@@ -10,7 +10,10 @@ Two forms:
 
 Masks are boolean with ``True`` = attend, broadcastable to ``[..., T, S]``
 (``[..., S]`` for the context-vector form). Padding gets exactly zero weight,
-and a sequence with no real token returns a zero context.
+and a sequence with no real token (or no token at all, ``S = 0``) returns a
+zero context. Scores and softmax are computed in at least float32 and at
+least the input precision (float64 stays float64); integer inputs are
+rejected.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from flax_attention._validation import as_array, compute_dtype
 from flax_attention.attention import masked_softmax
 
 Array = jnp.ndarray
@@ -37,8 +41,12 @@ def additive_scores(query: Array, key: Array, w_query: Array, w_key: Array, v: A
       v: ``[A]``.
 
     Returns:
-      float32 scores ``[..., T, S]``.
+      Scores ``[..., T, S]`` in the compute dtype (float32, or float64 for
+      float64 inputs).
     """
+    query, key = _floating(query=query, key=key)
+    w_query, w_key, v = (jnp.asarray(x) for x in (w_query, w_key, v))
+    cdt = compute_dtype(jnp.result_type(query.dtype, key.dtype, w_query.dtype, w_key.dtype))
     if query.ndim < 2 or key.ndim < 2 or query.shape[:-2] != key.shape[:-2]:
         raise ValueError(
             f"query [..., T, Eq] and key [..., S, Ek] need the same batch dims; "
@@ -51,11 +59,11 @@ def additive_scores(query: Array, key: Array, w_query: Array, w_key: Array, v: A
                 f"{name} of shape {w.shape} must be [{rows}, A] with A = v.shape[0] "
                 f"(v: {v.shape}, query {query.shape}, key {key.shape})."
             )
-    q = jnp.einsum("...te,ea->...ta", query, w_query, preferred_element_type=jnp.float32)
-    k = jnp.einsum("...se,ea->...sa", key, w_key, preferred_element_type=jnp.float32)
+    q = jnp.einsum("...te,ea->...ta", query, w_query, preferred_element_type=cdt)
+    k = jnp.einsum("...se,ea->...sa", key, w_key, preferred_element_type=cdt)
     # Broadcast to [..., T, S, A]: the memory cost that makes this form O(T·S·A).
     hidden = jnp.tanh(q[..., :, None, :] + k[..., None, :, :])
-    return jnp.einsum("...tsa,a->...ts", hidden, v.astype(jnp.float32))
+    return jnp.einsum("...tsa,a->...ts", hidden, v.astype(cdt))
 
 
 def additive_attention(
@@ -79,15 +87,16 @@ def additive_attention(
 
     Returns:
       ``(context [..., T, D], weights [..., T, S])``; context in the value's
-      dtype, weights float32.
+      dtype, weights in the compute dtype.
     """
     value = key if value is None else value
+    query, key, value = _floating(query=query, key=key, value=value)
     if value.shape[:-1] != key.shape[:-1]:
         raise ValueError(f"key [..., S, Ek] and value [..., S, D] disagree: {key.shape} vs {value.shape}.")
     scores = additive_scores(query, key, w_query, w_key, v)
     _check_mask(mask, scores.shape, "[..., T, S]")
     weights = masked_softmax(scores, mask)
-    context = jnp.einsum("...ts,...sd->...td", weights, value.astype(jnp.float32))
+    context = jnp.einsum("...ts,...sd->...td", weights, value.astype(weights.dtype))
     return context.astype(value.dtype), weights
 
 
@@ -104,6 +113,9 @@ def context_attention(
     Returns:
       ``(context [..., D], weights [..., S])``; padded positions get weight 0.
     """
+    (hidden,) = _floating(hidden=hidden)
+    w, b, u = (jnp.asarray(x) for x in (w, b, u))
+    cdt = compute_dtype(jnp.result_type(hidden.dtype, w.dtype))
     if hidden.ndim < 2 or u.ndim != 1 or w.shape != (hidden.shape[-1], u.shape[0]) or b.shape != u.shape:
         raise ValueError(
             f"context_attention expects hidden [..., S, D], w [D, A], b [A], u [A]; got hidden "
@@ -114,10 +126,24 @@ def context_attention(
             f"mask [..., S] must match hidden [..., S, D]; got {jnp.shape(mask)} and {hidden.shape}."
         )
     _check_mask(mask, hidden.shape[:-1], "[..., S]")
-    proj = jnp.tanh(jnp.einsum("...sd,da->...sa", hidden, w, preferred_element_type=jnp.float32) + b)
-    weights = masked_softmax(jnp.einsum("...sa,a->...s", proj, u.astype(jnp.float32)), mask)
-    context = jnp.einsum("...s,...sd->...d", weights, hidden.astype(jnp.float32))
+    proj = jnp.tanh(jnp.einsum("...sd,da->...sa", hidden, w, preferred_element_type=cdt) + b.astype(cdt))
+    weights = masked_softmax(jnp.einsum("...sa,a->...s", proj, u.astype(cdt)), mask)
+    context = jnp.einsum("...s,...sd->...d", weights, hidden.astype(weights.dtype))
     return context.astype(hidden.dtype), weights
+
+
+def _floating(**arrays):
+    """Array-likes as arrays; integer inputs would silently give truncated scores."""
+    out = []
+    for name, x in arrays.items():
+        x = as_array(x, name)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"{name} must be a floating array, got dtype {x.dtype}; cast it, e.g. "
+                f"{name}.astype(jnp.float32)."
+            )
+        out.append(x)
+    return out
 
 
 def _check_mask(mask, target_shape, legend):

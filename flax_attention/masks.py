@@ -12,8 +12,11 @@ from __future__ import annotations
 import operator
 from typing import Optional, Tuple, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax_attention._validation import static_int
 
 Array = jnp.ndarray
 
@@ -29,6 +32,10 @@ def padding_mask(lengths: Array, max_length: int) -> Array:
 
     Returns:
       Boolean ``[..., L]``; ``True`` where ``position < length``.
+
+    Raises:
+      ValueError: for non-integer lengths, a ``max_length`` that is not an int
+        ``>= 0``, or negative lengths (checked when the lengths are concrete).
     """
     lengths = jnp.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -36,7 +43,13 @@ def padding_mask(lengths: Array, max_length: int) -> Array:
             f"padding_mask: lengths must be integers, got dtype {lengths.dtype}; "
             "cast with lengths.astype(jnp.int32)."
         )
-    return jnp.arange(int(max_length)) < lengths[..., None]
+    max_length = static_int(max_length, "padding_mask: max_length")
+    if not isinstance(lengths, jax.core.Tracer) and lengths.size and int(lengths.min()) < 0:
+        raise ValueError(
+            f"padding_mask: lengths must be >= 0, got negative values {np.asarray(lengths)}; "
+            "a negative length would silently mean an empty sequence."
+        )
+    return jnp.arange(max_length) < lengths[..., None]
 
 
 def token_mask(token_ids: Array, pad_id: int = 0) -> Array:
@@ -58,7 +71,7 @@ def key_mask(key_valid: Array) -> Array:
     Use it when only the keys are padded (e.g. an encoder's source padding in
     cross-attention): every query and head sees the same keys.
     """
-    return _as_bool(key_valid, "key_valid")[..., None, None, :]
+    return _as_sequence_mask(key_valid, "key_valid", "S")[..., None, None, :]
 
 
 def query_key_mask(query_valid: Array, key_valid: Array) -> Array:
@@ -66,8 +79,9 @@ def query_key_mask(query_valid: Array, key_valid: Array) -> Array:
 
     Query rows that are padding get no keys at all; their output is zeros.
     """
-    q = _as_bool(query_valid, "query_valid")
-    k = _as_bool(key_valid, "key_valid")
+    q = _as_sequence_mask(query_valid, "query_valid", "T")
+    k = _as_sequence_mask(key_valid, "key_valid", "S")
+    _check_batch("query_key_mask", q, k)
     return (q[..., :, None] & k[..., None, :])[..., None, :, :]
 
 
@@ -89,7 +103,7 @@ def causal_mask_from_positions(query_positions: Array, key_positions: Array) -> 
     return (q[..., :, None] >= k[..., None, :])[..., None, :, :]
 
 
-def _aligned_positions(q_len: int, kv_len: int, alignment: str) -> Tuple[np.ndarray, np.ndarray]:
+def _aligned_positions(q_len: int, kv_len: Optional[int], alignment: str) -> Tuple[np.ndarray, np.ndarray]:
     """Absolute positions of queries and keys for a given causal alignment.
 
     ``bottom_right``: the last query is aligned with the last key, i.e. the
@@ -97,6 +111,8 @@ def _aligned_positions(q_len: int, kv_len: int, alignment: str) -> Tuple[np.ndar
     decoder continuing from a cache needs). ``top_left``: query ``i`` is
     position ``i`` (what PyTorch's ``is_causal`` does when ``T != S``).
     """
+    q_len = static_int(q_len, "q_len")
+    kv_len = q_len if kv_len is None else static_int(kv_len, "kv_len")
     if alignment not in _ALIGNMENTS:
         raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}.")
     offset = kv_len - q_len if alignment == "bottom_right" else 0
@@ -119,8 +135,7 @@ def causal_mask(q_len: int, kv_len: Optional[int] = None, *, alignment: str = "b
     Returns:
       Boolean ``[T, S]`` (broadcasts against ``[..., N, T, S]``).
     """
-    kv_len = q_len if kv_len is None else kv_len
-    q_pos, k_pos = _aligned_positions(int(q_len), int(kv_len), alignment)
+    q_pos, k_pos = _aligned_positions(q_len, kv_len, alignment)
     return jnp.asarray(q_pos[:, None] >= k_pos[None, :])
 
 
@@ -146,19 +161,23 @@ def sliding_window_mask(
       Boolean ``[T, S]``.
     """
     left, right = _window_sizes(window)
-    kv_len = q_len if kv_len is None else kv_len
-    q_pos, k_pos = _aligned_positions(int(q_len), int(kv_len), alignment)
+    q_pos, k_pos = _aligned_positions(q_len, kv_len, alignment)
     diff = q_pos[:, None] - k_pos[None, :]
     return jnp.asarray((diff <= left) & (-diff <= right))
 
 
 def _window_sizes(window) -> Tuple[int, int]:
     """Parses ``w`` or ``(left, right)`` into two non-negative Python ints."""
+    def as_int(w):
+        if isinstance(w, (bool, np.bool_)):  # True would silently mean a window of 1
+            raise TypeError
+        return operator.index(w)
+
     try:
         if np.ndim(window) == 0:
-            pair = (operator.index(window), 0)
+            pair = (as_int(window), 0)
         else:
-            pair = tuple(operator.index(w) for w in window)
+            pair = tuple(as_int(w) for w in window)
     except TypeError:
         pair = ()
     if len(pair) != 2 or min(pair) < 0:
@@ -178,9 +197,14 @@ def segment_mask(query_segment_ids: Array, key_segment_ids: Optional[Array] = No
 
     Returns:
       Boolean ``[..., 1, T, S]``.
+
+    Raises:
+      ValueError: for non-integer or rank-0 ids, or batch dims ``[...]`` that
+        do not broadcast together.
     """
-    q = jnp.asarray(query_segment_ids)
-    k = q if key_segment_ids is None else jnp.asarray(key_segment_ids)
+    q = _as_ids(query_segment_ids, "query_segment_ids")
+    k = q if key_segment_ids is None else _as_ids(key_segment_ids, "key_segment_ids")
+    _check_batch("segment_mask", q, k)
     same = q[..., :, None] == k[..., None, :]
     real = (q[..., :, None] != 0) & (k[..., None, :] != 0)
     return (same & real)[..., None, :, :]
@@ -217,3 +241,32 @@ def _as_bool(mask: Array, name: str) -> Array:
             f"convert with {name}.astype(bool) or {name} > 0."
         )
     return mask
+
+
+def _as_sequence_mask(mask: Array, name: str, axis: str) -> Array:
+    """A boolean ``[..., L]`` (rank >= 1) validity vector."""
+    mask = _as_bool(mask, name)
+    if mask.ndim < 1:
+        raise ValueError(f"{name} must be a boolean [..., {axis}] array (rank >= 1), got shape {mask.shape}.")
+    return mask
+
+
+def _as_ids(ids: Array, name: str) -> Array:
+    """Integer ``[..., L]`` segment ids (rank >= 1)."""
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer segment ids, got dtype {ids.dtype}; cast with .astype(int).")
+    if ids.ndim < 1:
+        raise ValueError(f"{name} must be [..., L] (rank >= 1), got shape {ids.shape}.")
+    return ids
+
+
+def _check_batch(fn: str, q: Array, k: Array) -> None:
+    """The batch dims ``[...]`` of a ``[..., T]`` and a ``[..., S]`` input must broadcast."""
+    try:
+        np.broadcast_shapes(q.shape[:-1], k.shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"{fn}: the batch dims [...] of [..., T] and [..., S] do not broadcast; got shapes "
+            f"{tuple(q.shape)} and {tuple(k.shape)}."
+        ) from None
