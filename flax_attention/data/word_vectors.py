@@ -165,7 +165,7 @@ def load_word_vectors(path, vocab: VocabLike, dim: Optional[int] = None,
                     if n_vectors == 0 and dim is not None:
                         raise _fail(path, line_no, f"{got}-dim vectors, the model expects {dim}",
                                     f"set the embedding size to {got}, or use a {dim}-dim vector file")
-                    raise _fail(path, line_no, f"{got} numbers where the file's vectors have {file_dim} "
+                    raise _fail(path, line_no, f"{got} values where the file's vectors have {file_dim} "
                                 f"({raw[:60]!r}...)", "the file is truncated or mixes formats; re-create it")
             else:
                 word, nums = fields[0], fields[1:]
@@ -220,7 +220,12 @@ def _split_spaced_word(fields, dim: int):
         float(fields[1])
         return None, None  # a number: the line really has too many values
     except ValueError:
-        return b" ".join(fields[:-dim]), fields[-dim:]
+        pass
+    try:  # rare lines: checking that the tail is numeric is cheap and tells them from garbage
+        np.array(fields[-dim:], dtype=np.float32)
+    except ValueError:
+        return None, None
+    return b" ".join(fields[:-dim]), fields[-dim:]
 
 
 def _parse(nums, path, line_no: int) -> np.ndarray:

@@ -199,6 +199,9 @@ def train_skipgram(token_sequences: Sequence[np.ndarray], vocab_size: int,
                     bar.update(1)
         if pending:
             losses.append(float(np.mean(jax.device_get(pending))))
+        if n_steps == 0:  # random vectors must not pass for learned ones
+            raise ValueError(f"the corpus ({tokens.size} tokens) yields fewer than batch_size={c.batch_size} "
+                             "training pairs; use more text or a smaller batch_size.")
     finally:
         if bar is not None:
             bar.close()
