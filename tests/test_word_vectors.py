@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from flax_attention.data import imdb
-from flax_attention.data.word_vectors import load_word_vectors, save_word_vectors
+from flax_attention.data.word_vectors import load_word_vectors, save_word_vectors, token_counts
 from flax_attention.embed.pretrained import EMBEDDING_PATH, freeze, init_embedding, path_is
 from flax_attention.models import BiGRUClassifier, BiGRUConfig
 
@@ -50,6 +50,8 @@ def test_coverage_against_a_keras_vocabulary(tmp_path):
     assert cov.found_words == 4 and cov.vocab_words == 4 and cov.lowercase_matches == 1
     assert cov.file_vectors == 7 and cov.token_fraction == pytest.approx(100 / 110)
     assert "4/4" in cov.summary() and "90.9% of training tokens" in cov.summary()
+    tokens = np.array([[1, 3, 4, 2, 0, 0], [1, 6, 6, 6, 0, 0]])  # start, words, OOV, padding
+    np.testing.assert_array_equal(token_counts(tokens, 7), [0, 0, 1, 1, 1, 0, 3])
     _, found, cov = load_word_vectors(path, vocab, counts=counts, lowercase_fallback=False)
     assert not found[3] and cov.found_words == 3 and cov.token_fraction == pytest.approx(50 / 110)
     _, found, _ = load_word_vectors(path, {"movie": 0, "zebra": 2})  # a plain mapping

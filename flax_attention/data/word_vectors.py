@@ -30,7 +30,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from flax_attention.data.imdb import NUM_RESERVED, Vocabulary
+from flax_attention.data.imdb import NUM_RESERVED, PAD_ID, START_ID, Vocabulary
 
 VocabLike = Union[Vocabulary, Mapping[str, int], Sequence[str]]
 
@@ -89,6 +89,24 @@ def _word_ids(vocab: VocabLike) -> Tuple[Dict[str, int], int, np.ndarray]:
     is_word = np.zeros((size,), bool)
     is_word[list(ids.values())] = True
     return ids, size, is_word
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Counts per id of encoded text, for :func:`load_word_vectors`'s token coverage.
+
+    Padding and start markers are not words and count 0; out-of-vocabulary
+    tokens do count (no vector file can cover them).
+
+    Args:
+      tokens: int ids of any shape (e.g. an encoded split's ``tokens [B, S]``).
+      vocab_size: ``V``.
+
+    Returns:
+      int64 ``[V]``.
+    """
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size).astype(np.int64)
+    counts[[PAD_ID, START_ID]] = 0
+    return counts
 
 
 def _fail(path, line_no: int, what: str, fix: str) -> ValueError:
