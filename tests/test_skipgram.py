@@ -93,6 +93,8 @@ def test_learning_is_deterministic_given_the_seed():
         learn_word_vectors(seqs, vocab_size - 1, progress=False)
     with pytest.raises(ValueError, match="fewer than batch_size=4096"):
         learn_word_vectors(seqs[:2], vocab_size, batch_size=4096, progress=False)
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        learn_word_vectors(seqs, vocab_size, optimizer="sgd", learning_rate=1e30, **kw)
     with pytest.raises(ValueError, match="optimizer"):
         SkipGramConfig(optimizer="rmsprop")
 

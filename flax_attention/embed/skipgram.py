@@ -17,14 +17,20 @@ the step (a searchsorted into the noise CDF), so only ``2·B`` ids cross to the
 device per step. Negatives that equal the true context are masked out.
 
 Optimisers: ``"sgd"`` is word2vec's plain SGD on the *summed* per-pair losses
-(``learning_rate`` is its per-pair ``alpha``, 0.025) with a linear decay to
-``1e-4·alpha`` over the run; ``"adam"`` is :func:`optax.adam` with the same
-decay (Adam's step does not depend on the gradient's scale).
+(``learning_rate`` is its per-pair ``alpha``) with a linear decay to
+``1e-4·alpha`` over the run; ``"adam"`` is :func:`optax.adam` (dense moments)
+with the same decay (Adam's step does not depend on the gradient's scale).
+Adam at 0.01 is the default because it learned better in the same time
+(measured on 25k IMDB reviews, one epoch, 8192-pair batches: final loss 2.544
+vs SGD 2.591 at alpha=0.025 and 2.554 at 0.05; SGD at 0.1 diverged, since the
+summed gradients of frequent noise words collide within a large batch; see
+docs_issue13.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, List, Optional, Sequence
 
@@ -63,8 +69,8 @@ class SkipGramConfig:
     epochs: int = 1
     sample: float = 1e-4
     noise_power: float = 0.75
-    optimizer: str = "sgd"
-    learning_rate: float = 0.025
+    optimizer: str = "adam"
+    learning_rate: float = 0.01
     min_lr_fraction: float = 1e-4
     batch_size: int = 8192
     first_word_id: int = 3
@@ -123,19 +129,27 @@ def sgns_loss(params, centres, contexts, negatives):
 
 def make_optimizer(config: SkipGramConfig, total_steps: int) -> optax.GradientTransformation:
     """SGD or Adam with word2vec's linear learning-rate decay over ``total_steps``."""
-    schedule = optax.linear_schedule(config.learning_rate, config.learning_rate * config.min_lr_fraction,
-                                     max(int(total_steps), 1))
-    if config.optimizer == "adam":
-        return optax.adam(schedule)
-    return optax.sgd(schedule)
+    return _optimizer(config.optimizer, config.learning_rate, config.min_lr_fraction, max(int(total_steps), 1))
 
 
-def make_step(tx: optax.GradientTransformation, noise_cdf: np.ndarray, negatives: int) -> Callable:
-    """Jitted ``(params, opt_state, centres, contexts, key) -> (params, opt_state, mean loss)``."""
-    cdf = jnp.asarray(noise_cdf, jnp.float32)
+@functools.lru_cache(maxsize=None)  # the same object for the same settings: make_step's cache key
+def _optimizer(name: str, learning_rate: float, min_lr_fraction: float, total_steps: int):
+    schedule = optax.linear_schedule(learning_rate, learning_rate * min_lr_fraction, total_steps)
+    return optax.adam(schedule) if name == "adam" else optax.sgd(schedule)
+
+
+# Cached per (optimiser, K): a second run with the same settings (tests, a
+# rerun in one process) reuses the compiled step instead of recompiling.
+@functools.lru_cache(maxsize=None)
+def make_step(tx: optax.GradientTransformation, negatives: int) -> Callable:
+    """Jitted ``(params, opt_state, centres, contexts, key, noise_cdf) -> (params, opt_state, mean loss)``.
+
+    ``noise_cdf``: float32 ``[V]`` cumulative noise distribution; the ``K``
+    noise words of each pair are drawn by inverting it.
+    """
 
     @jax.jit
-    def step(params, opt_state, centres, contexts, key):
+    def step(params, opt_state, centres, contexts, key, cdf):
         u = jax.random.uniform(key, (centres.shape[0], negatives))
         noise = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), cdf.shape[0] - 1).astype(jnp.int32)
         loss, grads = jax.value_and_grad(sgns_loss)(params, centres, contexts, noise)
@@ -166,7 +180,8 @@ def train_skipgram(token_sequences: Sequence[np.ndarray], vocab_size: int,
     steps_per_epoch = max(int(pairs_lib.expected_pairs(counts, keep, c.window)) // c.batch_size, 1)
     total = steps_per_epoch * c.epochs
     tx = make_optimizer(c, total)
-    step = make_step(tx, np.cumsum(noise), c.negatives)
+    step = make_step(tx, c.negatives)
+    cdf = jnp.asarray(np.cumsum(noise), jnp.float32)
     params = init_params(vocab_size, c.dim, c.seed)
     opt_state = tx.init(params)
     base_key = jax.random.PRNGKey(c.seed)
@@ -185,7 +200,7 @@ def train_skipgram(token_sequences: Sequence[np.ndarray], vocab_size: int,
             for centres, contexts in pairs_lib.epoch_batches(tokens, offsets, keep, c.window, c.batch_size,
                                                             rng, c.chunk_tokens):
                 params, opt_state, loss = step(params, opt_state, centres, contexts,
-                                               jax.random.fold_in(base_key, n_steps))
+                                               jax.random.fold_in(base_key, n_steps), cdf)
                 pending.append(loss)
                 n_steps += 1
                 # Reading the loss waits for the device: only every log_every steps,
@@ -193,12 +208,14 @@ def train_skipgram(token_sequences: Sequence[np.ndarray], vocab_size: int,
                 if len(pending) == log_every:
                     losses.append(float(np.mean(jax.device_get(pending))))
                     pending = []
+                    _check_finite(losses[-1], n_steps, c)
                     if bar is not None:
                         bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch)
                 if bar is not None:
                     bar.update(1)
         if pending:
             losses.append(float(np.mean(jax.device_get(pending))))
+            _check_finite(losses[-1], n_steps, c)
         if n_steps == 0:  # random vectors must not pass for learned ones
             raise ValueError(f"the corpus ({tokens.size} tokens) yields fewer than batch_size={c.batch_size} "
                              "training pairs; use more text or a smaller batch_size.")
@@ -207,6 +224,15 @@ def train_skipgram(token_sequences: Sequence[np.ndarray], vocab_size: int,
             bar.close()
     vectors = np.asarray(jax.device_get(params["in"]), np.float32)
     return SkipGramResult(vectors, losses, n_steps, n_steps * c.batch_size, time.perf_counter() - start)
+
+
+def _check_finite(loss: float, step: int, c: SkipGramConfig) -> None:
+    if not np.isfinite(loss):
+        # Measured: SGD at alpha=0.1 with 8192-pair batches diverges (the summed
+        # gradients of a frequent noise word collide within a batch).
+        raise FloatingPointError(
+            f"skip-gram loss is {loss} at step {step} ({c.optimizer}, learning_rate={c.learning_rate}, "
+            f"batch_size={c.batch_size}); lower the learning rate (or the batch size for sgd).")
 
 
 def learn_word_vectors(token_sequences: Sequence[np.ndarray], vocab_size: int,
