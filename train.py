@@ -9,6 +9,8 @@
     python train.py predict --workdir checkpoints/bigru "A wonderful, moving film."
     python train.py translate --workdir checkpoints/translate_de_en "Ein Hund rennt über die Wiese."
     python train.py visualize --workdir checkpoints/bigru --num_examples 5
+    python train.py embed --out imdb_vectors.txt      # skip-gram vectors from IMDB train + unsupervised
+    python train.py --embeddings imdb_vectors.txt --workdir checkpoints/bigru_vectors
 
 Re-running the same command resumes from the latest checkpoint in --workdir
 (same data order, same step). Data: TFDS under TFDS_DATA_DIR (``imdb_reviews``,
@@ -22,10 +24,26 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-COMMANDS = ("predict", "translate", "visualize")
+COMMANDS = ("predict", "translate", "visualize", "embed")
+
+
+def _embed_parser() -> argparse.ArgumentParser:
+    from flax_attention.embed.skipgram import SkipGramConfig
+    from flax_attention.training.config import add_config_flags
+
+    p = argparse.ArgumentParser(prog="train.py embed", description="Learns skip-gram word vectors (Mikolov et al. "
+                                "2013) from IMDB's train + unsupervised reviews (never the test split) and writes "
+                                "them as a word2vec text file for `train.py --embeddings`.")
+    p.add_argument("--out", required=True, help="the vector file to write")
+    p.add_argument("--workdir", default="checkpoints/embed", help="vocabulary and encoded-review cache")
+    p.add_argument("--vocab_size", type=int, default=10_000, help="as the classifier's --vocab_size")
+    add_config_flags(p, {"skip-gram": SkipGramConfig})
+    return p
 
 
 def _inspect_parser(command: str) -> argparse.ArgumentParser:
+    if command == "embed":
+        return _embed_parser()
     p = argparse.ArgumentParser(prog=f"train.py {command}")
     p.add_argument("--workdir", required=True, help="directory written by `train.py`")
     if command in ("predict", "translate"):
@@ -95,6 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             inspect.translate(args.workdir, args.texts, args.out)
         elif command == "visualize":
             inspect.visualize(args.workdir, args.num_examples, args.seed, args.out)
+        elif command == "embed":
+            embed(args)
         else:
             if (Path(args.workdir) / "config.json").exists():
                 inspect.check_not_legacy(load_config(args.workdir), args.workdir)
@@ -111,6 +131,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume from the last checkpoint.", 130)
     return 0
+
+
+def embed(args) -> None:
+    from flax_attention.data.imdb import IMDBConfig
+    from flax_attention.embed.imdb_vectors import learn_imdb_vectors
+    from flax_attention.embed.skipgram import SkipGramConfig
+    from flax_attention.training.config import build_configs
+
+    config = build_configs({"skipgram": SkipGramConfig}, args)["skipgram"]
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    print(learn_imdb_vectors(args.workdir, args.out, IMDBConfig(vocab_size=args.vocab_size), config).summary())
 
 
 def _fail(message: str, code: int, prefix: str = "error") -> int:

@@ -44,7 +44,9 @@ def padding_mask(lengths: Array, max_length: int) -> Array:
             "cast with lengths.astype(jnp.int32)."
         )
     max_length = static_int(max_length, "padding_mask: max_length")
-    if not isinstance(lengths, jax.core.Tracer) and lengths.size and int(lengths.min()) < 0:
+    # NumPy, not jnp: inside a trace (jit, eval_shape) a jnp reduction of even a
+    # concrete array is staged, and int() of it would fail.
+    if not isinstance(lengths, jax.core.Tracer) and lengths.size and int(np.min(np.asarray(lengths))) < 0:
         raise ValueError(
             f"padding_mask: lengths must be >= 0, got negative values {np.asarray(lengths)}; "
             "a negative length would silently mean an empty sequence."

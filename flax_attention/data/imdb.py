@@ -56,11 +56,17 @@ class IMDBConfig:
       vocab_size: ``V``, including the 3 reserved ids (pad, start, OOV).
       max_length: padded sequence length ``S`` (start marker included).
       truncate: ``"pre"`` keeps the end of long reviews, ``"post"`` the start.
+      embeddings: word-vector text file (GloVe / word2vec text, e.g. from
+        ``train.py embed``) that initialises the embedding table at the start
+        of training; words it lacks keep their random init ("" = none).
+      freeze_embeddings: keep the embedding table fixed during training.
     """
 
     vocab_size: int = 10_000
     max_length: int = 250
     truncate: str = "pre"
+    embeddings: str = ""
+    freeze_embeddings: bool = False
 
     def __post_init__(self):
         if self.vocab_size <= NUM_RESERVED:

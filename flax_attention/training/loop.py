@@ -40,8 +40,9 @@ def create_train_state(task, configs, extras=None, steps_per_epoch: int = 1):
     """
     model = task.build_model(configs, extras)
     tcfg = configs["train"]
+    frozen = task.frozen(configs) if task.frozen is not None else None
     return model, _create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
-                                total_steps=tcfg.num_epochs * steps_per_epoch)
+                                total_steps=tcfg.num_epochs * steps_per_epoch, frozen=frozen)
 
 
 def train_step(task, configs):
@@ -86,7 +87,7 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, A
     config_json = configs_to_json(task.name, configs)
     resumable = [f"train.{k}" for k in tcfg.resumable_changes()] + list(task.resumable)
     # Refuse an incompatible workdir before anything in it is touched.
-    added = TrainConfig.added_fields()
+    added = {**TrainConfig.added_fields(), **task.added_fields}
     check_or_write_config(workdir, config_json, resumable, write=False, added_fields=added)
     if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
         check_writable_dir(workdir, "--workdir")
@@ -127,6 +128,11 @@ def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_co
     write_config()  # only now: the workdir is known to fit this run
     log = MetricsLog(workdir / "metrics.jsonl", enabled=primary, tensorboard_dir=workdir / "tensorboard")
     log.truncate_after(int(state.step))
+    if int(state.step) == 0 and task.init_params is not None:  # e.g. pretrained word vectors; never on resume
+        params, report = task.init_params(state.params, configs, data)
+        state = state.replace(params=params)
+        if report:
+            log(event="init", step=0, **report)
     p_train, p_eval = train_step(task, configs), eval_step(task, configs)
     rstate = replicate(state)
     spe = data.steps_per_epoch(tcfg.batch_size)

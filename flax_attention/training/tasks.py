@@ -83,6 +83,13 @@ class Task:
         metrics such as BLEU; ``final`` marks the last evaluation).
       summary: ``(metrics) -> str``, the evaluation part of the epoch line.
       eval_name: what the evaluation counts (``reviews``, ``tokens``).
+      init_params: optional ``(params, configs, data) -> (params, report)``
+        applied once, before the first step of a fresh run (e.g. pretrained
+        word vectors); ``report`` is logged.
+      frozen: optional ``(configs) -> predicate or None`` naming parameters
+        that never change (by key path).
+      added_fields: ``{"section.field": value}`` of fields added after
+        workdirs were written, with the value older runs used.
     """
 
     name: str
@@ -100,6 +107,9 @@ class Task:
     decode_eval: Optional[Callable] = None
     summary: Callable[[Mapping[str, float]], str] = lambda m: f"loss {m['loss']:.4f} acc {m['accuracy']:.4f}"
     eval_name: str = "test reviews"
+    init_params: Optional[Callable] = None
+    frozen: Optional[Callable] = None
+    added_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
     def loss_fn(self, configs: Configs) -> Callable:
@@ -187,6 +197,34 @@ def _model(model_cls, config):
     return model_cls(config)
 
 
+def pretrained_embeddings(params, configs: Configs, data: Data):
+    """Initialises the embedding table from ``--embeddings`` (matched against the vocabulary)."""
+    from flax_attention.data.word_vectors import load_word_vectors, token_counts
+    from flax_attention.embed.pretrained import EMBEDDING_PATH, init_embedding
+
+    path = configs["data"].embeddings
+    if not path:
+        return params, {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--embeddings {path}: no such file; give a word-vector text file, e.g. one "
+                                "written by `python train.py embed --out vectors.txt`.")
+    vocab, model = data.extras["vocab"], configs["model"]
+    gru = hasattr(model, "embed_dim")  # the Transformer classifier's table is d_model wide
+    rows, found, coverage = load_word_vectors(path, vocab, dim=model.embed_dim if gru else model.d_model,
+                                              counts=token_counts(data.train.tokens, vocab.size))
+    print(coverage.summary())
+    # The Transformer classifier scales embeddings by sqrt(E) and expects E^-1/2-sized rows.
+    params = init_embedding(params, EMBEDDING_PATH, rows, found, match_std=not gru)
+    return params, {"embedding_word_coverage": coverage.word_fraction,
+                    "embedding_token_coverage": coverage.token_fraction}
+
+
+def frozen_embeddings(configs: Configs):
+    from flax_attention.embed.pretrained import EMBEDDING_PATH, path_is
+
+    return path_is(EMBEDDING_PATH) if configs["data"].freeze_embeddings else None
+
+
 def _register_imdb_classifier(name: str, config_cls, model_cls) -> Task:
     """IMDB pipeline, vocabulary, loss, evaluation, checkpoints, predict/visualize; only the model differs."""
     return register(Task(
@@ -198,6 +236,9 @@ def _register_imdb_classifier(name: str, config_cls, model_cls) -> Task:
         init_inputs=_imdb_token_inputs,
         loss_and_metrics=binary_classification_loss,
         predict=classify_texts,
+        init_params=pretrained_embeddings,
+        frozen=frozen_embeddings,
+        added_fields={"data.embeddings": "", "data.freeze_embeddings": False},
     ))
 
 
