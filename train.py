@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 COMMANDS = ("predict", "translate", "visualize", "embed")
 
@@ -71,7 +71,7 @@ def default_workdir(task, configs) -> str:
 
 def parse_args(argv: Sequence[str]):
     from flax_attention.training.config import TrainConfig, add_config_flags, build_configs
-    from flax_attention.training.tasks import REGISTRY, get_task
+    from flax_attention.training.registry import REGISTRY, get_task
 
     argv = list(argv)
     if argv and argv[0] in COMMANDS:

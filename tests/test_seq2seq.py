@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import flax_attention.training as training
-from flax_attention.data import tasks as T
 from flax_attention.training import seq2seq as Q
 from flax_attention.training import seq2seq_loss as S
 
@@ -126,7 +125,7 @@ def test_optimizer_is_adam_098_1e9():
 
 
 def test_short_training_through_the_common_step_lowers_the_loss():
-    from flax_attention.training.tasks import get_task
+    from flax_attention.training.registry import get_task
 
     task = get_task("seq2seq")
     configs = {"model": Q.Seq2SeqModelConfig(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1,

@@ -28,10 +28,10 @@ def _run(code, env_extra=None, timeout=600):
 _PMAP_SCRIPT = """
 import json, jax, numpy as np
 import flax_attention.training as training
-from flax_attention.training import tasks
+from flax_attention.training import registry
 from flax_attention.data import imdb
 from flax_attention.models.bigru import BiGRUConfig
-task = tasks.get_task("bigru")
+task = registry.get_task("bigru")
 cfg = {"model": BiGRUConfig(vocab_size=50, embed_dim=8, hidden_size=6, attention_size=4, dropout_rate=0.0),
        "data": imdb.IMDBConfig(vocab_size=50, max_length=10), "train": training.TrainConfig(batch_size=8)}
 rng = np.random.default_rng(0)

@@ -22,3 +22,8 @@ from flax_attention.training.config import TrainConfig
 from flax_attention.training.steps import (AXIS, MetricAccumulator, TrainState, all_finite, create_train_state,
                                            learning_rate_schedule, make_eval_step, make_optimizer, make_train_step,
                                            replicate, summarize, unreplicate)
+
+__all__ = ["AXIS", "DivergenceError", "MetricAccumulator", "MetricsLog", "StopRequested", "StopSignal", "TrainConfig",
+           "TrainState", "all_finite", "check_finite_loss", "check_writable_dir", "create_train_state",
+           "learning_rate_schedule", "make_eval_step", "make_optimizer", "make_train_step",
+           "maybe_initialize_distributed", "replicate", "save_if_finite", "summarize", "unreplicate"]

@@ -21,7 +21,7 @@ import numpy as np
 from flax_attention.training.checkpointing import Checkpointer, load_config
 from flax_attention.training.config import TrainConfig, configs_from_json
 from flax_attention.training.loop import create_train_state
-from flax_attention.training.tasks import get_task
+from flax_attention.training.registry import get_task
 
 OLD_SEQ2SEQ_KEYS = {"task", "model", "train"}  # config.json of the retired separate seq2seq trainer
 

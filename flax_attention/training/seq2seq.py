@@ -16,7 +16,6 @@ import dataclasses
 import functools
 from typing import Any, Dict, Iterator, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,7 +23,7 @@ from flax_attention.data import tasks as T
 from flax_attention.data.tasks import PAD_ID
 from flax_attention.layers import TransformerConfig
 from flax_attention.training.seq2seq_loss import sequence_match, smoothed_cross_entropy
-from flax_attention.training.tasks import Task, register
+from flax_attention.training.tasks import Task
 from flax_attention.transformer import Transformer
 
 
@@ -248,7 +247,7 @@ def _synthetic_decode_eval(model, params, configs, data: SyntheticData, workdir,
     return out
 
 
-register(Task(
+SEQ2SEQ = Task(
     name="seq2seq",
     config_classes={"model": Seq2SeqModelConfig, "data": SyntheticConfig, "decode": DecodeConfig},
     prepare=_prepare_synthetic,
@@ -265,4 +264,4 @@ register(Task(
     summary=lambda m: (f"loss {m['loss']:.4f} token acc {m['accuracy']:.4f} | greedy exact match "
                        f"{m.get('exact_match', float('nan')):.4f}"),
     eval_name="held-out tokens",
-))
+)

@@ -16,7 +16,7 @@ device count: 1 and N devices follow the same trajectory up to float rounding.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import flax
 import jax

@@ -1,12 +1,12 @@
-"""Registry of trainable ``--model`` choices for ``train.py``; the IMDB classifiers.
+"""The :class:`Task` interface of the one trainer, and the IMDB classifier tasks.
 
 A :class:`Task` bundles everything model- or data-specific (model + data +
 loss + evaluation + inspection); the one training loop
 (:mod:`flax_attention.training.loop`) only talks to this interface. To add a
-model, write its builder and register a :class:`Task` (see
-``_register_imdb_classifier`` below, :mod:`~flax_attention.training.seq2seq`
-for the synthetic seq2seq tasks and :mod:`~flax_attention.training.translate`
-for translation).
+model, write its builder, define a :class:`Task` (see :func:`imdb_classifier`
+below, :mod:`~flax_attention.training.seq2seq` for the synthetic seq2seq tasks
+and :mod:`~flax_attention.training.translate` for translation) and list it in
+:mod:`flax_attention.training.registry`.
 """
 
 from __future__ import annotations
@@ -116,26 +116,6 @@ class Task:
         return self.make_loss(configs) if self.make_loss is not None else self.loss_and_metrics
 
 
-REGISTRY: Dict[str, Task] = {}
-
-
-def register(task: Task) -> Task:
-    if task.name in REGISTRY:
-        raise ValueError(f"model {task.name!r} is already registered.")
-    REGISTRY[task.name] = task
-    return task
-
-
-def get_task(name: str) -> Task:
-    # The seq2seq tasks register themselves on import; importing here keeps the
-    # classifiers free of their dependencies (SentencePiece, sacreBLEU).
-    from flax_attention.training import seq2seq, translate  # noqa: F401
-
-    if name not in REGISTRY:
-        raise ValueError(f"unknown --model {name!r}; choose one of {sorted(REGISTRY)}.")
-    return REGISTRY[name]
-
-
 # ------------------------------------------------------------ binary text classification
 
 
@@ -225,9 +205,9 @@ def frozen_embeddings(configs: Configs):
     return path_is(EMBEDDING_PATH) if configs["data"].freeze_embeddings else None
 
 
-def _register_imdb_classifier(name: str, config_cls, model_cls) -> Task:
+def imdb_classifier(name: str, config_cls, model_cls) -> Task:
     """IMDB pipeline, vocabulary, loss, evaluation, checkpoints, predict/visualize; only the model differs."""
-    return register(Task(
+    return Task(
         name=name,
         config_classes={"model": config_cls, "data": imdb.IMDBConfig},
         prepare=prepare_imdb,
@@ -239,9 +219,9 @@ def _register_imdb_classifier(name: str, config_cls, model_cls) -> Task:
         init_params=pretrained_embeddings,
         frozen=frozen_embeddings,
         added_fields={"data.embeddings": "", "data.freeze_embeddings": False},
-    ))
+    )
 
 
-_register_imdb_classifier("bigru", BiGRUConfig, BiGRUClassifier)
+BIGRU = imdb_classifier("bigru", BiGRUConfig, BiGRUClassifier)
 # Transformer-encoder classifier: see flax_attention.models.classifier.
-_register_imdb_classifier("transformer", TransformerClassifierConfig, TransformerClassifier)
+TRANSFORMER = imdb_classifier("transformer", TransformerClassifierConfig, TransformerClassifier)

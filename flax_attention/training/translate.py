@@ -25,7 +25,7 @@ from flax_attention.data.tasks import PAD_ID
 from flax_attention.training import distributed
 from flax_attention.training.seq2seq import (DECODE_RESUMABLE, PAPER_OPTIMIZER, DecodeConfig, Seq2SeqModelConfig,
                                              build_transformer, decode_dataset, seq2seq_init_inputs, seq2seq_loss)
-from flax_attention.training.tasks import Task, register
+from flax_attention.training.tasks import Task
 
 MAX_POSITIONS = 256  # sinusoid table and decode cache bound; Multi30k sentences are far shorter
 
@@ -146,7 +146,7 @@ def _decode_eval(model, params, configs, data, workdir, step: int, final: bool) 
     return out
 
 
-register(Task(
+TRANSLATE = Task(
     name="translate",
     config_classes={"model": Seq2SeqModelConfig, "data": D.TranslateConfig, "decode": DecodeConfig},
     prepare=_prepare,
@@ -164,4 +164,4 @@ register(Task(
     decode_eval=_decode_eval,
     summary=lambda m: f"loss {m['loss']:.4f} token acc {m['accuracy']:.4f} | BLEU {m.get('bleu', float('nan')):.2f}",
     eval_name="validation tokens",
-))
+)

@@ -1,0 +1,17 @@
+"""The ``--model`` choices of ``train.py``: every task, by name."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from flax_attention.training.seq2seq import SEQ2SEQ
+from flax_attention.training.tasks import BIGRU, TRANSFORMER, Task
+from flax_attention.training.translate import TRANSLATE
+
+REGISTRY: Dict[str, Task] = {t.name: t for t in (BIGRU, TRANSFORMER, SEQ2SEQ, TRANSLATE)}
+
+
+def get_task(name: str) -> Task:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown --model {name!r}; choose one of {sorted(REGISTRY)}.")
+    return REGISTRY[name]
