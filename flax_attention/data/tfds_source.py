@@ -2,7 +2,8 @@
 
 ArrayRecord files are read without TensorFlow. A dataset that is not prepared
 under ``TFDS_DATA_DIR`` is downloaded and prepared by TFDS itself, which needs
-TensorFlow for that one step; without TensorFlow (or without a network) the
+TensorFlow for that one step (except for this project's own builders, which
+write ArrayRecord directly); without TensorFlow (or without a network) the
 error says where the data was looked for and both ways to fix it.
 """
 
@@ -29,20 +30,26 @@ def missing_message(dataset: str, split: str, cause: BaseException) -> str:
     )
 
 
+# Builders of this project prepare ArrayRecord files without TensorFlow.
+NO_TENSORFLOW_NEEDED = ("multi30k",)
+
+
 def read_records(dataset: str, split: str) -> List[Dict[str, Any]]:
     """All records of ``dataset``'s ``split`` as dicts (downloads and prepares if it can)."""
     import tensorflow_datasets as tfds  # lazy: importing TFDS costs ~1 s
 
     try:
         source = tfds.data_source(dataset, split=split, download=False)
-    except Exception as missing:  # not prepared here: let TFDS download + prepare (needs TensorFlow)
-        if importlib.util.find_spec("tensorflow") is None:
+    except Exception as missing:  # not prepared here: let TFDS download + prepare
+        own_builder = dataset.split("/")[0] in NO_TENSORFLOW_NEEDED
+        if not own_builder and importlib.util.find_spec("tensorflow") is None:
             # Preparing needs TensorFlow anyway; without it, fail now instead of
             # after minutes of download retries on a machine without network.
             no_tf = ModuleNotFoundError("TensorFlow, which TFDS needs to prepare it, is not installed")
             raise DataUnavailableError(missing_message(dataset, split, no_tf)) from missing
         try:
-            source = tfds.data_source(dataset, split=split, download=True)
+            source = tfds.data_source(dataset, split=split, download=True,
+                                      builder_kwargs={"file_format": "array_record"} if own_builder else None)
         except (Exception, SystemExit) as e:  # ImportError (no TF), network errors, ...
             raise DataUnavailableError(missing_message(dataset, split, e)) from e
     n = len(source)
