@@ -190,3 +190,44 @@ def test_train_py_few_real_steps(tmp_path):
     assert "on all 25000 test reviews" in out.stdout
     vocab = json.loads((tmp_path / "vocab.json").read_text())["words"]
     assert len(vocab) == 10_000 - 3 and vocab[0] == "the"
+
+
+_EMBED_SCRIPT = """
+import json, sys, numpy as np, tensorflow_datasets as tfds, train
+from flax_attention.data.word_vectors import save_word_vectors
+w = sys.argv[1]
+tiny = {tiny}
+with tfds.testing.mock_data(num_examples=16):
+    print("RC", train.main(tiny + ["--workdir", w + "/plain", "--num_epochs", "1"]))
+    words = json.load(open(w + "/plain/vocab.json"))["words"][:5]
+    save_word_vectors(w + "/vec.txt", words, np.arange(5 * 8, dtype=np.float32).reshape(5, 8) / 10)
+    open(w + "/bad.txt", "w").write(words[0] + " 1 2 3 4 5 6 7 8\\n" + words[1] + " 1 2 x 4 5 6 7 8\\n")
+    print("RC", train.main(tiny + ["--workdir", w + "/frozen", "--num_epochs", "1", "--embeddings", w + "/vec.txt",
+                                   "--freeze_embeddings", "true"]))
+    print("RC", train.main(tiny + ["--workdir", w + "/bad", "--num_epochs", "1", "--embeddings", w + "/bad.txt"]))
+print("WORDS", json.dumps(words))
+"""
+
+
+@pytest.mark.slow
+def test_embeddings_flag_initialises_and_freezes_the_table_and_names_a_bad_line(tmp_path):
+    import jax
+    import orbax.checkpoint as ocp
+
+    out = subprocess.run([sys.executable, "-c", _EMBED_SCRIPT.format(tiny=TINY), str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    rcs = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("RC ")]
+    assert rcs == ["0", "0", "2"], out.stdout[-2000:] + out.stderr[-3000:]
+    assert "bad.txt, line 2" in out.stderr
+    vocab = json.loads((tmp_path / "frozen" / "vocab.json").read_text())["words"]
+    words = json.loads(out.stdout.split("WORDS ")[1])
+    with ocp.CheckpointManager((tmp_path / "frozen" / "checkpoints").absolute(), item_names=("state", "meta")) as m:
+        state = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    table = np.asarray(state["params"]["embed"]["embedding"])
+    assert f"5/{len(vocab)} vocabulary words found" in out.stdout
+    ids = [vocab.index(word) + 3 for word in words]  # ids start after pad/start/unknown
+    np.testing.assert_array_equal(table[ids], np.arange(40, dtype=np.float32).reshape(5, 8) / 10)
+    assert int(state["step"]) == 2  # it trained, yet the frozen table kept the file's rows exactly
+    init = [json.loads(l) for l in (tmp_path / "frozen" / "metrics.jsonl").read_text().splitlines()][0]
+    assert init["event"] == "init" and init["embedding_word_coverage"] == pytest.approx(5 / len(vocab))
+    assert jax.tree_util.tree_leaves(state["params"])  # the rest of the model trained normally
