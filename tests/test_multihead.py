@@ -94,8 +94,8 @@ def test_sow_weights_only_when_asked():
 def test_dropout_changes_output_and_is_reproducible():
     x = _x((B, T, E), 0)
     m = MultiHeadAttention(num_heads=N, dropout_rate=0.5)
-    v = jinit(m, x)
-    det = japply(m, v, x)
+    v = jinit(m, x, deterministic=True)
+    det = japply(m, v, x, deterministic=True)
     drop = jax.jit(lambda key: m.apply(v, x, deterministic=False, rngs={"dropout": key}))
     a, b, c = drop(jax.random.key(1)), drop(jax.random.key(1)), drop(jax.random.key(2))
     assert not np.allclose(a, det)
@@ -126,7 +126,7 @@ def _decode(m, params, x, mask, chunks):
         cache = state["cache"]
         outs.append(out)
         start += size
-    assert int(cache["cache_index"]) == start
+    assert cache["cache_index"].shape == (B,) and np.all(cache["cache_index"] == start)
     return jnp.concatenate(outs, axis=1)
 
 
@@ -158,8 +158,13 @@ def test_cache_works_under_jit():
     # Past the end under jit: cannot raise, so the output is poisoned with NaN.
     out, state = step(cache, x[:, :1])  # slot 7 of 8: still fits
     assert np.all(np.isfinite(out))
-    out, _ = step(state["cache"], x[:, :1])
+    full_cache = state["cache"]
+    out, state = step(full_cache, x[:, 1:2])
     assert np.all(np.isnan(out))
+    # ... and the cache is not corrupted: no clamped write over slot 7, overflow flagged.
+    for name in ("cached_key", "cached_value"):
+        np.testing.assert_array_equal(state["cache"][name], full_cache[name])
+    assert not np.any(full_cache["cache_overflow"]) and np.all(state["cache"]["cache_overflow"])
 
 
 def test_cache_errors():
@@ -168,7 +173,8 @@ def test_cache_errors():
     params = jinit(m, x, seed=1)["params"]
     cache = m.init(jax.random.key(0), jnp.zeros((B, 4, E)), decode=True)["cache"]
     assert cache["cached_key"].shape == cache["cached_value"].shape == (B, 4, N, E // N)
-    assert int(cache["cache_index"]) == 0 and not np.any(cache["cached_key"])
+    assert not np.any(cache["cache_index"]) and not np.any(cache["cached_key"])
+    assert cache["cache_index"].shape == cache["cache_overflow"].shape == (B,)
     # Eager calls: every check fires before any projection is computed.
     apply = lambda c, xs, kv=None: m.apply({"params": params, "cache": c}, xs, kv,  # noqa: E731
                                            decode=True, mutable=["cache"])
