@@ -147,7 +147,9 @@ class MultiHeadAttention(nn.Module):
           inputs_v: ``[..., S, E_v]``; ``None`` means ``inputs_k``.
           inputs_kv: deprecated flax alias setting both ``inputs_k`` and ``inputs_v``.
           mask: boolean, broadcastable to ``[..., N, T, S]``; ``True`` = attend.
-            With ``decode``, ``S`` is the cache length ``L``.
+            With ``decode``, ``S`` is the cache length ``L``. As in flax, a
+            numeric mask (``nn.make_attention_mask`` gives float 0/1) is read as
+            ``mask != 0``; it is not an additive bias (use ``bias`` for that).
           deterministic: disables dropout; see the attribute.
           dropout_rng: dropout key; default ``self.make_rng('dropout')``.
           sow_weights: sow the ``[..., N, T, S]`` weights into
@@ -178,6 +180,8 @@ class MultiHeadAttention(nn.Module):
             inputs_k = inputs_v = inputs_kv
         elif inputs_k is None and inputs_v is not None:
             raise ValueError("inputs_k cannot be None when inputs_v is given.")
+        if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
+            mask = jnp.asarray(mask) != 0  # flax's reading of numeric masks
         decode = self.decode if decode is None else decode
         reuse_kv = decode and static_kv and inputs_k is None
         self_attention = inputs_k is None and not static_kv
