@@ -20,7 +20,6 @@ projected memory once instead.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -30,7 +29,8 @@ import numpy as np
 
 from flax_attention import kv_cache
 from flax_attention.attention import scaled_dot_product_attention
-from flax_attention.masks import causal_mask, combine_masks, sliding_window_mask
+from flax_attention.custom_attention import call_attention_fn
+from flax_attention.masks import combine_masks
 from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
 
 Array = jnp.ndarray
@@ -262,27 +262,11 @@ class MultiHeadAttention(nn.Module):
                 out, weights = out
                 self.sow("intermediates", "attention_weights", weights)
             return out
-        accepted = inspect.signature(self.attention_fn).parameters
-        t, s = query.shape[-3], key.shape[-3]
-        if is_causal and "is_causal" not in accepted:
-            mask, is_causal = combine_masks(mask, causal_mask(t, s)), False
-        if window is not None and "window" not in accepted:
-            mask, window = combine_masks(mask, sliding_window_mask(t, s, window=window)), None
-        scale = self.scale
-        if scale is not None and "scale" not in accepted:  # fold into q: (q·c·√H)·k / √H = c·q·k
-            query, scale = query * jnp.asarray(scale * np.sqrt(query.shape[-1]), query.dtype), None
-        if bias is not None and "bias" not in accepted:
-            raise ValueError("attention_fn takes no `bias`, needed for the bias/ALiBi given.")
-        g = query.shape[-2] // key.shape[-2]
-        if g > 1:  # custom functions expect N kv heads
-            key, value = jnp.repeat(key, g, axis=-2), jnp.repeat(value, g, axis=-2)
-        kw = dict(mask=mask, bias=bias, is_causal=is_causal, window=window, scale=scale,
-                  implementation=self.implementation, broadcast_dropout=self.broadcast_dropout,
-                  dtype=self.dtype, **common)
-        kw = {name: v for name, v in kw.items() if name in accepted and (v is not None or name == "mask")}
-        if sow and "module" in accepted:
-            kw["module"] = self  # flax's functions sow 'attention_weights' themselves
-        return self.attention_fn(query, key, value, **kw)
+        return call_attention_fn(
+            self.attention_fn, query, key, value, mask=mask, bias=bias, is_causal=is_causal,
+            window=window, scale=self.scale, implementation=self.implementation,
+            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype,
+            module=self if sow else None, **common)
 
     def _index(self, inputs_q):
         """The per-example cache index ``[...]`` (int32); a scalar (older caches) is broadcast."""
