@@ -104,6 +104,8 @@ class TransformerConfig:
     attention_fn: Optional[Callable[..., Array]] = None
 
     def __post_init__(self):
+        if isinstance(self.attention_window, list):  # e.g. read back from JSON: keep the config hashable
+            object.__setattr__(self, "attention_window", tuple(self.attention_window))
         problems = []
         if self.position not in POSITIONS:
             problems.append(f"position={self.position!r} must be one of {POSITIONS}")
