@@ -223,6 +223,10 @@ def init_cache(model: Transformer, batch_size: int, max_len: Optional[int] = Non
     Returns:
       The ``"cache"`` collection: pass ``{'params': params, 'cache': cache}`` to
       ``model.apply(..., decode=True, mutable=['cache'], method=Transformer.decode)``.
+      It holds the self-attention caches (``cache_index``/``cache_overflow``
+      per example) and, for sinusoidal positions, ``position_index [B]``; the
+      cross-attention memory is added by the first decode call that passes
+      ``encoded`` (its length ``S`` is not known here).
     """
     max_len = model.config.max_len if max_len is None else int(max_len)
     if batch_size <= 0 or max_len <= 0:
