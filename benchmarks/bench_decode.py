@@ -78,6 +78,7 @@ def _run(code_dir, configs, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", default="1c02be6")
+    p.add_argument("--repo", default=None, help="git repository holding --before (default: this checkout)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true")
@@ -86,7 +87,7 @@ def main():
     configs = QUICK if args.quick else CONFIGS
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     before_dir = tempfile.mkdtemp(prefix="decode_before_")
-    subprocess.run(f"git -C {root} archive {args.before} flax_attention | tar -x -C {before_dir}",
+    subprocess.run(f"git -C {args.repo or root} archive {args.before} flax_attention | tar -x -C {before_dir}",
                    shell=True, check=True)
     versions = {f"before ({args.before})": before_dir, "after (working tree)": root}
     times = {v: {} for v in versions}
