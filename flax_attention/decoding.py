@@ -4,8 +4,8 @@ Both run the encoder once and the decoder one token per step against the
 KV cache (``'cache'`` collection), inside a single ``lax.while_loop`` with a
 fixed maximum length, so a whole batch decodes in one jitted call and stops
 as soon as every sequence has emitted EOS. The first step (BOS) runs before
-the loop and caches every cross-attention's keys/values, which the loop
-reuses (``encoded=None``) instead of projecting the source again per step.
+the loop and computes every cross-attention's keys/values once; the loop
+closes over them (``encoded=None``: not carried, not gathered across beams).
 Index arithmetic is int32, so both also run under ``jax.enable_x64``.
 
 Outputs are token ids without the leading BOS: ``[B, L]`` (greedy) or
@@ -25,6 +25,7 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from flax_attention.data.tasks import BOS_ID, EOS_ID, PAD_ID
 from flax_attention.transformer import init_cache
@@ -36,6 +37,22 @@ _NEG_INF = -1e30  # finite "minus infinity": keeps top_k and comparisons NaN-fre
 def length_penalty(length, alpha: float) -> Array:
     """GNMT length penalty ``((5 + length) / 6) ** alpha``."""
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _split_memory(cache):
+    """``(cache without the cross-attention memory, that memory as a flat dict)``.
+
+    The memory is constant after the first step, so the loop closes over it
+    instead of carrying (and, in beam search, gathering) it.
+    """
+    flat = traverse_util.flatten_dict(cache)
+    memory = {k: v for k, v in flat.items() if "cross_attention" in k}
+    rest = {k: v for k, v in flat.items() if "cross_attention" not in k}
+    return traverse_util.unflatten_dict(rest), memory
+
+
+def _join_memory(cache, memory):
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **memory})
 
 
 def _encode(model, params, src):
@@ -85,35 +102,37 @@ def greedy_decode(
         i, _, _, _, done = state
         return (i < max_len) & ~jnp.all(done)
 
-    def body(state, memory=None):
+    def body(state, memory, encoded_or_none=None):
         i, cache, out, last, done = state
-        log_probs, cache = _step(model, params, cache, last, memory, src, (pad_id, bos_id))
+        log_probs, cache = _step(model, params, _join_memory(cache, memory), last, encoded_or_none, src,
+                                 (pad_id, bos_id))
+        cache, new_memory = _split_memory(cache)
         tok = jnp.where(done, pad_id, jnp.argmax(log_probs, axis=-1)).astype(jnp.int32)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (jnp.zeros_like(i), i))
-        return i + 1, cache, out, tok, done | (tok == eos_id)
+        return (i + 1, cache, out, tok, done | (tok == eos_id)), new_memory
 
     state = (
         jnp.int32(0), cache, jnp.full((b, max_len), pad_id, jnp.int32),
         jnp.full((b,), bos_id, jnp.int32), jnp.zeros((b,), bool),
     )
-    state = body(state, encoded)  # step 0 caches the cross-attention memory
-    return jax.lax.while_loop(cond, body, state)[2]
+    state, memory = body(state, {}, encoded)  # step 0 fills the cross-attention memory
+    return jax.lax.while_loop(cond, lambda st: body(st, memory)[0], state)[2]
 
 
 def _gather_beams(tree, beam_idx: Array, batch: int, beams: int):
     """Reorders every ``[B*W, ...]`` leaf by ``beam_idx [B, W]`` (source beam of each new beam).
 
-    Leaves without that leading axis are left as they are, and so is the
-    cross-attention memory, identical for all beams of an example.
+    Leaves without that leading axis are left as they are (the loop carries
+    no cross-attention memory: it is the same for all beams of an example).
     """
     flat = (jnp.arange(batch, dtype=jnp.int32)[:, None] * beams + beam_idx).reshape(-1)
 
-    def gather(path, x):
-        if x.ndim == 0 or x.shape[0] != batch * beams or "cross_attention" in jax.tree_util.keystr(path):
+    def gather(x):
+        if x.ndim == 0 or x.shape[0] != batch * beams:
             return x
         return x[flat]
 
-    return jax.tree_util.tree_map_with_path(gather, tree)
+    return jax.tree_util.tree_map(gather, tree)
 
 
 @functools.partial(
@@ -164,11 +183,13 @@ def beam_search(
         bound = jnp.max(alive_lp, axis=-1) / max_penalty
         return (i < max_len) & ~jnp.all(fin_score[:, -1] >= bound)
 
-    def body(state, memory=None):
+    def body(state, memory, encoded_or_none=None):
         i, cache, alive_seq, alive_lp, fin_seq, fin_score = state
         last = jax.lax.dynamic_index_in_dim(alive_seq, jnp.maximum(i - 1, 0), axis=2, keepdims=False)
         last = jnp.where(i == 0, bos_id, last).reshape(b * w)
-        log_probs, cache = _step(model, params, cache, last, memory, src_w, (pad_id, bos_id))
+        log_probs, cache = _step(model, params, _join_memory(cache, memory), last, encoded_or_none, src_w,
+                                 (pad_id, bos_id))
+        cache, new_memory = _split_memory(cache)
         v = log_probs.shape[-1]
         cand = (alive_lp[:, :, None] + log_probs.reshape(b, w, v)).reshape(b, w * v)
         cand_lp, cand_idx = jax.lax.top_k(cand, 2 * w)                 # [B, 2W]
@@ -194,14 +215,15 @@ def beam_search(
         all_seq = jnp.concatenate([fin_seq, seqs], axis=1)
         fin_score, top = jax.lax.top_k(all_score, w)
         fin_seq = jnp.take_along_axis(all_seq, top[:, :, None], axis=1)
-        return i + 1, cache, alive_seq, alive_lp, fin_seq, fin_score
+        return (i + 1, cache, alive_seq, alive_lp, fin_seq, fin_score), new_memory
 
     seq0 = jnp.full((b, w, max_len), pad_id, jnp.int32)
     # Only beam 0 is live at the start; the others would duplicate it.
     lp0 = jnp.tile(jnp.array([0.0] + [_NEG_INF] * (w - 1), jnp.float32), (b, 1))
     state = (jnp.int32(0), cache, seq0, lp0, seq0, jnp.full((b, w), _NEG_INF, jnp.float32))
-    state = body(state, encoded)  # step 0 caches the cross-attention memory
-    steps, _, alive_seq, alive_lp, fin_seq, fin_score = jax.lax.while_loop(cond, body, state)
+    state, memory = body(state, {}, encoded)  # step 0 fills the cross-attention memory
+    steps, _, alive_seq, alive_lp, fin_seq, fin_score = jax.lax.while_loop(
+        cond, lambda st: body(st, memory)[0], state)
 
     # Fill the slots no finished hypothesis took with the best live ones
     # (all `steps` tokens long, no EOS), scored with the same length penalty.

@@ -46,10 +46,15 @@ def write_cache(cache: Array, new: Array, index: Array, count: Array) -> Tuple[A
     index = jnp.asarray(index, jnp.int32)
     count = jnp.asarray(count, jnp.int32)
     overflow = index + count > length
-    rel = jnp.arange(length, dtype=jnp.int32) - index[..., None]  # [..., L]: offset into `new`
-    write = (rel >= 0) & (rel < count[..., None]) & ~overflow[..., None]
-    gathered = jnp.take_along_axis(new, jnp.clip(rel, 0, t - 1)[..., None, None], axis=-3)
-    return jnp.where(write[..., None, None], gathered.astype(cache.dtype), cache), overflow
+    step = jnp.arange(t, dtype=jnp.int32)
+    keep = (step < count[..., None]) & ~overflow[..., None]  # [..., T]
+    # A scatter of T rows, O(T) per step: skipped rows go to slot L, which
+    # mode="drop" discards (dynamic_update_slice would clamp them onto valid slots).
+    slots = jnp.where(keep, index[..., None] + step, length).reshape(-1, t)
+    flat = cache.reshape(-1, *cache.shape[-3:])
+    rows = jnp.arange(flat.shape[0], dtype=jnp.int32)[:, None]
+    flat = flat.at[rows, slots].set(new.reshape(-1, *new.shape[-3:]).astype(cache.dtype), mode="drop")
+    return flat.reshape(cache.shape), overflow
 
 
 def window_sizes(window) -> Tuple[int, int]:
