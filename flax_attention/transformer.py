@@ -12,7 +12,9 @@
   example's cache index: prefill a (right-padded) prompt with its ``lengths``,
   then feed one token at a time. The first decode call passes ``encoded`` and
   caches every cross-attention's keys/values; later calls may pass
-  ``encoded=None`` to reuse them (passing it again recomputes them).
+  ``encoded=None`` to reuse them (passing it again recomputes them). Jit such
+  a step with ``donate_argnums`` on the cache: the unchanged memory is then
+  aliased, not copied into the returned cache at every step.
 * ``__call__(src, tgt_in)`` = ``decode(tgt_in, encode(src), src)`` (teacher
   forcing).
 
