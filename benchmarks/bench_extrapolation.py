@@ -47,12 +47,14 @@ def _mean(exact, lo, hi):
 
 
 def write_markdown(results, path, steps):
+    """``results``: ``{label: {"exact_by_length", "seconds"[, "steps"]}}``."""
     cpu = platform.processor() or platform.machine()
     lines = [
         "# Length extrapolation: sinusoidal vs RoPE vs ALiBi (reverse task)",
         "",
         f"`python -m benchmarks.bench_extrapolation` — small Transformer (E=64, N=4, F=256, 2+2 layers), "
-        f"{steps} steps, batch 64, trained on lengths 1-20, greedy decoding, 20 examples per length, "
+        f"{steps} steps (unless the row says otherwise), batch 64, trained on lengths 1-20, greedy "
+        "decoding, 20 examples per length, "
         "one seed per variant. Machine: 2-core AMD EPYC VM, shared with other jobs while this ran "
         f"(so the seconds are loaded wall-clock; {cpu}).",
         "",
@@ -76,14 +78,23 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated positions, each optionally with its own steps: alibi:4000")
     p.add_argument("--out", default="benchmarks/results/extrapolation")
+    p.add_argument("--add-to", action="store_true", help="append to the results already in --out.json")
     args = p.parse_args()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     results = {}
-    for name in args.variants.split(","):
-        exact, seconds = train_variant(name, args.steps, args.seed)
-        results[name] = {"exact_by_length": exact, "seconds": seconds}
+    if args.add_to and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            results = {k: {**v, "exact_by_length": {int(n): x for n, x in v["exact_by_length"].items()}}
+                       for k, v in json.load(f)["results"].items()}
+    for spec in args.variants.split(","):
+        name, _, steps = spec.partition(":")
+        steps = int(steps) if steps else args.steps
+        exact, seconds = train_variant(name, steps, args.seed)
+        label = name if steps == args.steps else f"{name} ({steps} steps)"
+        results[label] = {"exact_by_length": exact, "seconds": seconds, "steps": steps}
         with open(args.out + ".json", "w") as f:
             json.dump({"steps": args.steps, "seed": args.seed, "results": results}, f, indent=1)
         write_markdown(results, args.out + ".md", args.steps)

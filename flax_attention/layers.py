@@ -62,7 +62,8 @@ class TransformerConfig:
       position: ``"sinusoidal"`` (absolute encodings added to the embeddings,
         §3.5), ``"rope"`` (rotary q/k in every self-attention, Su et al. 2021),
         ``"alibi"`` (linear distance biases in every self-attention, Press et
-        al. 2022; symmetric ``|i - j|`` in the encoder) or ``"none"``. Only
+        al. 2022; in the encoder, keys to the right get the slopes in reversed
+        head order: a symmetric ``|i - j|`` is mirror-invariant) or ``"none"``. Only
         ``"sinusoidal"`` adds anything to the embeddings; cross-attention never
         gets a position signal.
       rope_base: RoPE frequency base.
@@ -192,7 +193,7 @@ def _attention(config: TransformerConfig, name: str, cross: bool = False) -> Mul
         sow_weights=config.sow_weights, attention_fn=config.attention_fn,
         window=None if cross else config.attention_window,
         implementation=config.attention_implementation, scale=config.attention_scale,
-        relative_position=relative, rope_base=config.rope_base, name=name,
+        relative_position=relative, rope_base=config.rope_base, alibi_directional=True, name=name,
     )
 
 

@@ -70,6 +70,10 @@ class MultiHeadAttention(nn.Module):
         or ``"alibi"`` (add ``-m_n |i - j|`` to the logits); see
         :mod:`flax_attention.positions`.
       rope_base: RoPE frequency base.
+      alibi_directional: ALiBi keys to the right of the query (``j > i``) use
+        the slopes in reversed head order, so bidirectional attention can tell
+        left from right (the symmetric form is mirror-invariant); no effect on
+        causal attention.
     """
 
     num_heads: int
@@ -98,6 +102,7 @@ class MultiHeadAttention(nn.Module):
     scale: Optional[float] = None
     relative_position: Optional[str] = None
     rope_base: float = 10000.0
+    alibi_directional: bool = False
 
     def _dims(self, features: int):
         n = self.num_heads
@@ -229,7 +234,9 @@ class MultiHeadAttention(nn.Module):
         elif static_kv and decode and not reuse_kv and not self.is_initializing():
             self._static_cache(key, value)  # init_cache allocates none: S is unknown there
         if self.relative_position == "alibi":  # Press et al. 2022, §3
-            bias = _add(bias, alibi_bias(alibi_slopes(n), q_pos, k_pos))
+            slopes = alibi_slopes(n)
+            right = slopes[::-1] if self.alibi_directional else None
+            bias = _add(bias, alibi_bias(slopes, q_pos, k_pos, right))
 
         sow = self.sow_weights if sow_weights is None else sow_weights
         det = True

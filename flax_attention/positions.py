@@ -8,8 +8,10 @@
 * ALiBi (Press et al. 2022, "Train Short, Test Long", §3): no position
   embedding; each head ``n`` adds ``-m_n · |i - j|`` to the logit of query
   ``i`` and key ``j``, with geometric slopes ``m_n``. For causal attention only
-  ``j <= i`` is visible and this is the paper's bias ``m · [-(i-1), …, -1, 0]``;
-  without a causal mask (encoder self-attention) the distance is symmetric.
+  ``j <= i`` is visible and this is the paper's bias ``m · [-(i-1), …, -1, 0]``.
+  The paper has no bidirectional form; a symmetric ``|i - j|`` is
+  mirror-invariant (see :func:`alibi_bias`), so keys to the right may get
+  other slopes (``right_slopes``).
 
 Positions are integer arrays ``[..., T]`` (may be traced, e.g. a KV-cache
 offset), so the same code serves teacher forcing and cached decoding.
@@ -162,13 +164,21 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.asarray(slopes, np.float32)
 
 
-def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array) -> Array:
-    """ALiBi logit bias ``-m_n · |i - j|``.
+def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array,
+               right_slopes: Optional[Array] = None) -> Array:
+    """ALiBi logit bias ``-m_n · |i - j|`` (keys ``j > i`` use ``right_slopes`` if given).
+
+    The symmetric form is mirror-invariant: with no other position signal,
+    reversing the input mirrors every output, so a model cannot tell its
+    first token from its last. ``right_slopes`` (e.g. the slopes in reversed
+    head order) breaks that symmetry for bidirectional attention; causal
+    attention never sees ``j > i``, so it is the paper's bias either way.
 
     Args:
-      slopes: ``[N]`` (e.g. :func:`alibi_slopes`).
+      slopes: ``[N]`` (e.g. :func:`alibi_slopes`), for keys ``j <= i``.
       query_positions: integer ``[..., T]``.
       key_positions: integer ``[..., S]``.
+      right_slopes: ``[N]`` for keys ``j > i``; default ``slopes``.
 
     Returns:
       float32 ``[..., N, T, S]``; pass it as ``bias`` to
@@ -177,4 +187,6 @@ def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array) -> A
     q = jnp.asarray(query_positions, jnp.float32)[..., None, :, None]
     k = jnp.asarray(key_positions, jnp.float32)[..., None, None, :]
     m = jnp.asarray(slopes, jnp.float32)[:, None, None]
+    if right_slopes is not None:
+        m = jnp.where(k > q, jnp.asarray(right_slopes, jnp.float32)[:, None, None], m)
     return -m * jnp.abs(q - k)

@@ -49,6 +49,29 @@ def test_alibi_slopes_and_bias():
     assert bias.shape == (2, 3, 3)
     np.testing.assert_allclose(bias[0], -(2.0 ** -4) * np.abs(np.arange(3)[:, None] - np.arange(3)))
     np.testing.assert_array_equal(bias, np.swapaxes(bias, -1, -2))  # symmetric distances
+    # Directional: keys to the right use the other slopes; the causal part is unchanged.
+    slopes = alibi_slopes(2)
+    directional = np.asarray(alibi_bias(slopes, jnp.arange(3), jnp.arange(3), slopes[::-1]))
+    np.testing.assert_array_equal(np.tril(directional[0]), np.tril(bias[0]))
+    np.testing.assert_allclose(directional[0, 0, 2], -2 * 2.0 ** -8)
+    np.testing.assert_allclose(directional[1, 0, 2], -2 * 2.0 ** -4)
+
+
+def test_transformer_alibi_encoder_is_not_mirror_invariant():
+    """Symmetric ALiBi + position-free cross-attention maps x and reverse(x) to the same
+    decoder input set, so no model could learn `reverse` beyond palindromes."""
+    model = Transformer(CFG.replace(position="alibi"))
+    v = jinit(model, SRC, TGT)
+    src = SRC[:1]
+    enc = jax.jit(lambda s: model.apply(v, s, method=Transformer.encode))
+    mirrored = np.asarray(enc(src[:, ::-1]))[:, ::-1]
+    assert not np.allclose(mirrored, np.asarray(enc(src)), atol=1e-3)
+    sym = MultiHeadAttention(num_heads=N, relative_position="alibi")
+    x = _x((1, 6, E), 3)
+    sv = jinit(sym, x, seed=2)
+    np.testing.assert_allclose(japply(sym, sv, x[:, ::-1])[:, ::-1], japply(sym, sv, x), rtol=1e-5, atol=1e-5)
+    directional = sym.clone(alibi_directional=True)
+    assert not np.allclose(japply(directional, sv, x[:, ::-1])[:, ::-1], japply(directional, sv, x), atol=1e-3)
 
 
 @pytest.mark.parametrize("relative", ["rope", "alibi"])
