@@ -12,7 +12,7 @@ at depth.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -99,6 +99,9 @@ class TransformerConfig:
     sow_weights: bool = False
     position: str = "sinusoidal"
     rope_base: float = 10000.0
+    # Fields added after workdirs were written, with the value older runs used
+    # (for the trainer's config check on resume; the None-valued ones need none).
+    ADDED_FIELDS: ClassVar[Dict[str, Any]] = {"position": "sinusoidal", "rope_base": 10000.0}
     attention_window: Any = None
     attention_implementation: Optional[str] = None
     attention_scale: Optional[float] = None
@@ -145,6 +148,11 @@ class TransformerConfig:
         """Transformer-big (Table 3): E=1024, N=16, F=4096, P_drop=0.3."""
         kw = dict(d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
         return cls(vocab_size=vocab_size, **{**kw, **overrides})
+
+    @classmethod
+    def added_fields(cls) -> Dict[str, Any]:
+        """:attr:`ADDED_FIELDS` as ``{"model.field": value}`` (see :func:`~flax_attention.checkpointing.load_config`)."""
+        return {f"model.{k}": v for k, v in cls.ADDED_FIELDS.items()}
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)
