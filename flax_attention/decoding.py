@@ -3,7 +3,10 @@
 Both run the encoder once and the decoder one token per step against the
 KV cache (``'cache'`` collection), inside a single ``lax.while_loop`` with a
 fixed maximum length, so a whole batch decodes in one jitted call and stops
-as soon as every sequence has emitted EOS.
+as soon as every sequence has emitted EOS. The first step (BOS) runs before
+the loop and computes every cross-attention's keys/values once; the loop
+closes over them (``encoded=None``: not carried, not gathered across beams).
+Index arithmetic is int32, so both also run under ``jax.enable_x64``.
 
 Outputs are token ids without the leading BOS: ``[B, L]`` (greedy) or
 ``[B, W, L]`` (beam), ``EOS`` included, ``PAD`` after it. PAD and BOS are
@@ -22,6 +25,7 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from flax_attention.data.tasks import BOS_ID, EOS_ID, PAD_ID
 from flax_attention.transformer import init_cache
@@ -35,6 +39,22 @@ def length_penalty(length, alpha: float) -> Array:
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
+def _split_memory(cache):
+    """``(cache without the cross-attention memory, that memory as a flat dict)``.
+
+    The memory is constant after the first step, so the loop closes over it
+    instead of carrying (and, in beam search, gathering) it.
+    """
+    flat = traverse_util.flatten_dict(cache)
+    memory = {k: v for k, v in flat.items() if "cross_attention" in k}
+    rest = {k: v for k, v in flat.items() if "cross_attention" not in k}
+    return traverse_util.unflatten_dict(rest), memory
+
+
+def _join_memory(cache, memory):
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **memory})
+
+
 def _encode(model, params, src):
     return model.apply({"params": params}, src, deterministic=True, method=model.encode)
 
@@ -42,8 +62,10 @@ def _encode(model, params, src):
 def _step(model, params, cache, tokens, encoded, src, forbidden):
     """One cached decoder step: ``tokens [B]`` -> (log-probs ``[B, V]``, new cache).
 
-    The ``forbidden`` ids (PAD and BOS) get log-probability ``_NEG_INF``
-    without renormalising, so scores stay the model's true log-probabilities.
+    ``encoded=None`` reuses the cross-attention keys/values cached by the
+    first step. The ``forbidden`` ids (PAD and BOS) get log-probability
+    ``_NEG_INF`` without renormalising, so scores stay the model's true
+    log-probabilities.
     """
     logits, mutated = model.apply(
         {"params": params, "cache": cache}, tokens[:, None], encoded, src,
@@ -80,27 +102,30 @@ def greedy_decode(
         i, _, _, _, done = state
         return (i < max_len) & ~jnp.all(done)
 
-    def body(state):
+    def body(state, memory, encoded_or_none=None):
         i, cache, out, last, done = state
-        log_probs, cache = _step(model, params, cache, last, encoded, src, (pad_id, bos_id))
+        log_probs, cache = _step(model, params, _join_memory(cache, memory), last, encoded_or_none, src,
+                                 (pad_id, bos_id))
+        cache, new_memory = _split_memory(cache)
         tok = jnp.where(done, pad_id, jnp.argmax(log_probs, axis=-1)).astype(jnp.int32)
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-        return i + 1, cache, out, tok, done | (tok == eos_id)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (jnp.zeros_like(i), i))
+        return (i + 1, cache, out, tok, done | (tok == eos_id)), new_memory
 
     state = (
         jnp.int32(0), cache, jnp.full((b, max_len), pad_id, jnp.int32),
         jnp.full((b,), bos_id, jnp.int32), jnp.zeros((b,), bool),
     )
-    return jax.lax.while_loop(cond, body, state)[2]
+    state, memory = body(state, {}, encoded)  # step 0 fills the cross-attention memory
+    return jax.lax.while_loop(cond, lambda st: body(st, memory)[0], state)[2]
 
 
 def _gather_beams(tree, beam_idx: Array, batch: int, beams: int):
     """Reorders every ``[B*W, ...]`` leaf by ``beam_idx [B, W]`` (source beam of each new beam).
 
-    Leaves without that leading axis (e.g. the scalar ``cache_index``, shared
-    by all beams because they advance in lockstep) are left as they are.
+    Leaves without that leading axis are left as they are (the loop carries
+    no cross-attention memory: it is the same for all beams of an example).
     """
-    flat = (jnp.arange(batch)[:, None] * beams + beam_idx).reshape(-1)
+    flat = (jnp.arange(batch, dtype=jnp.int32)[:, None] * beams + beam_idx).reshape(-1)
 
     def gather(x):
         if x.ndim == 0 or x.shape[0] != batch * beams:
@@ -136,9 +161,12 @@ def beam_search(
       alpha: length-penalty exponent, ``>= 0``.
 
     Returns:
-      ``(tokens [B, W, L], scores [B, W])``, best first. If no hypothesis of an
-      element reached EOS within ``L`` tokens, its live ones are returned,
-      scored ``log p / lp(L)``.
+      ``(tokens [B, W, L], scores [B, W])``: the finished hypotheses (ending in
+      EOS) best first, then, if fewer than ``W`` finished within ``L`` tokens,
+      the best unfinished live ones (no EOS: that marks them), best first,
+      scored ``log p / lp(n)`` for their ``n`` tokens. Only if fewer than ``W``
+      hypotheses exist at all (a tiny vocabulary) is a slot left all-PAD with
+      score ``-1e30``.
     """
     if beam_size < 1 or max_len < 1:
         raise ValueError(f"beam_size and max_len must be >= 1, got {beam_size}, {max_len}.")
@@ -155,17 +183,20 @@ def beam_search(
         bound = jnp.max(alive_lp, axis=-1) / max_penalty
         return (i < max_len) & ~jnp.all(fin_score[:, -1] >= bound)
 
-    def body(state):
+    def body(state, memory, encoded_or_none=None):
         i, cache, alive_seq, alive_lp, fin_seq, fin_score = state
         last = jax.lax.dynamic_index_in_dim(alive_seq, jnp.maximum(i - 1, 0), axis=2, keepdims=False)
         last = jnp.where(i == 0, bos_id, last).reshape(b * w)
-        log_probs, cache = _step(model, params, cache, last, encoded, src_w, (pad_id, bos_id))
+        log_probs, cache = _step(model, params, _join_memory(cache, memory), last, encoded_or_none, src_w,
+                                 (pad_id, bos_id))
+        cache, new_memory = _split_memory(cache)
         v = log_probs.shape[-1]
         cand = (alive_lp[:, :, None] + log_probs.reshape(b, w, v)).reshape(b, w * v)
         cand_lp, cand_idx = jax.lax.top_k(cand, 2 * w)                 # [B, 2W]
         src_beam, tok = cand_idx // v, (cand_idx % v).astype(jnp.int32)
         seqs = jnp.take_along_axis(alive_seq, src_beam[:, :, None], axis=1)
-        seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, i))
+        zero = jnp.zeros_like(i)
+        seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (zero, zero, i))
         is_eos = tok == eos_id
 
         # Live set: best W extensions that did not end in EOS.
@@ -184,15 +215,25 @@ def beam_search(
         all_seq = jnp.concatenate([fin_seq, seqs], axis=1)
         fin_score, top = jax.lax.top_k(all_score, w)
         fin_seq = jnp.take_along_axis(all_seq, top[:, :, None], axis=1)
-        return i + 1, cache, alive_seq, alive_lp, fin_seq, fin_score
+        return (i + 1, cache, alive_seq, alive_lp, fin_seq, fin_score), new_memory
 
     seq0 = jnp.full((b, w, max_len), pad_id, jnp.int32)
     # Only beam 0 is live at the start; the others would duplicate it.
     lp0 = jnp.tile(jnp.array([0.0] + [_NEG_INF] * (w - 1), jnp.float32), (b, 1))
     state = (jnp.int32(0), cache, seq0, lp0, seq0, jnp.full((b, w), _NEG_INF, jnp.float32))
-    _, _, alive_seq, alive_lp, fin_seq, fin_score = jax.lax.while_loop(cond, body, state)
+    state, memory = body(state, {}, encoded)  # step 0 fills the cross-attention memory
+    steps, _, alive_seq, alive_lp, fin_seq, fin_score = jax.lax.while_loop(
+        cond, lambda st: body(st, memory)[0], state)
 
-    none_finished = (fin_score[:, 0] <= _NEG_INF / 2)[:, None]
-    scores = jnp.where(none_finished, alive_lp / max_penalty, fin_score)
-    tokens = jnp.where(none_finished[:, :, None], alive_seq, fin_seq)
+    # Fill the slots no finished hypothesis took with the best live ones
+    # (all `steps` tokens long, no EOS), scored with the same length penalty.
+    live_score = jnp.where(alive_lp > _NEG_INF / 2, alive_lp / length_penalty(steps, alpha), _NEG_INF)
+    n_fin = jnp.sum(fin_score > _NEG_INF / 2, axis=1, dtype=jnp.int32)[:, None]  # [B, 1]
+    slot = jnp.arange(w, dtype=jnp.int32)[None, :]
+    take_live = slot >= n_fin
+    live_idx = jnp.clip(slot - n_fin, 0, w - 1)
+    live_seq = jnp.where((live_score > _NEG_INF / 2)[:, :, None], alive_seq, pad_id)
+    tokens = jnp.where(take_live[:, :, None],
+                       jnp.take_along_axis(live_seq, live_idx[:, :, None], axis=1), fin_seq)
+    scores = jnp.where(take_live, jnp.take_along_axis(live_score, live_idx, axis=1), fin_score)
     return tokens, scores

@@ -1,5 +1,6 @@
-"""Transformer building blocks (Vaswani et al. 2017): config, positional
-encoding, position-wise feed-forward network, encoder and decoder layers.
+"""Transformer building blocks (Vaswani et al. 2017): config, position-wise
+feed-forward network, encoder and decoder layers (the positional encodings
+live in :mod:`flax_attention.positions` and are re-exported here).
 
 Every layer wraps each sub-layer in a residual connection. Post-LN (the
 paper, §3.1): ``LayerNorm(x + Dropout(Sublayer(x)))``. Pre-LN
@@ -11,17 +12,22 @@ at depth.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attention.multihead import MultiHeadAttention
+from flax_attention.positions import (  # noqa: F401  (re-exported: their historical home)
+    SinusoidalPositionalEncoding,
+    sinusoidal_encoding,
+    sinusoidal_positions,
+)
 
 Array = jnp.ndarray
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
+POSITIONS = ("sinusoidal", "rope", "alibi", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +59,20 @@ class TransformerConfig:
         stay float32. param_dtype: parameter dtype.
       sow_weights: sow every attention layer's weights into
         ``'intermediates'`` (apply with ``mutable=['intermediates']``).
+      position: ``"sinusoidal"`` (absolute encodings added to the embeddings,
+        §3.5), ``"rope"`` (rotary q/k in every self-attention, Su et al. 2021),
+        ``"alibi"`` (linear distance biases in every self-attention, Press et
+        al. 2022; in the encoder, keys to the right get the slopes in reversed
+        head order: a symmetric ``|i - j|`` is mirror-invariant) or ``"none"``. Only
+        ``"sinusoidal"`` adds anything to the embeddings; cross-attention never
+        gets a position signal.
+      rope_base: RoPE frequency base.
+      attention_window: sliding window of every self-attention (``w`` or
+        ``(left, right)``, see :func:`~flax_attention.sliding_window_mask`).
+      attention_implementation: ``None`` (auto), ``"dense"`` or ``"chunked"``.
+      attention_scale: logit scale; ``None`` = ``1/√H``.
+      attention_fn: custom attention function of every attention layer (see
+        :class:`~flax_attention.MultiHeadAttention`); ``None`` = the package's.
     """
 
     vocab_size: int = 32000
@@ -77,9 +97,24 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     sow_weights: bool = False
+    position: str = "sinusoidal"
+    rope_base: float = 10000.0
+    # Fields added after workdirs were written, with the value older runs used
+    # (for the trainer's config check on resume; the None-valued ones need none).
+    ADDED_FIELDS: ClassVar[Dict[str, Any]] = {"position": "sinusoidal", "rope_base": 10000.0}
+    attention_window: Any = None
+    attention_implementation: Optional[str] = None
+    attention_scale: Optional[float] = None
+    attention_fn: Optional[Callable[..., Array]] = None
 
     def __post_init__(self):
+        if isinstance(self.attention_window, list):  # e.g. read back from JSON: keep the config hashable
+            object.__setattr__(self, "attention_window", tuple(self.attention_window))
         problems = []
+        if self.position not in POSITIONS:
+            problems.append(f"position={self.position!r} must be one of {POSITIONS}")
+        elif self.position == "rope" and (self.d_model // self.num_heads) % 2:
+            problems.append(f"position='rope' needs an even head dim, got {self.d_model // self.num_heads}")
         if self.d_model % self.num_heads:
             problems.append(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         k = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
@@ -114,75 +149,13 @@ class TransformerConfig:
         kw = dict(d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
         return cls(vocab_size=vocab_size, **{**kw, **overrides})
 
+    @classmethod
+    def added_fields(cls) -> Dict[str, Any]:
+        """:attr:`ADDED_FIELDS` as ``{"model.field": value}`` (see :func:`~flax_attention.checkpointing.load_config`)."""
+        return {f"model.{k}": v for k, v in cls.ADDED_FIELDS.items()}
+
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)
-
-
-def sinusoidal_encoding(positions: Array, features: int, max_timescale: float = 10000.0) -> Array:
-    """Sinusoidal encodings of arbitrary (possibly traced) positions (§3.5).
-
-    ``PE(pos, 2i) = sin(pos / 10000^(2i/E))``, ``PE(pos, 2i+1) = cos(pos / 10000^(2i/E))``
-    (sine and cosine interleaved, as in the paper's formula).
-
-    Args:
-      positions: integer or float ``[..., T]``.
-      features: ``E`` (odd values drop the last cosine).
-
-    Returns:
-      float32 ``[..., T, E]``.
-    """
-    dims = np.arange(features)
-    # Dims 2i and 2i+1 share the frequency 10000^(-2i/E).
-    inv_freq = np.power(max_timescale, -(dims - dims % 2) / features).astype(np.float32)
-    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
-    return jnp.where(dims % 2 == 0, jnp.sin(angles), jnp.cos(angles))
-
-
-def sinusoidal_positions(length: int, features: int, *, offset: Any = 0) -> Array:
-    """The table ``PE[offset : offset + length]`` of :func:`sinusoidal_encoding`.
-
-    Args:
-      length: static ``T``.
-      features: ``E``.
-      offset: first position (may be traced, e.g. a cache index).
-
-    Returns:
-      float32 ``[T, E]``.
-    """
-    return sinusoidal_encoding(offset + jnp.arange(int(length)), features)
-
-
-class SinusoidalPositionalEncoding(nn.Module):
-    """Adds sinusoidal position encodings to ``x [..., T, E]`` (no parameters).
-
-    With ``decode=True`` the position offset is kept in
-    ``'cache'/'position_index'`` and advances by ``T`` per call, so a prefill
-    and the following single-token steps get positions ``0, 1, 2, …``; like the
-    attention cache, it is allocated (not advanced) inside ``init``.
-    """
-
-    @nn.compact
-    def __call__(self, x: Array, *, positions: Optional[Array] = None, decode: bool = False) -> Array:
-        """Returns ``x + PE(positions)``.
-
-        Args:
-          x: ``[..., T, E]``.
-          positions: integer ``[T]`` or ``[..., T]``; default ``arange(T)``
-            (or the cache offset with ``decode``).
-          decode: continue from the cached position index.
-        """
-        t, e = x.shape[-2:]
-        if positions is None:
-            positions = jnp.arange(t)
-            if decode:
-                initialized = self.has_variable("cache", "position_index")
-                index = self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
-                if initialized:
-                    positions = positions + index.value
-                    index.value = index.value + t
-        elif decode:
-            raise ValueError("pass either explicit positions or decode=True, not both.")
-        return (x + sinusoidal_encoding(positions, e)).astype(x.dtype)
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -193,6 +166,8 @@ class PositionwiseFeedForward(nn.Module):
       out_features: output size; defaults to the input's ``E``.
       activation: default ReLU (the paper's ``max(0, ·)``).
       dropout_rate: dropout on the hidden activations.
+      deterministic: as in flax: with ``dropout_rate > 0`` exactly one of this
+        attribute and the call argument must be given.
     """
 
     d_ff: int
@@ -202,23 +177,31 @@ class PositionwiseFeedForward(nn.Module):
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+    deterministic: Optional[bool] = None
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, *, deterministic: Optional[bool] = None) -> Array:
         """``[..., E] -> [..., out_features]``."""
         dense = lambda f, name: nn.Dense(  # noqa: E731
             f, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
         h = self.activation(dense(self.d_ff, "wi")(x))
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        if self.dropout_rate > 0.0:
+            det = nn.merge_param("deterministic", self.deterministic, deterministic)
+            h = nn.Dropout(self.dropout_rate)(h, deterministic=det)
         return dense(self.out_features or x.shape[-1], "wo")(h)
 
 
-def _attention(config: TransformerConfig, name: str) -> MultiHeadAttention:
+def _attention(config: TransformerConfig, name: str, cross: bool = False) -> MultiHeadAttention:
+    """One attention layer of the config; self-attention gets the position scheme and window."""
+    relative = config.position if config.position in ("rope", "alibi") and not cross else None
     return MultiHeadAttention(
         num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
         dropout_rate=config.attention_dropout_rate, use_bias=config.use_bias,
         dtype=config.dtype, param_dtype=config.param_dtype,
-        sow_weights=config.sow_weights, name=name,
+        sow_weights=config.sow_weights, attention_fn=config.attention_fn,
+        window=None if cross else config.attention_window,
+        implementation=config.attention_implementation, scale=config.attention_scale,
+        relative_position=relative, rope_base=config.rope_base, alibi_directional=True, name=name,
     )
 
 
@@ -264,25 +247,33 @@ class TransformerDecoderLayer(_Residual):
     def __call__(
         self,
         y: Array,
-        encoded: Array,
+        encoded: Optional[Array],
         *,
         self_mask: Optional[Array] = None,
         cross_mask: Optional[Array] = None,
         deterministic: bool = True,
         decode: bool = False,
+        lengths: Optional[Array] = None,
     ) -> Array:
         """Decodes ``y [..., T, E]`` attending to ``encoded [..., S, E]``.
 
         Args:
+          encoded: the memory; with ``decode`` it may be ``None`` to reuse the
+            cross-attention keys/values cached by an earlier decode call that
+            passed it (they are projected once per source, not per step).
           self_mask: extra self-attention mask, broadcastable to ``[..., N, T, T]``
             (``[..., N, T, L]`` with ``decode``); causality is always applied.
           cross_mask: broadcastable to ``[..., N, T, S]`` (e.g. source key padding).
-          decode: use the self-attention KV cache.
+          decode: use the self-attention KV cache and the cross-attention memory cache.
+          lengths: int ``[...]`` with ``decode``: real new positions per example.
         """
+        if encoded is None and not decode:
+            raise ValueError("encoded=None is only valid with decode=True (cached cross-attention).")
         attend_self = lambda h: _attention(self.config, "self_attention")(  # noqa: E731
-            h, mask=self_mask, is_causal=True, deterministic=deterministic, decode=decode)
-        attend_cross = lambda h: _attention(self.config, "cross_attention")(  # noqa: E731
-            h, encoded, mask=cross_mask, deterministic=deterministic)
+            h, mask=self_mask, is_causal=True, deterministic=deterministic, decode=decode,
+            lengths=lengths)
+        attend_cross = lambda h: _attention(self.config, "cross_attention", cross=True)(  # noqa: E731
+            h, encoded, mask=cross_mask, deterministic=deterministic, decode=decode, static_kv=True)
         y = self.residual(y, attend_self, "self_attention", deterministic)
         y = self.residual(y, attend_cross, "cross_attention", deterministic)
         return self.residual(y, lambda h: self.ffn(h, deterministic), "ffn", deterministic)

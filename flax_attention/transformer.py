@@ -8,8 +8,13 @@
 * ``decode(tgt_in [B, T], encoded, src, decode=False) -> [B, T, V_out]``
   float32 logits; causal self-attention, source padding masked in
   cross-attention. With ``decode=True`` the ``"cache"`` collection is read and
-  updated (apply with ``mutable=['cache']``) and positions continue from the
-  cache index: prefill a prompt, then feed one token at a time.
+  updated (apply with ``mutable=['cache']``) and positions continue from each
+  example's cache index: prefill a (right-padded) prompt with its ``lengths``,
+  then feed one token at a time. The first decode call passes ``encoded`` and
+  caches every cross-attention's keys/values; later calls may pass
+  ``encoded=None`` to reuse them (passing it again recomputes them). Jit such
+  a step with ``donate_argnums`` on the cache: the unchanged memory is then
+  aliased, not copied into the returned cache at every step.
 * ``__call__(src, tgt_in)`` = ``decode(tgt_in, encode(src), src)`` (teacher
   forcing).
 
@@ -83,21 +88,22 @@ class TransformerDecoder(nn.Module):
         cross_mask: Optional[Array] = None,
         deterministic: bool = True,
         decode: bool = False,
+        lengths: Optional[Array] = None,
     ) -> Array:
         """Decodes ``y [..., T, E]`` against ``encoded [..., S, E]`` -> ``[..., T, E]``.
 
-        Self-attention is causal; ``self_mask``/``cross_mask`` as in
-        :class:`~flax_attention.TransformerDecoderLayer`.
+        Self-attention is causal; ``encoded``, ``self_mask``, ``cross_mask`` and
+        ``lengths`` as in :class:`~flax_attention.TransformerDecoderLayer`.
         """
         for i in range(self.config.num_decoder_layers):
             y = TransformerDecoderLayer(self.config, name=f"layers_{i}")(
                 y, encoded, self_mask=self_mask, cross_mask=cross_mask,
-                deterministic=deterministic, decode=decode)
+                deterministic=deterministic, decode=decode, lengths=lengths)
         return _final_norm(self.config, "final_norm")(y) if self.config.pre_ln else y
 
 
 class Transformer(nn.Module):
-    """Encoder–decoder Transformer with sinusoidal positions and (tied) embeddings.
+    """Encoder–decoder Transformer with (tied) embeddings and ``config.position`` positions.
 
     Embeddings are multiplied by ``√E`` (§3.4) and initialised with standard
     deviation ``E^-1/2``, so embedded inputs have unit scale and tied output
@@ -119,12 +125,14 @@ class Transformer(nn.Module):
         if not c.tie_output:
             self.output_projection = nn.Dense(
                 c.target_vocab_size, dtype=c.dtype, param_dtype=c.param_dtype, name="logits")
-        self.positions = SinusoidalPositionalEncoding()
+        if c.position == "sinusoidal":  # rope/alibi live in the attention layers
+            self.positions = SinusoidalPositionalEncoding()
         self.dropout = nn.Dropout(c.dropout_rate)
         self.encoder = TransformerEncoder(c)
         self.decoder = TransformerDecoder(c)
 
-    def _embed(self, embedding: nn.Embed, tokens: Array, deterministic: bool, decode: bool = False):
+    def _embed(self, embedding: nn.Embed, tokens: Array, deterministic: bool, decode: bool = False,
+               lengths: Optional[Array] = None):
         if tokens.ndim < 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array [..., L], got {tokens.dtype} {tokens.shape}.")
         if tokens.shape[-1] > self.config.max_len:
@@ -132,8 +140,10 @@ class Transformer(nn.Module):
                 f"sequence length {tokens.shape[-1]} exceeds config.max_len={self.config.max_len}; "
                 "truncate the inputs or raise max_len.")
         x = embedding(tokens) * jnp.asarray(self.config.d_model**0.5, self.config.dtype)
+        if self.config.position == "sinusoidal":
+            x = self.positions(x, decode=decode, lengths=lengths)
         # Dropout on the sum of embeddings and positional encodings (§5.4).
-        return self.dropout(self.positions(x, decode=decode), deterministic=deterministic)
+        return self.dropout(x, deterministic=deterministic)
 
     def encode(self, src_tokens: Array, *, deterministic: bool = True) -> Array:
         """Encodes ``src_tokens [B, S]`` (int) -> ``[B, S, E]``; ``pad_id`` keys are masked."""
@@ -144,28 +154,36 @@ class Transformer(nn.Module):
     def decode(
         self,
         tgt_in: Array,
-        encoded: Array,
+        encoded: Optional[Array],
         src_tokens: Array,
         *,
         deterministic: bool = True,
         decode: bool = False,
+        lengths: Optional[Array] = None,
     ) -> Array:
         """Next-token logits for the decoder inputs.
 
         Args:
           tgt_in: int ``[B, T]``, starting with a BOS id ``!= pad_id``.
-          encoded: ``[B, S, E]`` from :meth:`encode`.
+          encoded: ``[B, S, E]`` from :meth:`encode`; with ``decode`` it may
+            be ``None`` after a first decode call that passed it (the
+            cross-attention keys/values cached then are reused).
           src_tokens: int ``[B, S]``; its padding is masked in cross-attention.
           deterministic: disables dropout.
           decode: incremental decoding with the ``"cache"`` collection (apply
             with ``mutable=['cache']``): ``tgt_in`` holds the next ``T``
-            positions (a prompt, then one token per call). Target padding is
-            not masked in this mode.
+            positions (a prompt, then one token per call). Prompts of
+            different lengths are right-padded and given ``lengths``; the
+            logits at padding positions are meaningless.
+          lengths: int ``[B]`` with ``decode``: real tokens of ``tgt_in`` per
+            example (default ``T``); each example's cache advances by its own.
 
         Returns:
           float32 logits ``[B, T, V_out]``.
         """
-        if encoded.shape[:-1] != src_tokens.shape:
+        if encoded is None and not decode:
+            raise ValueError("encoded=None needs decode=True and an earlier decode call with encoded.")
+        if encoded is not None and encoded.shape[:-1] != src_tokens.shape:
             raise ValueError(
                 f"encoded {encoded.shape} must be [B, S, E] for src_tokens {src_tokens.shape}; "
                 "pass the same src_tokens that were encoded.")
@@ -174,9 +192,9 @@ class Transformer(nn.Module):
         # With a cache the mask would have to cover all L cached slots, and
         # generated tokens are never padding, so causality alone is used.
         self_mask = None if decode else key_mask(tgt_in != self.config.pad_id)
-        y = self._embed(self.target_embedding, tgt_in, deterministic, decode)
+        y = self._embed(self.target_embedding, tgt_in, deterministic, decode, lengths)
         y = self.decoder(y, encoded, self_mask=self_mask, cross_mask=cross_mask,
-                         deterministic=deterministic, decode=decode)
+                         deterministic=deterministic, decode=decode, lengths=lengths)
         if self.config.tie_output:
             logits = self.target_embedding.attend(y)
         else:
@@ -207,6 +225,10 @@ def init_cache(model: Transformer, batch_size: int, max_len: Optional[int] = Non
     Returns:
       The ``"cache"`` collection: pass ``{'params': params, 'cache': cache}`` to
       ``model.apply(..., decode=True, mutable=['cache'], method=Transformer.decode)``.
+      It holds the self-attention caches (``cache_index``/``cache_overflow``
+      per example) and, for sinusoidal positions, ``position_index [B]``; the
+      cross-attention memory is added by the first decode call that passes
+      ``encoded`` (its length ``S`` is not known here).
     """
     max_len = model.config.max_len if max_len is None else int(max_len)
     if batch_size <= 0 or max_len <= 0:

@@ -93,7 +93,13 @@ def test_beam_search_finds_exhaustive_best(alpha):
         assert got[: len(best_seq)] == best_seq
         assert all(t == PAD_ID for t in got[len(best_seq):])
         np.testing.assert_allclose(float(scores[b, 0]), best, rtol=1e-4, atol=1e-4)
-        assert np.all(np.diff(np.asarray(scores[b])) <= 1e-6)  # sorted best first
+        # Finished hypotheses first, sorted best first: W = 108 keeps all 40 of them;
+        # the remaining slots hold unfinished (EOS-free) live ones, sorted too.
+        has_eos = [EOS_ID in row for row in np.asarray(tokens[b]).tolist()]
+        assert has_eos == [True] * len(cands) + [False] * (width - len(cands))
+        fin, unfin = np.asarray(scores[b, :len(cands)]), np.asarray(scores[b, len(cands):])
+        assert np.all(np.diff(fin) <= 1e-6) and np.all(np.diff(unfin) <= 1e-6)
+        np.testing.assert_allclose(np.sort(fin)[::-1], np.sort(score)[::-1], rtol=1e-4, atol=1e-4)
 
 
 def test_beam_search_shapes_and_bad_args():
@@ -105,3 +111,41 @@ def test_beam_search_shapes_and_bad_args():
         beam_search(model, params, src, beam_size=2, max_len=5, alpha=-0.5)
     with pytest.raises(ValueError, match="max_len"):
         greedy_decode(model, params, src, max_len=0)
+
+
+def test_beam_search_returns_real_hypotheses_when_few_finish():
+    # L = 2 tokens: few hypotheses reach EOS, so the finished set is short and
+    # the rest must be real live hypotheses (no EOS), never all-PAD placeholders,
+    # scored log p / lp(n) like the finished ones.
+    vocab, max_len, width, alpha = 9, 2, 4, 0.6
+    model, params = tiny_model(vocab, seed=1)
+    src = random_src(np.random.default_rng(5), 3, 5, vocab)
+    tokens, scores = beam_search(model, params, src, beam_size=width, max_len=max_len, alpha=alpha)
+    tokens, scores = np.asarray(tokens), np.asarray(scores)
+    assert np.all(scores > -1e29) and np.all(tokens[..., 0] != PAD_ID)
+    partial = 0
+    for b in range(3):
+        has_eos = [EOS_ID in row for row in tokens[b].tolist()]
+        n_fin = sum(has_eos)
+        partial += 0 < n_fin < width
+        assert has_eos == [True] * n_fin + [False] * (width - n_fin)  # finished first
+        assert len({tuple(r) for r in tokens[b].tolist()}) == width  # distinct hypotheses
+        lp = teacher_forced_log_probs(model, params, jnp.repeat(src[b:b + 1], width, 0),
+                                      jnp.asarray(tokens[b]))
+        token_lp = np.take_along_axis(lp, tokens[b][:, :, None], axis=-1)[..., 0]
+        n = np.array([row.index(EOS_ID) + 1 if EOS_ID in row else max_len for row in tokens[b].tolist()])
+        want = np.where(np.arange(max_len) < n[:, None], token_lp, 0.0).sum(-1) / ((5.0 + n) / 6.0) ** alpha
+        np.testing.assert_allclose(scores[b], want, rtol=1e-4, atol=1e-4)
+    assert partial, "the fixture should leave some element with fewer than W finished hypotheses"
+
+
+def test_greedy_and_beam_run_in_64_bit_mode():
+    model, params = tiny_model(8, seed=2)
+    src = random_src(np.random.default_rng(6), 2, 4, 8)
+    greedy = np.asarray(greedy_decode(model, params, src, max_len=5))
+    beams = beam_search(model, params, src, beam_size=2, max_len=5)
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(greedy_decode(model, params, src, max_len=5), greedy)
+        beams64 = beam_search(model, params, src, beam_size=2, max_len=5)
+    np.testing.assert_array_equal(beams64[0], beams[0])
+    np.testing.assert_allclose(beams64[1], beams[1], rtol=1e-5)

@@ -1,12 +1,19 @@
 """MultiHeadAttention: parity with flax, GQA semantics, KV cache, sown weights."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention import MultiHeadAttention, key_mask
+from flax_attention import (
+    MultiHeadAttention,
+    PositionwiseFeedForward,
+    key_mask,
+    scaled_dot_product_attention,
+)
 from module_helpers import japply, jinit
 
 B, T, S, E, N = 2, 5, 7, 16, 4
@@ -94,8 +101,8 @@ def test_sow_weights_only_when_asked():
 def test_dropout_changes_output_and_is_reproducible():
     x = _x((B, T, E), 0)
     m = MultiHeadAttention(num_heads=N, dropout_rate=0.5)
-    v = jinit(m, x)
-    det = japply(m, v, x)
+    v = jinit(m, x, deterministic=True)
+    det = japply(m, v, x, deterministic=True)
     drop = jax.jit(lambda key: m.apply(v, x, deterministic=False, rngs={"dropout": key}))
     a, b, c = drop(jax.random.key(1)), drop(jax.random.key(1)), drop(jax.random.key(2))
     assert not np.allclose(a, det)
@@ -126,7 +133,7 @@ def _decode(m, params, x, mask, chunks):
         cache = state["cache"]
         outs.append(out)
         start += size
-    assert int(cache["cache_index"]) == start
+    assert cache["cache_index"].shape == (B,) and np.all(cache["cache_index"] == start)
     return jnp.concatenate(outs, axis=1)
 
 
@@ -158,8 +165,13 @@ def test_cache_works_under_jit():
     # Past the end under jit: cannot raise, so the output is poisoned with NaN.
     out, state = step(cache, x[:, :1])  # slot 7 of 8: still fits
     assert np.all(np.isfinite(out))
-    out, _ = step(state["cache"], x[:, :1])
+    full_cache = state["cache"]
+    out, state = step(full_cache, x[:, 1:2])
     assert np.all(np.isnan(out))
+    # ... and the cache is not corrupted: no clamped write over slot 7, overflow flagged.
+    for name in ("cached_key", "cached_value"):
+        np.testing.assert_array_equal(state["cache"][name], full_cache[name])
+    assert not np.any(full_cache["cache_overflow"]) and np.all(state["cache"]["cache_overflow"])
 
 
 def test_cache_errors():
@@ -168,7 +180,8 @@ def test_cache_errors():
     params = jinit(m, x, seed=1)["params"]
     cache = m.init(jax.random.key(0), jnp.zeros((B, 4, E)), decode=True)["cache"]
     assert cache["cached_key"].shape == cache["cached_value"].shape == (B, 4, N, E // N)
-    assert int(cache["cache_index"]) == 0 and not np.any(cache["cached_key"])
+    assert not np.any(cache["cache_index"]) and not np.any(cache["cached_key"])
+    assert cache["cache_index"].shape == cache["cache_overflow"].shape == (B,)
     # Eager calls: every check fires before any projection is computed.
     apply = lambda c, xs, kv=None: m.apply({"params": params, "cache": c}, xs, kv,  # noqa: E731
                                            decode=True, mutable=["cache"])
@@ -182,3 +195,137 @@ def test_cache_errors():
         m.apply({"params": params}, x, decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match="self-attention"):
         apply(cache, x[:, :1], x)
+
+
+# ------------------------------------------------- drop-in for flax's module
+
+def _pair(**kw):
+    """Flax's module and ours with the same settings, and flax-initialised variables."""
+    return nn.MultiHeadDotProductAttention(num_heads=N, **kw), MultiHeadAttention(num_heads=N, **kw)
+
+
+def test_flax_call_patterns_give_flax_outputs():
+    q, k, v = _x((B, T, E), 0), _x((B, S, E), 1), _x((B, S, E), 2)  # one tree for self and cross
+    tokens = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 1]])  # make_causal_mask reads only the shape
+    kv_valid = jnp.arange(S)[None] < jnp.array([[4], [7]])
+    for kw in ({}, {"normalize_qk": True, "qkv_features": 24, "out_features": 9}):
+        ref, ours = _pair(**kw)
+        variables = jinit(ref, q, k, v, seed=3)
+        # Same parameter tree, normalize_qk's query_ln/key_ln included.
+        assert jax.tree.map(jnp.shape, jax.eval_shape(lambda: ours.init(jax.random.key(0), q, k, v))) \
+            == jax.tree.map(jnp.shape, variables)
+        calls = [
+            ((q,), {}),                                                    # self-attention
+            ((q,), {"mask": nn.make_causal_mask(tokens)}),                 # causal, [B, 1, T, T]
+            # Cross-attention with a key padding mask (every query row keeps a key:
+            # on empty rows flax averages all values, we output zeros).
+            ((q, k, v), {"mask": nn.make_attention_mask(jnp.ones((B, T), bool), kv_valid)}),
+            ((q, k), {}),                                                  # inputs_v = inputs_k
+            ((q,), {"inputs_kv": k}),                                      # deprecated alias
+            ((q,), {"deterministic": True, "sow_weights": False}),
+        ]
+        for args, kwargs in calls:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                want = japply(ref, variables, *args, **kwargs)
+                got = japply(ours, variables, *args, **kwargs)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(kwargs.keys()))
+
+
+def test_flax_attention_fn_and_sown_weights():
+    q, kv = _x((B, T, E), 0), _x((B, S, E), 1)
+    ref = nn.MultiHeadDotProductAttention(num_heads=N)
+    variables = jinit(ref, q, kv, seed=4)
+    ours = MultiHeadAttention(num_heads=N, attention_fn=nn.dot_product_attention, scale=0.3)
+    plain = MultiHeadAttention(num_heads=N, scale=0.3)
+    # flax's function takes no scale: it is folded into the query.
+    np.testing.assert_allclose(japply(ours, variables, q, kv), japply(plain, variables, q, kv),
+                               rtol=1e-5, atol=1e-5)
+    # GQA keys are repeated for a function that expects N heads; causality becomes a mask.
+    gqa = MultiHeadAttention(num_heads=N, num_kv_heads=2, attention_fn=nn.dot_product_attention)
+    gv = jinit(gqa, q, seed=5)
+    np.testing.assert_allclose(
+        japply(gqa, gv, q, is_causal=True),
+        japply(MultiHeadAttention(num_heads=N, num_kv_heads=2), gv, q, is_causal=True), rtol=1e-5, atol=1e-5)
+    # sow_weights=True as a call argument, like flax: the weights land in 'intermediates'.
+    for m in (ref, MultiHeadAttention(num_heads=N)):
+        _, state = japply(m, variables, q, kv, sow_weights=True, mutable=["intermediates"])
+        assert state["intermediates"]["attention_weights"][0].shape == (B, N, T, S)
+
+
+def test_flax_decode_attribute_loop():
+    """flax's own pattern: decode=True attribute, init on the full length, one token per apply."""
+    x = _x((B, 6, E), 0)
+    ref = nn.MultiHeadDotProductAttention(num_heads=N, decode=True)
+    ours = MultiHeadAttention(num_heads=N, decode=True)
+    variables = jinit(ref, x, seed=6)
+    params = variables["params"]
+    full = japply(MultiHeadAttention(num_heads=N), {"params": params}, x, is_causal=True)
+    for m in (ref, ours):
+        cache = m.init(jax.random.key(0), x)["cache"]
+        step = jax.jit(lambda c, xs, m=m: m.apply({"params": params, "cache": c}, xs, mutable=["cache"]))
+        outs = []
+        for i in range(6):
+            out, state = step(cache, x[:, i:i + 1])
+            cache = state["cache"]
+            outs.append(out)
+        np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_follows_flax():
+    x = _x((B, T, E), 0)
+    for m in (MultiHeadAttention(num_heads=N, dropout_rate=0.1), PositionwiseFeedForward(32, dropout_rate=0.1)):
+        v = jinit(m, x, deterministic=True)
+        with pytest.raises(ValueError, match="deterministic"):
+            m.apply(v, x)  # neither attribute nor argument: no silent default
+        with pytest.raises(ValueError, match="deterministic"):
+            m.clone(deterministic=True).apply(v, x, deterministic=False)  # both: flax refuses too
+        np.testing.assert_array_equal(m.clone(deterministic=True).apply(v, x), m.apply(v, x, deterministic=True))
+    # Without dropout nothing is required (as flax).
+    m = MultiHeadAttention(num_heads=N)
+    japply(m, jinit(m, x), x)
+
+
+def test_function_options_pass_through():
+    x = _x((B, 9, E), 0)
+    params = jinit(MultiHeadAttention(num_heads=N), x, seed=7)
+    p = params["params"]
+    q = jnp.einsum("bte,enh->btnh", x, p["query"]["kernel"]) + p["query"]["bias"]
+    k = jnp.einsum("bte,enh->btnh", x, p["key"]["kernel"]) + p["key"]["bias"]
+    val = jnp.einsum("bte,enh->btnh", x, p["value"]["kernel"]) + p["value"]["bias"]
+    opts = dict(window=(2, 1), scale=0.2, implementation="chunked")
+    want = scaled_dot_product_attention(q, k, val, is_causal=True, **opts)
+    want = jnp.einsum("btnh,nhe->bte", want, p["out"]["kernel"]) + p["out"]["bias"]
+    got = japply(MultiHeadAttention(num_heads=N, **opts), params, x, is_causal=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The window also holds in cached decoding (positions are per example).
+    m = MultiHeadAttention(num_heads=N, window=2)
+    full = japply(m, params, x, is_causal=True)
+    cache = jinit(m, x, decode=True)["cache"]
+    step = jax.jit(lambda c, xs: m.apply({"params": p, "cache": c}, xs, decode=True, mutable=["cache"]))
+    out1, state = step(cache, x[:, :5])
+    out2, _ = step(state["cache"], x[:, 5:])
+    np.testing.assert_allclose(jnp.concatenate([out1, out2], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_static_kv_caches_cross_attention_memory():
+    q, mem = _x((B, 4, E), 0), _x((B, S, E), 1)
+    m = MultiHeadAttention(num_heads=N, num_kv_heads=2)
+    v = jinit(m, q, mem, seed=8)
+    want = japply(m, v, q, mem)
+    first, state = m.apply(v, q[:, :1], mem, decode=True, static_kv=True, mutable=["cache"])
+    assert state["cache"]["cached_key"].shape == (B, S, 2, E // N)
+    rest, _ = m.apply({**v, **state}, q[:, 1:], decode=True, static_kv=True, mutable=["cache"])
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="earlier call"):
+        m.apply(v, q, decode=True, static_kv=True, mutable=["cache"])
+
+
+def test_cache_decoding_in_64_bit_mode():
+    x = _x((B, 7, E), 0)
+    m = MultiHeadAttention(num_heads=N, relative_position="rope")
+    params = jinit(m, x, seed=1)["params"]
+    want = _decode(m, params, x, None, chunks=[3, 1, 1, 1, 1])
+    with jax.enable_x64(True):
+        got = _decode(m, params, x, None, chunks=[3, 1, 1, 1, 1])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

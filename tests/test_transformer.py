@@ -65,10 +65,10 @@ def test_positional_encoding_module_shape_and_decode_offset():
     assert out.shape == (B, T, E)
     np.testing.assert_allclose(out - x, jnp.broadcast_to(sinusoidal_positions(T, E), x.shape), atol=1e-6)
     cache = m.init(jax.random.key(0), x, decode=True)["cache"]
-    assert int(cache["position_index"]) == 0
+    assert cache["position_index"].shape == (B,) and not np.any(cache["position_index"])
     first, state = m.apply({"cache": cache}, x[:, :3], decode=True, mutable=["cache"])
     second, state = m.apply(state, x[:, 3:], decode=True, mutable=["cache"])
-    assert int(state["cache"]["position_index"]) == T
+    assert np.all(state["cache"]["position_index"] == T)
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), out, atol=1e-6)
 
 
@@ -179,9 +179,11 @@ def test_cached_decoding_equals_teacher_forcing(fx):
     for i in range(CFG.num_decoder_layers):
         layer = cache["decoder"][f"layers_{i}"]["self_attention"]
         assert layer["cached_key"].shape == layer["cached_value"].shape == (B, 8, CFG.num_heads, h)
-        assert int(layer["cache_index"]) == 0
-    assert int(cache["positions"]["position_index"]) == 0
-    assert "encoder" not in cache  # cross-attention and the encoder keep no cache
+        assert layer["cache_index"].shape == (B,) and not np.any(layer["cache_index"])
+    assert cache["positions"]["position_index"].shape == (B,)
+    assert not np.any(cache["positions"]["position_index"])
+    assert "encoder" not in cache  # the encoder keeps no cache
+    assert "cross_attention" not in cache["decoder"]["layers_0"]  # filled by the first decode call
     step = jax.jit(lambda c, tok: model.apply({"params": v["params"], "cache": c}, tok, encoded, SRC,
                                               decode=True, mutable=["cache"], method=Transformer.decode))
     outs, start = [], 0
@@ -214,3 +216,39 @@ def test_config_defaults_and_validation():
         TransformerConfig(vocab_size=10, output_vocab_size=12)
     with pytest.raises(ValueError, match="max_len"):
         shapes(Transformer(CFG), SRC, jnp.ones((B, 17), jnp.int32))
+
+
+def test_cross_attention_memory_is_cached_by_the_first_decode_call(fx):
+    model, v = fx["model"], fx["v"]
+    encoded = fx["enc"](v, SRC)
+    full = fx["dec"](v, TGT, encoded, SRC)
+    step = jax.jit(lambda c, tok, enc: model.apply({"params": v["params"], "cache": c}, tok, enc, SRC,
+                                                   decode=True, mutable=["cache"], method=Transformer.decode))
+    logits, state = step(init_cache(model, B, max_len=8), TGT[:, :2], encoded)
+    cross = state["cache"]["decoder"]["layers_1"]["cross_attention"]
+    assert cross["cached_key"].shape == (B, S, CFG.num_heads, E // CFG.num_heads)
+    outs = [logits]
+    for t in range(2, T):  # encoded=None: the cached keys/values are reused
+        logits, state = step(state["cache"], TGT[:, t:t + 1], None)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="earlier call"):  # nothing cached yet
+        step(init_cache(model, B, max_len=8), TGT[:, :1], None)
+
+
+def test_config_passes_attention_options_to_every_layer(fx):
+    import flax.linen as nn
+
+    v = fx["v"]
+    base = np.asarray(fx["fwd"](v, SRC, TGT))
+    run = lambda **kw: np.asarray(japply(Transformer(CFG.replace(**kw)), v, SRC, TGT))  # noqa: E731
+    # flax's function is the same maths; the chunked kernel too.
+    np.testing.assert_allclose(run(attention_fn=nn.dot_product_attention), base, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run(attention_implementation="chunked"), base, rtol=1e-4, atol=1e-4)
+    # A window of 0 predecessors leaves each self-attention query only itself.
+    assert not np.allclose(run(attention_window=0), base, atol=1e-3)
+    scaled = run(attention_scale=0.1)
+    assert not np.allclose(scaled, base, atol=1e-3)
+    np.testing.assert_allclose(run(attention_scale=0.1, attention_fn=nn.dot_product_attention), scaled,
+                               rtol=1e-4, atol=1e-4)
+    assert CFG.replace(attention_window=[2, 0]).attention_window == (2, 0)  # hashable after JSON
