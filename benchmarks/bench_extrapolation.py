@@ -5,7 +5,7 @@ Run from the repository root::
     python -m benchmarks.bench_extrapolation               # writes benchmarks/results/extrapolation.{json,md}
     python -m benchmarks.bench_extrapolation --steps 50 --out /tmp/extra   # smoke run
 
-The small Transformer (:func:`small_config`) is trained on sources of length
+The small Transformer of ``train.py --model seq2seq`` is trained on sources of length
 1-20 with each ``TransformerConfig.position`` (sinusoidal, RoPE, ALiBi) and
 decoded greedily on lengths 1-40; the table reports exact match (the whole
 reversed sequence right) at the training lengths and on the unseen 21-30 and
@@ -25,20 +25,30 @@ VARIANTS = ("sinusoidal", "rope", "alibi")
 
 
 def train_variant(position: str, steps: int, seed: int):
-    """Trains one variant; returns ``(exact_by_length {n: float}, seconds)``.
+    """Trains one variant through the one trainer; returns ``(exact_by_length {n: float}, seconds)``.
 
-    The only place that knows the trainer's API (repoint it here if it moves).
+    Same settings as ``train.py --model seq2seq --task reverse --test_max_len 40 --position P``
+    (epochs of 250 steps), in a throw-away workdir.
     """
-    from flax_attention.data.tasks import TaskConfig
-    from flax_attention.seq2seq_train import Seq2SeqTrainConfig, small_config, train_seq2seq
+    import dataclasses
+    import tempfile
 
-    task = TaskConfig(name="reverse", max_len=20, test_max_len=40)
-    config = small_config(task, position=position, max_len=task.longest_target)
+    from flax_attention.training.config import TrainConfig
+    from flax_attention.training.loop import train_and_evaluate
+    from flax_attention.training.seq2seq import SEQ2SEQ, DecodeConfig, Seq2SeqModelConfig, SyntheticConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{**{k: v for k, v in SEQ2SEQ.flag_defaults.items() if k in names},
+                           "num_epochs": max(1, steps // min(250, steps)), "seed": seed})
+    configs = {"model": Seq2SeqModelConfig(position=position),
+               "data": SyntheticConfig(task="reverse", max_len=20, test_max_len=40, steps_per_epoch=min(250, steps)),
+               "decode": DecodeConfig(),
+               "train": train}
     start = time.perf_counter()
-    _, history = train_seq2seq(config, task, Seq2SeqTrainConfig(steps=steps, seed=seed),
-                               test_lengths=range(1, 41))
-    exact = history[-1]["length_eval"]["exact_by_length"]
-    return {int(n): float(v) for n, v in exact.items()}, time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as workdir:
+        metrics = train_and_evaluate(SEQ2SEQ, configs, workdir)
+    exact = {int(k[len("exact_len"):]): float(v) for k, v in metrics.items() if k.startswith("exact_len")}
+    return exact, time.perf_counter() - start
 
 
 def _mean(exact, lo, hi):

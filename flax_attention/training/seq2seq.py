@@ -40,6 +40,9 @@ class Seq2SeqModelConfig:
       dropout_rate: residual/embedding dropout (the paper's P_drop).
       attention_dropout_rate: dropout on attention weights.
       pre_ln: pre-LN residual blocks instead of the paper's post-LN.
+      position: ``sinusoidal`` (absolute, added to the embeddings; the
+        paper), ``rope`` (rotary, Su et al. 2021), ``alibi`` (linear biases,
+        Press et al. 2022) or ``none``.
     """
 
     d_model: int = 64
@@ -50,6 +53,7 @@ class Seq2SeqModelConfig:
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     pre_ln: bool = False
+    position: str = "sinusoidal"
 
     def transformer(self, vocab_size: int, max_len: int) -> TransformerConfig:
         return TransformerConfig(vocab_size=vocab_size, max_len=max_len, **dataclasses.asdict(self))
@@ -80,6 +84,7 @@ class DecodeConfig:
             raise ValueError("--beam_size, --eval_beam_size and --decode_batch must be >= 1.")
 
 
+MODEL_ADDED_FIELDS = {"model.position": "sinusoidal"}  # workdirs written before the field existed
 DECODE_RESUMABLE = tuple(f"decode.{k}" for k in ("beam_size", "eval_beam_size", "alpha", "decode_batch"))
 PAPER_OPTIMIZER = {"lr_schedule": "rsqrt", "adam_b2": 0.98, "adam_eps": 1e-9}
 
@@ -260,6 +265,7 @@ SEQ2SEQ = Task(
     flag_defaults={**PAPER_OPTIMIZER, "learning_rate": (64 * 500) ** -0.5, "warmup_steps": 500,
                    "cooldown_fraction": 0.3, "batch_size": 64, "num_epochs": 8, "eval_batch_size": 250},
     resumable=DECODE_RESUMABLE + ("data.eval_examples", "data.length_eval_per_length"),
+    added_fields=MODEL_ADDED_FIELDS,
     decode_eval=_synthetic_decode_eval,
     summary=lambda m: (f"loss {m['loss']:.4f} token acc {m['accuracy']:.4f} | greedy exact match "
                        f"{m.get('exact_match', float('nan')):.4f}"),

@@ -23,7 +23,7 @@ import numpy as np
 from flax_attention.data import translate as D
 from flax_attention.data.tasks import PAD_ID
 from flax_attention.training import distributed
-from flax_attention.training.seq2seq import (DECODE_RESUMABLE, PAPER_OPTIMIZER, DecodeConfig, Seq2SeqModelConfig,
+from flax_attention.training.seq2seq import (DECODE_RESUMABLE, MODEL_ADDED_FIELDS, PAPER_OPTIMIZER, DecodeConfig, Seq2SeqModelConfig,
                                              build_transformer, decode_dataset, seq2seq_init_inputs, seq2seq_loss)
 from flax_attention.training.tasks import Task
 
@@ -161,6 +161,7 @@ TRANSLATE = Task(
                    "cooldown_fraction": 0.2, "batch_size": 128, "num_epochs": 20, "eval_batch_size": 200,
                    "beam_size": 4, "decode_batch": 200},
     resumable=DECODE_RESUMABLE,
+    added_fields=MODEL_ADDED_FIELDS,
     decode_eval=_decode_eval,
     summary=lambda m: f"loss {m['loss']:.4f} token acc {m['accuracy']:.4f} | BLEU {m.get('bleu', float('nan')):.2f}",
     eval_name="validation tokens",
