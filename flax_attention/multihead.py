@@ -332,7 +332,9 @@ class MultiHeadAttention(nn.Module):
         cached_value.value, _ = kv_cache.write_cache(cached_value.value, value, start, count)
         index.value = start + count
         flag.value = jnp.broadcast_to(flag.value, batch) | overflow
-        return cached_key.value, cached_value.value, overflow
+        # The cache is storage: a cache allocated in another dtype (e.g. from a float64
+        # dummy input under jax_enable_x64) must not turn this step into mixed-dtype attention.
+        return cached_key.value.astype(key.dtype), cached_value.value.astype(value.dtype), overflow
 
     def _static_cache(self, key, value):
         """Stores (``key`` given) or returns (``key=None``) the cross-attention memory."""
