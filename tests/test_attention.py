@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from module_helpers import np_sdpa
 import pytest
 
 from flax_attention import (
@@ -24,31 +25,6 @@ sdpa = jax.jit(
     static_argnames=("scale", "is_causal", "causal_alignment", "dropout_rate", "deterministic",
                      "return_weights", "precision"),
 )
-
-
-def np_sdpa(q, k, v, mask=None, bias=None, scale=None):
-    """Float64 reference. q [..., T, N, H], k [..., S, K, H], v [..., S, K, D]; mask/bias [..., N, T, S].
-
-    Written independently of the library: kv heads are repeated (query head n
-    reads kv head n // G) and a fully masked row is defined as zeros.
-    """
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    g = q.shape[-2] // k.shape[-2]
-    k, v = np.repeat(k, g, axis=-2), np.repeat(v, g, axis=-2)
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    logits = np.einsum("...tnh,...snh->...nts", q, k) * scale
-    if bias is not None:
-        logits = logits + np.asarray(bias, np.float64)
-    keep = np.isfinite(logits)
-    if mask is not None:
-        keep = keep & np.asarray(mask)
-    keep = np.broadcast_to(keep, logits.shape)
-    logits = np.where(keep, logits, -np.inf)
-    row_max = np.max(logits, axis=-1, keepdims=True)
-    e = np.where(keep, np.exp(logits - np.where(np.isfinite(row_max), row_max, 0)), 0.0)
-    denom = e.sum(-1, keepdims=True)
-    w = e / np.where(denom > 0, denom, 1.0)
-    return np.einsum("...nts,...snd->...tnd", w, v), w
 
 
 def _rand(shape, seed, dtype=np.float32):

@@ -8,6 +8,7 @@ mixed dtypes, and dropout statistics.
 import jax
 import jax.numpy as jnp
 import numpy as np
+from module_helpers import np_sdpa
 import pytest
 
 from flax_attention import (
@@ -35,24 +36,6 @@ def _qkv(seed=0, batch=(2,), t=5, s=6, n=2, kh=1, h=4, d=3, dtype=np.float32):
     rng = np.random.default_rng(seed)
     return (_normal(rng, (*batch, t, n, h), dtype), _normal(rng, (*batch, s, kh, h), dtype),
             _normal(rng, (*batch, s, kh, d), dtype))
-
-
-def np_reference(q, k, v, mask=None, bias=None, scale=None):
-    """Float64 NumPy attention; q [B, T, N, H], k [B, S, K, H]; a row that sees nothing is zeros."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    g = q.shape[-2] // k.shape[-2]
-    k, v = np.repeat(k, g, axis=-2), np.repeat(v, g, axis=-2)
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    logits = np.einsum("...tnh,...snh->...nts", q, k) * scale
-    if bias is not None:
-        logits = logits + np.asarray(bias, np.float64)
-    keep = np.isfinite(logits) if mask is None else np.isfinite(logits) & np.asarray(mask)
-    keep = np.broadcast_to(keep, logits.shape)
-    m = np.max(np.where(keep, logits, -np.inf), -1, keepdims=True)
-    e = np.where(keep, np.exp(np.where(keep, logits, 0) - np.where(np.isfinite(m), m, 0)), 0.0)
-    den = e.sum(-1, keepdims=True)
-    w = e / np.where(den > 0, den, 1.0)
-    return np.einsum("...nts,...snd->...tnd", w, v), w
 
 
 def _value_and_grads(fn, *args):
@@ -84,7 +67,7 @@ def test_size_one_blocks_read_their_own_mask_and_bias_entries(bq, bk):
 
     out_d, grads_d = _value_and_grads(dense, q, k, v, bias)
     out_c, grads_c = _value_and_grads(chunked, q, k, v, bias)
-    np.testing.assert_allclose(out_c, np_reference(q, k, v, mask, bias)[0], atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(out_c, np_sdpa(q, k, v, mask, bias)[0], atol=2e-6, rtol=1e-5)
     np.testing.assert_allclose(out_c, out_d, atol=2e-6, rtol=1e-5)
     for name, gd, gc in zip("qkvb", grads_d, grads_c):
         np.testing.assert_allclose(gc, gd, atol=2e-5, rtol=1e-4, err_msg=f"d{name}")
@@ -116,7 +99,7 @@ def test_float64_inputs_are_computed_in_float64(impl, monkeypatch):
     mask = rng.random((2, 1, 7, 9)) < 0.8
     mask[0, :, 3] = False  # a dead row
     bias = rng.standard_normal((4, 7, 9))
-    want, want_w = np_reference(q, k, v, mask, bias, scale=0.7)
+    want, want_w = np_sdpa(q, k, v, mask, bias, scale=0.7)
     monkeypatch.setattr(attention, "AUTO_CHUNKED_BYTES", 0)
     with jax.enable_x64(True):
         kw = dict(mask=mask, bias=bias, scale=0.7, implementation=impl)
