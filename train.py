@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from flax_attention.data.tfds_source import DataUnavailableError
     from flax_attention.training import inspect
     from flax_attention.training.bookkeeping import DivergenceError, StopRequested, maybe_initialize_distributed
-    from flax_attention.training.checkpointing import IncompatibleWorkdirError, load_config
+    from flax_attention.training.checkpointing import IncompatibleWorkdirError
     from flax_attention.training.loop import train_and_evaluate
 
     try:
@@ -116,8 +116,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif command == "embed":
             embed(args)
         else:
-            if (Path(args.workdir) / "config.json").exists():
-                inspect.check_not_legacy(load_config(args.workdir), args.workdir)
             maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
             train_and_evaluate(task, configs, args.workdir)
     except (ValueError, FileNotFoundError, DataUnavailableError, IncompatibleWorkdirError) as e:

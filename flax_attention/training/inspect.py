@@ -20,11 +20,8 @@ import numpy as np
 
 from flax_attention.training.checkpointing import Checkpointer, load_config
 from flax_attention.training.config import TrainConfig, configs_from_json
-from flax_attention.training.loop import create_train_state
+from flax_attention.training.loop import check_not_legacy, create_train_state
 from flax_attention.training.registry import get_task
-
-OLD_SEQ2SEQ_KEYS = {"task", "model", "train"}  # config.json of the retired separate seq2seq trainer
-
 
 def load_run_config(workdir):
     """``(task, configs)`` of a workdir; a workdir of the retired seq2seq trainer is refused clearly."""
@@ -33,15 +30,6 @@ def load_run_config(workdir):
     task = get_task(saved["model_name"])
     saved = load_config(workdir, {**TrainConfig.added_fields(), **task.added_fields})
     return task, configs_from_json(task.config_classes | {"train": TrainConfig}, saved)
-
-
-def check_not_legacy(saved: Dict[str, Any], workdir) -> None:
-    """Raises ValueError for a ``config.json`` written by the old ``seq2seq_train`` program."""
-    if saved.get("model_name") == "seq2seq" and "task" in saved and "data" not in saved:
-        raise ValueError(f"{workdir} was written by the retired separate seq2seq trainer (config sections "
-                         f"task/model/train; its checkpoints hold a different TrainState); it cannot be resumed "
-                         "or inspected by the one trainer. Nothing in it was changed: retrain in a fresh "
-                         "--workdir, e.g. `python train.py --model seq2seq --task reverse --workdir NEW`.")
 
 
 def load_for_inference(workdir):

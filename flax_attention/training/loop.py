@@ -20,7 +20,7 @@ import jax
 from flax_attention.training import distributed
 from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, StopRequested, StopSignal,
                                                  check_finite_loss, check_writable_dir, save_if_finite)
-from flax_attention.training.checkpointing import Checkpointer, check_or_write_config
+from flax_attention.training.checkpointing import Checkpointer, check_or_write_config, load_config
 from flax_attention.training.config import TrainConfig, configs_to_json
 from flax_attention.training.steps import (MetricAccumulator, create_train_state as _create_state,
                                            learning_rate_schedule, make_eval_step, make_train_step, replicate,
@@ -78,6 +78,15 @@ def full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step: i
     return metrics
 
 
+def check_not_legacy(saved: Dict[str, Any], workdir) -> None:
+    """Raises ValueError for a ``config.json`` written by the old ``seq2seq_train`` program."""
+    if saved.get("model_name") == "seq2seq" and "task" in saved and "data" not in saved:
+        raise ValueError(f"{workdir} was written by the retired separate seq2seq trainer (config sections "
+                         f"task/model/train; its checkpoints hold a different TrainState); it cannot be resumed "
+                         "or inspected by the one trainer. Nothing in it was changed: retrain in a fresh "
+                         "--workdir, e.g. `python train.py --model seq2seq --task reverse --workdir NEW`.")
+
+
 def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, Any]:
     """Trains (resuming from the latest checkpoint in ``workdir``) and returns the final evaluation metrics."""
     tcfg = configs["train"]
@@ -87,6 +96,8 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, A
     config_json = configs_to_json(task.name, configs)
     resumable = [f"train.{k}" for k in tcfg.resumable_changes()] + list(task.resumable)
     # Refuse an incompatible workdir before anything in it is touched.
+    if (workdir / "config.json").exists():
+        check_not_legacy(load_config(workdir), workdir)
     added = {**TrainConfig.added_fields(), **task.added_fields}
     check_or_write_config(workdir, config_json, resumable, write=False, added_fields=added)
     if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
