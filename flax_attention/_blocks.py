@@ -18,12 +18,18 @@ from flax_attention.masks import _ALIGNMENTS, _window_sizes
 
 Window = Union[int, Tuple[int, int]]
 
-# Default block edge per backend. On CPU, 128x128 blocks per head (64 KiB of
-# float32 logits) stay in L2 and measured the least CPU time per FLOP on the
-# 2-core benchmark machine; accelerators prefer fewer, larger blocks because
-# every loop step is a kernel launch.
+# Default block edges. On CPU a block step must carry enough work for XLA's
+# CPU matmuls (YNNPACK) to keep both cores busy and to amortise the loop's
+# per-iteration cost: edges start at 128 and grow, key side first, until the
+# step holds CPU_BLOCK_LOGITS logits over all heads (B·N·block_q·block_k), up to
+# 256 x 512. Measured on the 2-core benchmark machine (B=1, T=2048, N=8, H=64,
+# float32 fwd+bwd): 128x128 -> 192 ms, 256x512 -> 117 ms; with B·N = 32, 128x256
+# (see benchmarks/results/cpu_levers.md). Accelerators prefer fewer, larger
+# blocks because every loop step is a kernel launch.
 DEFAULT_BLOCK = {"cpu": 128}
 DEFAULT_BLOCK_ACCELERATOR = 512
+CPU_BLOCK_LOGITS = 2**20
+CPU_MAX_BLOCK = (256, 512)  # (block_q, block_k)
 
 
 def default_block_size() -> int:
@@ -86,28 +92,61 @@ def block_plan(
     return kv_lo, kv_hi, q_lo, q_hi
 
 
-def block_size(requested: Optional[int], length: int, name: str) -> int:
-    """Explicit size (clipped to the length), or the default split into equal blocks.
+def block_size(requested: Optional[int], length: int, name: str, max_size: Optional[int] = None) -> int:
+    """Explicit size (clipped to the length), or the length split into equal blocks.
 
-    ``length`` must be positive (empty axes never reach the block loops).
+    ``length`` must be positive (empty axes never reach the block loops);
+    ``max_size`` defaults to :func:`default_block_size`.
     """
     if requested is not None:
         return min(static_int(requested, name, minimum=1), length)
-    n_blocks = -(-length // default_block_size())
+    n_blocks = -(-length // (max_size or default_block_size()))
     size = -(-length // n_blocks)
     # Several blocks: round to a multiple of 8 (vector width) so padding stays < 8·n_blocks.
     return size if n_blocks == 1 else -(-size // 8) * 8
 
 
+def default_block_edges(t: int, s: int, rows: int, platform: Optional[str] = None) -> Tuple[int, int]:
+    """Largest default ``(block_q, block_k)`` for lengths ``t, s`` and ``rows = B·N``.
+
+    A pure function of static shapes (and the platform, default: JAX's default
+    backend). On CPU the edges grow from 128 (key side first, then query side)
+    while a block step holds fewer than :data:`CPU_BLOCK_LOGITS` logits and the
+    length allows, up to :data:`CPU_MAX_BLOCK`; elsewhere both are
+    :data:`DEFAULT_BLOCK_ACCELERATOR`.
+    """
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
+        return DEFAULT_BLOCK_ACCELERATOR, DEFAULT_BLOCK_ACCELERATOR
+    bq = bk = DEFAULT_BLOCK["cpu"]
+    while rows * bq * bk < CPU_BLOCK_LOGITS:
+        if bk < CPU_MAX_BLOCK[1] and bk < s:
+            bk *= 2
+        elif bq < CPU_MAX_BLOCK[0] and bq < t:
+            bq *= 2
+        else:
+            break
+    return bq, bk
+
+
+def block_sizes(block_q: Optional[int], block_k: Optional[int], t: int, s: int, rows: int) -> Tuple[int, int]:
+    """``(block_q, block_k)`` for a call: explicit sizes, else :func:`default_block_edges`."""
+    max_q, max_k = default_block_edges(t, s, rows)
+    return block_size(block_q, t, "block_q", max_q), block_size(block_k, s, "block_k", max_k)
+
+
 def computed_blocks(t: int, s: int, *, is_causal: bool = False, causal_alignment: str = "bottom_right",
                     window: Optional[Window] = None, block_q: Optional[int] = None,
-                    block_k: Optional[int] = None) -> Tuple[int, int]:
-    """``(computed, total)`` block counts that ``chunked_attention`` uses for these lengths."""
+                    block_k: Optional[int] = None, rows: int = 1) -> Tuple[int, int]:
+    """``(computed, total)`` block counts that ``chunked_attention`` uses for these lengths.
+
+    ``rows`` is the call's ``B·N`` (batch size times query heads), which sets
+    the default block sizes on CPU (:func:`default_block_edges`).
+    """
     t, s = static_int(t, "t"), static_int(s, "s")
     offset, left, right = band(t, s, is_causal, causal_alignment, window)
     if t == 0 or s == 0:
         return 0, 0
-    bq = block_size(block_q, t, "block_q")
-    bk = block_size(block_k, s, "block_k")
+    bq, bk = block_sizes(block_q, block_k, t, s, rows)
     kv_lo, kv_hi, _, _ = block_plan(t, s, bq, bk, offset=offset, left=left, right=right)
     return int((kv_hi - kv_lo).sum()), (-(-t // bq)) * (-(-s // bk))

@@ -1,0 +1,128 @@
+"""The forward and backward block loops of :func:`flax_attention.flash.chunked_attention`.
+
+Forward: online softmax over key blocks (FlashAttention, Dao et al. 2022, Alg. 1).
+Backward: recomputes each block's probabilities from the saved log-sum-exp and
+applies Alg. 2 of the same paper. Operands arrive padded and head-grouped:
+``q [B, K, Tp, G, H]``, ``k [B, K, Sp, H]``, ``v [B, K, Sp, D]``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from flax_attention._flash_tiles import _Config, _add_bias_block, _cols, _idx, _put_rows, _rows, _scores
+from flax_attention._validation import mask_fill
+
+
+def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config):
+    """Online-softmax forward. ``q [B,K,Tp,G,H]``, ``k [B,K,Sp,H]``, ``v [B,K,Sp,D]``.
+
+    Returns ``out [B,K,Tp,G,D]`` (input dtype) and ``lse [B,K,Tp,G]`` in the
+    compute dtype (``scale.dtype``); ``lse`` is 0 on rows that see no key, whose
+    probabilities are zeroed through ``keep`` instead.
+    """
+    b, kh, tp, g, _ = q.shape
+    d = v.shape[-1]
+    cdt = scale.dtype
+    kv_lo, kv_hi, _, _ = cfg.plan
+    rows = cfg.block_q * g
+
+    def q_block(i, carry):
+        out, lse = carry
+        q_i = _rows(q, i, cfg.block_q)
+
+        def kv_step(j, state):
+            m, l, acc = state
+            s, keep = _scores(q_i, _cols(k, j, cfg.block_k), mask, bias, bias_keep, scale, i, j, cfg)
+            m_new = jnp.maximum(m, s.max(-1))  # finite: masked entries hold mask_fill
+            p = jnp.exp(s - m_new[..., None])
+            if keep is not None:
+                p = jnp.where(keep, p, 0)  # also covers rows with nothing kept yet (m_new = fill)
+            # Rescales the old statistics (Alg. 1, line 10); while nothing was seen
+            # (l = 0, acc = 0) use factor 1 so a fill-valued m never enters the exp.
+            alpha = jnp.exp(jnp.where(l > 0, m, m_new) - m_new)
+            pv = jnp.einsum("bkrs,bksd->bkrd", p.astype(v.dtype), _cols(v, j, cfg.block_k),
+                            precision=cfg.precision, preferred_element_type=cdt)
+            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+        init = (jnp.full((b, kh, rows), mask_fill(cdt), cdt),
+                jnp.zeros((b, kh, rows), cdt),
+                jnp.zeros((b, kh, rows, d), cdt))
+        m, l, acc = lax.fori_loop(kv_lo[i], kv_hi[i], kv_step, init)
+        seen = l > 0
+        safe_l = jnp.where(seen, l, 1)
+        o_i = acc / safe_l[..., None]  # acc is 0 where nothing was seen
+        lse_i = jnp.where(seen, m + jnp.log(safe_l), 0)
+        return _put_rows(out, o_i, i, cfg.block_q), _put_rows(lse, lse_i, i, cfg.block_q)
+
+    init = (jnp.zeros((b, kh, tp, g, d), q.dtype), jnp.zeros((b, kh, tp, g), cdt))
+    return lax.fori_loop(jnp.int32(0), jnp.int32(tp // cfg.block_q), q_block, init)
+
+
+
+def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config):
+    """Recomputing backward: key blocks outer (dK, dV accumulate in the carry), query blocks inner.
+
+    Works on transposed tiles ``Sᵀ = K Qᵀ`` (``[B, K, bk, bq·G]``) and
+    accumulates ``dQᵀ`` against a transposed copy of ``K``, so that every block
+    matmul contracts the minor axis of its left operand (``A Bᵀ`` or ``A B``).
+    XLA:CPU hands those to its fast matmul library; a ``Pᵀ dO``/``dSᵀ Q`` on
+    untransposed tiles contracts the left operand's major axis and falls back to
+    a generic dot: measured 1.3-1.5x slower for the whole backward on 2 cores
+    (benchmarks/results/cpu_levers.md).
+    """
+    b, kh, tp, g, h = q.shape
+    sp, d = v.shape[-2], v.shape[-1]
+    cdt = scale.dtype
+    bq, bk = cfg.block_q, cfg.block_k
+    rows = bq * g
+    _, _, q_lo, q_hi = cfg.plan
+    # rowsum(dO ∘ O) (FlashAttention-2's D_i): the softmax Jacobian's diagonal term.
+    delta = jnp.einsum("bktgd,bktgd->bktg", do.astype(cdt), out.astype(cdt))
+    k_t = jnp.swapaxes(k, -1, -2)  # [B, K, H, Sp]: the left operand of dQᵀ += Kᵀ dSᵀ
+
+    def kv_block(j, carry):
+        dq_t, dk, dv, dbias = carry
+        k_j, v_j = _cols(k, j, bk), _cols(v, j, bk)
+        k_t_j = lax.dynamic_slice(k_t, _idx((0, 0, 0, j * bk)), (b, kh, h, bk))
+
+        def q_step(i, state):
+            dk_j, dv_j, dq_t, dbias = state
+            q_i, do_i = _rows(q, i, bq), _rows(do, i, bq)
+            s_t, keep = _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg, transposed=True)
+            p_t = jnp.exp(s_t - _rows(lse, i, bq)[..., None, :])
+            if keep is not None:
+                p_t = jnp.where(keep, p_t, 0)
+            dv_j = dv_j + jnp.einsum("bksr,bkrd->bksd", p_t.astype(do.dtype), do_i,
+                                     precision=cfg.precision, preferred_element_type=cdt)
+            dp_t = jnp.einsum("bksd,bkrd->bksr", v_j, do_i,
+                              precision=cfg.precision, preferred_element_type=cdt)
+            ds_t = p_t * (dp_t - _rows(delta, i, bq)[..., None, :])
+            ds_c = ds_t.astype(q.dtype)
+            dk_j = dk_j + jnp.einsum("bksr,bkrh->bksh", ds_c, q_i,
+                                     precision=cfg.precision, preferred_element_type=cdt)
+            dq_t_i = jnp.einsum("bkhs,bksr->bkhr", k_t_j, ds_c,
+                                precision=cfg.precision, preferred_element_type=cdt)
+            start = _idx((0, 0, 0, i * rows))
+            dq_t = lax.dynamic_update_slice(dq_t, lax.dynamic_slice(dq_t, start, dq_t_i.shape) + dq_t_i, start)
+            if dbias is not None:
+                dbias = _add_bias_block(dbias, jnp.swapaxes(ds_t, -1, -2), i, j, cfg)
+            return dk_j, dv_j, dq_t, dbias
+
+        init = (jnp.zeros((b, kh, bk, h), cdt), jnp.zeros((b, kh, bk, d), cdt), dq_t, dbias)
+        dk_j, dv_j, dq_t, dbias = lax.fori_loop(q_lo[j], q_hi[j], q_step, init)
+        start = _idx((0, 0, j * bk, 0))
+        return (dq_t, lax.dynamic_update_slice(dk, dk_j, start),
+                lax.dynamic_update_slice(dv, dv_j, start), dbias)
+
+    init = (jnp.zeros((b, kh, h, tp * g), cdt), jnp.zeros((b, kh, sp, h), cdt),
+            jnp.zeros((b, kh, sp, d), cdt),
+            None if bias is None else jnp.zeros(bias.shape, cdt))
+    dq_t, dk, dv, dbias = lax.fori_loop(jnp.int32(0), jnp.int32(sp // bk), kv_block, init)
+    dq = jnp.moveaxis(dq_t.reshape(b, kh, h, tp, g), 2, 4)  # rows are (t, g) row-major
+    # d(logits)/dQ = scale·K: applied once, after the sums. d(logits)/d(scale) =
+    # Q·Kᵀ, so d(scale) = Σ dS ∘ QKᵀ = Σ Q ∘ (dS K) = Σ Q ∘ dq (unscaled dq).
+    dscale = jnp.sum(dq * q.astype(cdt)).astype(scale.dtype)
+    return ((dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype),
+            None if bias is None else dbias.astype(bias.dtype), dscale)

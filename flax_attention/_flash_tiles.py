@@ -1,0 +1,147 @@
+"""Block tiles of :func:`flax_attention.flash.chunked_attention`: the static
+per-call config, block slicing of operands/masks/biases, and one block's
+scaled, masked logits (in the forward's ``Q Kᵀ`` or the backward's ``K Qᵀ``
+layout). Shared by the forward and backward passes in
+:mod:`flax_attention._flash_passes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+from jax import lax
+
+from flax_attention._blocks import block_plan
+from flax_attention._validation import mask_fill
+
+Array = jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of one call (hashable: a ``custom_vjp`` nondiff arg)."""
+
+    t: int  # real (unpadded) lengths
+    s: int
+    block_q: int
+    block_k: int
+    offset: int
+    left: Optional[int]
+    right: Optional[int]
+    precision: object = None
+
+    @property
+    def plan(self):
+        # int32 bounds and block indices: under 64-bit mode a Python-int loop
+        # bound would make an int64 index, and dynamic slices reject mixed types.
+        return tuple(jnp.asarray(a, jnp.int32) for a in block_plan(
+            self.t, self.s, self.block_q, self.block_k,
+            offset=self.offset, left=self.left, right=self.right))
+
+
+# ----------------------------------------------------------------------------- block maths
+
+
+def _idx(starts):
+    """Slice start indices as int32: in 64-bit mode a Python 0 would become int64,
+    and dynamic slices reject mixed index types."""
+    return tuple(jnp.asarray(x, jnp.int32) for x in starts)
+
+
+def _block(x: Optional[Array], i, j, cfg: _Config):
+    """Slices block ``(i, j)`` of a mask/bias ``[Bx, Kx, Tx, Gx, Sx]`` (each axis 1 or full)."""
+    if x is None:
+        return None
+    # Broadcast is decided by the array's axis, never by the block size: with
+    # block_q = 1 a full T axis must still be sliced at row i, not read at 0.
+    full_t, full_s = x.shape[2] > 1, x.shape[4] > 1
+    starts = (0, 0, i * cfg.block_q if full_t else 0, 0, j * cfg.block_k if full_s else 0)
+    sizes = (x.shape[0], x.shape[1], cfg.block_q if full_t else 1, x.shape[3], cfg.block_k if full_s else 1)
+    return lax.dynamic_slice(x, _idx(starts), sizes)
+
+
+def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transposed: bool = False):
+    """Scaled, biased, masked logits of block ``(i, j)`` and their ``keep``.
+
+    Returns ``[B, K, bq·G, bk]``, or with ``transposed`` ``[B, K, bk, bq·G]``
+    (``K Qᵀ``: the backward's layout, see :func:`_backward`). Logits are in
+    ``scale.dtype`` (the compute dtype). Masked entries hold the finite
+    :func:`mask_fill` (no infinity is created, so ``jax.debug_infs`` stays
+    quiet); ``keep`` (boolean, same shape, or ``None`` if every entry is kept)
+    tells callers which probabilities to zero.
+    """
+    b, kh, rows, _ = q_i.shape
+    bq, bk = cfg.block_q, cfg.block_k
+    g = rows // bq
+    if transposed:
+        s = jnp.einsum("bksh,bkrh->bksr", k_j, q_i, precision=cfg.precision,
+                       preferred_element_type=scale.dtype) * scale
+        s = s.reshape(b, kh, bk, bq, g)
+
+        def tile(x, key_axis=4):  # [..., bq, Gx, bk] -> [..., bk, bq, Gx]
+            return None if x is None else jnp.moveaxis(x, key_axis, x.ndim - 3)
+    else:
+        s = jnp.einsum("bkrh,bksh->bkrs", q_i, k_j, precision=cfg.precision,
+                       preferred_element_type=scale.dtype) * scale
+        s = s.reshape(b, kh, bq, g, bk)
+
+        def tile(x, key_axis=4):
+            return x
+    keep = tile(_block(mask, i, j, cfg))
+    if bias is not None:  # finite: `prepare` moved -inf entries to bias_keep
+        s = s + tile(_block(bias, i, j, cfg)).astype(s.dtype)
+        bias_ok = tile(_block(bias_keep, i, j, cfg))
+        keep = bias_ok if keep is None else keep & bias_ok
+    # Structural mask from positions: causal/window band and padded keys.
+    q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32) + cfg.offset
+    k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+    diff = q_pos[:, None, None] - k_pos[None, None, :]  # [bq, 1, bk]
+    conds = []
+    if cfg.left is not None:
+        conds.append(diff <= cfg.left)
+    if cfg.right is not None:
+        conds.append(diff >= -cfg.right)
+    if cfg.s % bk:
+        conds.append(k_pos[None, None, :] < cfg.s)
+    for c in conds:
+        c = tile(c, key_axis=2)
+        keep = c if keep is None else keep & c
+    shape = (b, kh, bk, rows) if transposed else (b, kh, rows, bk)
+    if keep is None:
+        return s.reshape(shape), None
+    keep = jnp.broadcast_to(keep, s.shape)
+    s = jnp.where(keep, s, mask_fill(s.dtype))
+    return s.reshape(shape), keep.reshape(shape)
+
+
+def _rows(x, i, block_q):
+    """Query block ``i`` of ``[B, K, T, G, ...]`` as ``[B, K, block_q·G, ...]``."""
+    starts = (0, 0, i * block_q) + (0,) * (x.ndim - 3)
+    blk = lax.dynamic_slice(x, _idx(starts), x.shape[:2] + (block_q,) + x.shape[3:])
+    return blk.reshape(x.shape[:2] + (block_q * x.shape[3],) + x.shape[4:])
+
+
+def _cols(x, j, block_k):
+    """Key block ``j`` of ``[B, K, S, X]``."""
+    return lax.dynamic_slice(x, _idx((0, 0, j * block_k, 0)), x.shape[:2] + (block_k,) + x.shape[3:])
+
+
+def _put_rows(x, blk, i, block_q):
+    """Writes ``[B, K, block_q·G, ...]`` back into query block ``i`` of ``x``."""
+    blk = blk.reshape(x.shape[:2] + (block_q,) + x.shape[3:])
+    return lax.dynamic_update_slice(x, blk.astype(x.dtype), _idx((0, 0, i * block_q) + (0,) * (x.ndim - 3)))
+
+
+def _add_bias_block(dbias, ds, i, j, cfg: _Config):
+    """Accumulates ``dS`` of block ``(i, j)`` into ``dbias``, summing broadcast axes."""
+    b, kh, rows, bk = ds.shape
+    ds = ds.reshape(b, kh, cfg.block_q, rows // cfg.block_q, bk)
+    axes = tuple(a for a in range(5) if dbias.shape[a] == 1 and ds.shape[a] > 1)
+    ds = ds.sum(axes, keepdims=True) if axes else ds
+    starts = (0, 0, i * cfg.block_q if dbias.shape[2] > 1 else 0, 0,
+              j * cfg.block_k if dbias.shape[4] > 1 else 0)
+    starts = _idx(starts)
+    old = lax.dynamic_slice(dbias, starts, ds.shape)
+    return lax.dynamic_update_slice(dbias, old + ds, starts)
