@@ -244,9 +244,9 @@ def main(argv=None) -> int:
     notes = [note for note in [peers.tokamax_missing()] if note]
     if torch_cases and peers.torch_available():
         accel = env["backend"] in ("gpu", "tpu")
-        precision = peaks.float32_arithmetic(env["device"], env["matmul_precision"])
+        # PyTorch gets the same float32 matmul arithmetic as the JAX side (TF32 or not).
         request = {"timing": timing_kw(args), "threads": args.torch_threads, "require_cuda": accel,
-                   "allow_tf32": precision == "tf32"}
+                   "allow_tf32": peaks.allows_tf32(env["matmul_precision"])}
         env["torch"] = run_torch(torch_cases, request, log)
         results += torch_cases
         if accel and all(r.note.startswith("skipped") for r in torch_cases):

@@ -49,6 +49,11 @@ _FULL_FP32 = {"highest", "float32", "F32_F32_F32"}
 _TPU_ONE_PASS = {None, "default", "bfloat16", "BF16_BF16_F32"}
 
 
+def allows_tf32(matmul_precision: Optional[str]) -> bool:
+    """Whether float32 dots may run as TF32 on an NVIDIA GPU at this JAX precision."""
+    return matmul_precision in _TF32_OK
+
+
 def device_row(device_kind: str) -> Optional[Tuple[str, Dict[str, float]]]:
     """The ``(name, peaks)`` row for a JAX ``device_kind``, or ``None`` if it is not listed."""
     kind = device_kind.lower()

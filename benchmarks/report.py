@@ -189,7 +189,9 @@ def plot(rows: List[Dict], path: str) -> None:
 
     modes = list(OrderedDict.fromkeys(r["mode"] for r in rows))
     impls = list(OrderedDict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(14, 4.5 * len(modes)), squeeze=False)
+    per_mode = max(len(_group(rows)) // max(len(modes), 1), 1)
+    # Wider for big suites (the GPU suite has 48 cases per mode) so bars stay legible.
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(14, 0.6 * per_mode), 4.5 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         groups = OrderedDict((c, g) for c, g in _group(rows).items() if c[-1] == mode)
         width = 0.8 / max(len(impls), 1)

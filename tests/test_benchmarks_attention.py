@@ -61,6 +61,11 @@ def test_peak_table_lookup(kind, dtype, precision, peak, word):
     assert got == peak and word in label
 
 
+def test_tf32_follows_matmul_precision():
+    assert peaks.allows_tf32("default") and peaks.allows_tf32("tensorfloat32")
+    assert not peaks.allows_tf32("highest") and not peaks.allows_tf32("float32")
+
+
 @pytest.mark.parametrize("kind,dtype,precision", [
     ("cpu", "float32", "default"), ("Tesla V100-SXM2-16GB", "float16", "default"),
     ("TPU v4 lite", "bfloat16", "default"), ("TPU v5 lite", "float32", "highest"),
