@@ -1,16 +1,19 @@
-"""Attention kernel benchmark: our dense and chunked paths against JAX, Flax and PyTorch.
+"""Attention kernel benchmark: our attention paths against JAX, Flax, tokamax and PyTorch.
 
 Run from the repository root::
 
-    python -m benchmarks.bench_attention --out benchmarks/results           # default suite
+    python -m benchmarks.bench_attention --out benchmarks/results           # CPU suite (default)
     python -m benchmarks.bench_attention --quick --out /tmp/bench           # CI smoke (tiny)
     python -m benchmarks.bench_attention --long --out benchmarks/results    # + T=32768
+    python -m benchmarks.bench_attention --suite gpu --out benchmarks/results/gpu  # on a GPU
 
-Every implementation runs in the same process on the same inputs. JAX paths are
-AOT-compiled once (``jit(f).lower(...).compile()``); the executable is timed
-(median of repeated runs after a warm-up, ``block_until_ready``) and its
-``memory_analysis()`` gives XLA's static memory plan. Writes ``attention.md``
-(also printed), ``attention.json`` and ``attention.png`` to ``--out``.
+Every implementation runs in the same process on the same inputs (PyTorch in a
+worker process of its own). JAX paths are AOT-compiled once
+(``jit(f).lower(...).compile()``); the executable is timed (median of repeated
+runs after a warm-up, ``block_until_ready``) and its ``memory_analysis()`` gives
+XLA's static memory plan. Writes ``attention.md`` (also printed),
+``attention.json`` and ``attention.png`` to ``--out``. Shapes per suite:
+:mod:`benchmarks.suites`; peaks for "% of peak": :mod:`benchmarks.peaks`.
 
 FLOP convention (same for every implementation, so GFLOP/s ratios equal time
 ratios): forward = ``2·B·N·P·(H + D)`` with ``P`` the number of *visible*
@@ -34,16 +37,7 @@ from typing import List, Optional
 import jax
 import jax.numpy as jnp
 
-from benchmarks import peers, report, timing
-
-N_HEADS, HEAD_DIM = 8, 64
-# (B, T, dtypes) at N=8, H=64. T=8192 runs in float32 only to keep the default
-# suite near 10 minutes on 2 CPU cores; pass --dtypes to change that.
-DEFAULT_SHAPES = [(4, 512, ("float32", "bfloat16")), (1, 2048, ("float32", "bfloat16")), (1, 8192, ("float32",))]
-QUICK_SHAPES = [(1, 256, ("float32",))]  # at N=2, H=32
-# --long: causal only (the memory bar), run first so the process RSS is its own.
-LONG_SHAPES = [(1, 32768, ("float32",))]
-
+from benchmarks import peaks, peers, report, suites, timing
 
 @dataclass
 class Result:
@@ -75,44 +69,66 @@ def run_case(b, t, n, h, dtype, causal, mode, args, log) -> List[Result]:
     keys = jax.random.split(jax.random.PRNGKey(t + b), 4)
     q, k, v, do = (jax.random.normal(kk, (b, t, n, h), jnp.float32).astype(dtype) for kk in keys)
     flops = useful_flops(b, t, t, n, h, h, causal, mode)
-    timing_kw = dict(budget_s=args.budget, min_runs=args.min_runs, max_runs=args.max_runs,
-                  slow_call_s=args.slow_call_s, single_run_s=args.single_run_s)
     results = []
     impls = peers.jax_impls(causal)
     if args.only:
         impls = {name: f for name, f in impls.items() if name in args.only}
     for name, fn in impls.items():
         res = Result(b, t, n, h, jnp.dtype(dtype).name, causal, mode, name)
+        results.append(res)
+        gib = suites.dense_logits_gib(b, n, t)
+        if name in peers.DENSE and args.dense_max_gib is not None and gib > args.dense_max_gib:
+            # Not even compiled: XLA would plan it, but running (or compiling) it is the cost we skip.
+            res.note = f"skipped (memory): dense logits {gib:.0f} GiB > --dense-max-gib {args.dense_max_gib:g}"
+            log(res)
+            continue
         call_args = (q, k, v, do) if mode == "fwd+bwd" else (q, k, v)
         try:
             compiled = peers.compile_jax(peers.fwd_bwd(fn) if mode == "fwd+bwd" else fn, call_args)
             mem = peers.memory_bytes(compiled)
             res.temp_bytes, res.total_bytes = mem["temp"], mem["total"]
             if mem["total"] is not None and mem["total"] > args.mem_limit_gib * 2**30:
-                res.note = f"not run: XLA plans {mem['total'] / 2**30:.1f} GiB > --mem-limit-gib {args.mem_limit_gib:g}"
+                res.note = (f"skipped (memory): XLA plans {mem['total'] / 2**30:.1f} GiB "
+                            f"> --mem-limit-gib {args.mem_limit_gib:g}")
             else:
                 sec, res.runs = timing.median_time(
-                    lambda: jax.block_until_ready(compiled(*call_args)), **timing_kw)
+                    lambda: jax.block_until_ready(compiled(*call_args)), **timing_kw(args))
                 res.ms, res.gflops = sec * 1e3, flops / sec / 1e9
                 res.device_peak_bytes = peers.device_peak_bytes()
                 res.max_rss_bytes = timing.max_rss_bytes()
         except Exception as err:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             res.note = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
         log(res)
-        results.append(res)
     return results
 
 
-def run_torch(cases: List[Result], timing_kw: dict, threads: Optional[int], log) -> Optional[str]:
-    """Times PyTorch SDPA for ``cases`` in a separate process; fills them in place."""
-    payload = [dict(b=r.b, t=r.t, n=r.n, h=r.h, dtype=r.dtype, causal=r.causal, mode=r.mode, timing=timing_kw)
-               for r in cases]
+def timing_kw(args) -> dict:
+    return dict(budget_s=args.budget, min_runs=args.min_runs, max_runs=args.max_runs,
+                slow_call_s=args.slow_call_s, single_run_s=args.single_run_s)
+
+
+def run_torch(cases: List[Result], request: dict, log) -> Optional[str]:
+    """Times PyTorch SDPA for ``cases`` in a separate process; fills them in place.
+
+    Args:
+      cases: one placeholder result per case (impl ``"torch-sdpa"``).
+      request: worker options: ``timing`` (keyword arguments of
+        :func:`timing.median_time`), ``threads``, ``require_cuda`` (skip every
+        case when torch has no CUDA device, rather than time CPU kernels in a
+        GPU run) and ``allow_tf32``.
+      log: called with each filled result.
+
+    Returns:
+      The worker's description of torch (version, threads, device), or ``None``
+      if the worker failed.
+    """
+    payload = [dict(b=r.b, t=r.t, n=r.n, h=r.h, dtype=r.dtype, causal=r.causal, mode=r.mode) for r in cases]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker"], input=json.dumps({"threads": threads, "cases": payload}),
-                          capture_output=True, text=True, cwd=root)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker"],
+                          input=json.dumps({**request, "cases": payload}), capture_output=True, text=True, cwd=root)
     if proc.returncode:
         for r in cases:
-            r.note = f"error: torch worker failed: {proc.stderr.strip().splitlines()[-1][:120]}"
+            r.note = f"error: torch worker failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}"
         return None
     answer = json.loads(proc.stdout)
     for r, got in zip(cases, answer["results"]):
@@ -133,38 +149,63 @@ def environment() -> dict:
         "machine": f"{platform.system()} {platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
         "jax": jax.__version__,
+        # Decides TF32 vs FP32 arithmetic for float32 dots on GPU, hence the peak used.
+        "matmul_precision": jax.config.jax_default_matmul_precision or "default",
     }
     import flax
 
     env["flax"] = flax.__version__
+    missing = peers.tokamax_missing()
+    if missing is None:
+        import tokamax
+
+        env["tokamax"] = getattr(tokamax, "__version__", "?")
     return env
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results", help="output folder (created)")
+    p.add_argument("--suite", default="cpu", choices=sorted(suites.SUITES),
+                   help="shape preset (benchmarks/suites.py): cpu (default), gpu, quick")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny shapes, float32 only: CI smoke test")
+    size.add_argument("--quick", action="store_true", help="= --suite quick: tiny shapes, float32: CI smoke test")
     size.add_argument("--long", action="store_true",
                       help="also causal T=32768 (B=1, float32; ours-chunked, plus ours-dense's memory plan)")
     size.add_argument("--long-only", action="store_true", help="only the --long case")
-    p.add_argument("--dtypes", default=None, help="comma list, default 'float32,bfloat16'")
+    p.add_argument("--dtypes", default=None, help="comma list overriding the suite's dtypes")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--causal", default="both", choices=["both", "yes", "no"])
     p.add_argument("--only", default=None, help="comma list of implementation names to run")
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip PyTorch SDPA")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for the PyTorch worker (default: PyTorch's own)")
-    p.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per measurement")
+    p.add_argument("--matmul-precision", default=None,
+                   choices=["default", "high", "highest", "tensorfloat32", "float32"],
+                   help="jax_default_matmul_precision for the run (float32 inputs: TF32 or full FP32 "
+                        "dots on GPU; also sets PyTorch's allow_tf32 to match); default: JAX's setting")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per measurement "
+                   "(default: the suite's, 3 on cpu, 0.5 on gpu/quick)")
     p.add_argument("--min-runs", type=int, default=3)
-    p.add_argument("--max-runs", type=int, default=20)
+    p.add_argument("--max-runs", type=int, default=None, help="default: the suite's (20; 5 for quick)")
     p.add_argument("--slow-call-s", type=float, default=5.0, help="calls slower than this: 1 timed run")
     p.add_argument("--single-run-s", type=float, default=30.0,
                    help="calls slower than this: the warm-up run is the measurement")
     p.add_argument("--mem-limit-gib", type=float, default=None,
                    help="skip (report only the memory plan of) runs XLA plans above this; "
                         "default 3 on CPU, 90%% of device memory on an accelerator")
+    p.add_argument("--dense-max-gib", type=float, default=None,
+                   help="skip dense O(T^2) implementations uncompiled when their float32 logits exceed "
+                        "this (default: the suite's; 16 for gpu, off otherwise)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.suite = "quick"
+    suite = suites.SUITES[args.suite]
+    args.budget = suite.budget_s if args.budget is None else args.budget
+    args.max_runs = suite.max_runs if args.max_runs is None else args.max_runs
+    args.dense_max_gib = suite.dense_max_gib if args.dense_max_gib is None else args.dense_max_gib
+    if args.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.mem_limit_gib is None:
         stats = jax.devices()[0].memory_stats() or {}
         limit = stats.get("bytes_limit")
@@ -175,23 +216,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    shapes, n, h = (QUICK_SHAPES, 2, 32) if args.quick else (DEFAULT_SHAPES, N_HEADS, HEAD_DIM)
-    shapes = LONG_SHAPES if args.long_only else (LONG_SHAPES if args.long else []) + shapes
+    shapes = list(suites.SUITES[args.suite].shapes)
+    shapes = list(suites.LONG) if args.long_only else (list(suites.LONG) if args.long else []) + shapes
     causal_opts = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
-    plan = [(b, t, dt) for b, t, dts in shapes for dt in (args.dtypes.split(",") if args.dtypes else dts)]
+    plan = [(b, t, n, h, dt) for b, t, n, h, dts in shapes for dt in (args.dtypes.split(",") if args.dtypes else dts)]
     os.makedirs(args.out, exist_ok=True)
     env = environment()
     print("environment:", json.dumps(env), file=sys.stderr, flush=True)
 
     def log(r: Result):
         shown = f"{r.ms:9.2f} ms {r.gflops:7.1f} GFLOP/s" if r.ms is not None else r.note
-        print(f"B={r.b} T={r.t} {r.dtype:8s} causal={r.causal!s:5s} {r.mode:7s} {r.impl:16s} {shown}",
+        print(f"B={r.b} T={r.t} N={r.n} H={r.h} {r.dtype:8s} causal={r.causal!s:5s} {r.mode:7s} {r.impl:20s} {shown}",
               file=sys.stderr, flush=True)
 
     results: List[Result] = []
     torch_cases: List[Result] = []
-    for b, t, dt in plan:
-        long_case = any((b, t) == (lb, lt) for lb, lt, _ in LONG_SHAPES)
+    for b, t, n, h, dt in plan:
+        long_case = (b, t, n, h) in [s[:4] for s in suites.LONG]
         for causal in [c for c in causal_opts if c or not long_case]:
             for mode in args.modes.split(","):
                 # At T=32768 only the chunked path (and its dense memory plan) is of interest.
@@ -200,16 +241,23 @@ def main(argv=None) -> int:
                 results += run_case(b, t, n, h, jnp.dtype(dt), causal, mode, run_args, log)
                 if args.torch and not long_case and (not args.only or "torch-sdpa" in args.only):
                     torch_cases.append(Result(b, t, n, h, jnp.dtype(dt).name, causal, mode, "torch-sdpa"))
+    notes = [note for note in [peers.tokamax_missing()] if note]
     if torch_cases and peers.torch_available():
-        timing_kw = dict(budget_s=args.budget, min_runs=args.min_runs, max_runs=args.max_runs,
-                      slow_call_s=args.slow_call_s, single_run_s=args.single_run_s)
-        env["torch"] = run_torch(torch_cases, timing_kw, args.torch_threads, log)
+        accel = env["backend"] in ("gpu", "tpu")
+        # PyTorch gets the same float32 matmul arithmetic as the JAX side (TF32 or not).
+        request = {"timing": timing_kw(args), "threads": args.torch_threads, "require_cuda": accel,
+                   "allow_tf32": peaks.allows_tf32(env["matmul_precision"])}
+        env["torch"] = run_torch(torch_cases, request, log)
         results += torch_cases
+        if accel and all(r.note.startswith("skipped") for r in torch_cases):
+            notes.append(f"torch-sdpa skipped: {torch_cases[0].note.split(': ', 1)[-1]}")
+    elif args.torch:
+        notes.append("torch-sdpa skipped: PyTorch is not installed")
 
     rows = [asdict(r) for r in results]
     with open(os.path.join(args.out, "attention.json"), "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=1)
-    markdown = report.markdown(rows, env, " ".join(sys.argv[1:] if argv is None else argv))
+        json.dump({"environment": env, "notes": notes, "results": rows}, f, indent=1)
+    markdown = report.markdown(rows, env, " ".join(sys.argv[1:] if argv is None else argv), notes)
     with open(os.path.join(args.out, "attention.md"), "w") as f:
         f.write(markdown)
     report.plot(rows, os.path.join(args.out, "attention.png"))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from benchmarks.peers import CHUNKED
+from benchmarks.peaks import peak_tflops
+from benchmarks.peers import AUTO, CHUNKED, OURS
 
 MIB = 2**20
+AUTO_TOLERANCE = 1.05  # the bar: ours-auto at most 5% slower than the fastest peer
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
@@ -38,6 +40,38 @@ def speedup(group: Dict[str, Dict], peer: str) -> Optional[float]:
     return other["ms"] / ours["ms"]
 
 
+def auto_vs_fastest(group: Dict[str, Dict]) -> Optional[Tuple[str, float, Optional[float], bool]]:
+    """ours-auto against the fastest peer that ran in one case.
+
+    Args:
+      group: impl name -> result row (``ms`` is ``None`` when it did not run).
+
+    Returns:
+      ``(fastest peer, its ms, ours-auto ms / its ms, passed)``, where passed
+      means the ratio is at most :data:`AUTO_TOLERANCE` (a missing ours-auto
+      time fails); ``None`` when no peer ran, so there is nothing to compare.
+    """
+    times = {name: r["ms"] for name, r in group.items() if name not in OURS and r.get("ms") is not None}
+    if not times:
+        return None
+    best = min(times, key=times.get)
+    auto = group.get(AUTO, {}).get("ms")
+    ratio = None if auto is None else auto / times[best]
+    return best, times[best], ratio, ratio is not None and ratio <= AUTO_TOLERANCE
+
+
+def auto_bar(rows: List[Dict], backend: str) -> Optional[str]:
+    """The summary line of the "ours-auto within 5% of the fastest peer in every case" bar."""
+    verdicts = [v for v in (auto_vs_fastest(g) for g in _group(rows).values() if AUTO in g) if v is not None]
+    if not verdicts:
+        return None
+    passed = sum(v[3] for v in verdicts)
+    ok = "PASS" if passed == len(verdicts) else "FAIL"
+    label = "" if backend in ("gpu", "tpu") else f" (informational: a {backend} run; the bar is for GPU/TPU)"
+    return (f"- {ok}{label}: None (ours-auto) within 5% of the fastest peer in every case: "
+            f"{passed}/{len(verdicts)} cases pass (table below)")
+
+
 def bars(rows: List[Dict]) -> List[str]:
     """The project's performance bars, checked on whatever this run measured."""
     lines = []
@@ -62,11 +96,42 @@ def bars(rows: List[Dict]) -> List[str]:
     return lines
 
 
-def markdown(rows: List[Dict], env: Dict, argv: str) -> str:
+def _peaks(rows: List[Dict], env: Dict) -> Dict[str, Tuple[Optional[float], str]]:
+    """dtype -> (peak TFLOP/s, label) for this run's device and matmul precision."""
+    dtypes = OrderedDict.fromkeys(r["dtype"] for r in rows)
+    return {d: peak_tflops(env.get("device", ""), d, env.get("matmul_precision")) for d in dtypes}
+
+
+def _auto_table(groups, backend: str) -> List[str]:
+    info = "" if backend in ("gpu", "tpu") else " — informational on " + backend
+    out = [f"## ours-auto (implementation=None) vs the fastest peer (bar: ≤ {AUTO_TOLERANCE:.2f}x{info})", "",
+           "| case | ours-auto ms | fastest peer | its ms | auto / peer | bar |", "|---|---:|---|---:|---:|---|"]
+    for case, g in groups.items():
+        v = auto_vs_fastest(g) if AUTO in g else None
+        if v is None:
+            continue
+        best, best_ms, ratio, ok = v
+        out.append(f"| {_case_label(case)} | {_fmt(g[AUTO]['ms'], '.2f')} | {best} | {best_ms:.2f} | "
+                   f"{_fmt(ratio, '.2f')}{'x' if ratio is not None else ''} | {'PASS' if ok else 'FAIL'} |")
+    return out + [""] if len(out) > 4 else []
+
+
+def markdown(rows: List[Dict], env: Dict, argv: str, notes: Optional[List[str]] = None) -> str:
+    """The report: bars, speed-ups over each implementation, ours-auto's bar, all measurements.
+
+    Args:
+      rows: result rows (``bench_attention.Result`` as dicts).
+      env: the run's environment (``backend``, ``device``, ``matmul_precision`` ...).
+      argv: the command line, shown verbatim.
+      notes: lines about peers that were left out (no tokamax, no CUDA torch).
+    """
     groups = _group(rows)
     impls = list(OrderedDict.fromkeys(r["impl"] for r in rows))
     peers = [i for i in impls if i != CHUNKED]
+    backend = env.get("backend", "cpu")
     gpu = any(r.get("device_peak_bytes") for r in rows)
+    peaks = _peaks(rows, env)
+    with_peak = any(p is not None for p, _ in peaks.values())
     out = ["# Attention kernel benchmark", ""]
     out.append(f"Command: `python -m benchmarks.bench_attention {argv}`".rstrip())
     out.append("")
@@ -75,8 +140,14 @@ def markdown(rows: List[Dict], env: Dict, argv: str) -> str:
             "GFLOP/s counts useful FLOPs: forward 2·B·N·P·(H+D), P = visible (query, key) pairs "
             "(T·(T+1)/2 when causal); fwd+bwd = 3.5x forward. Memory: XLA's compiled plan "
             "(`memory_analysis()`), temp = scratch, total = arguments + outputs + temp. runs = timed runs "
-            "(0 = a single cold run, used for calls over --single-run-s).", ""]
-    bar_lines = bars(rows)
+            "(0 = a single cold run, used for calls over --single-run-s). ours-auto = "
+            "`implementation=None`, the library default.", ""]
+    out += [f"- {n}" for n in notes or []] + ([""] if notes else [])
+    out.append(f"Peak used for % of peak (dense, vendor datasheet; `benchmarks/peaks.py`), "
+               f"jax_default_matmul_precision={env.get('matmul_precision', 'default')} "
+               f"(set with --matmul-precision):")
+    out += [f"- {d}: {label}" for d, (_, label) in peaks.items()] + [""]
+    bar_lines = bars(rows) + [line for line in [auto_bar(rows, backend)] if line]
     if bar_lines:
         out += ["## Bars", ""] + bar_lines + [""]
     out += ["## Speed-up of ours-chunked over each implementation (time ratio, > 1 = ours faster)", ""]
@@ -86,14 +157,21 @@ def markdown(rows: List[Dict], env: Dict, argv: str) -> str:
         ours = g.get(CHUNKED, {}).get("ms")
         cells = [_fmt(speedup(g, p), ".2f") + "x" if speedup(g, p) is not None else "—" for p in peers]
         out.append(f"| {_case_label(case)} | {_fmt(ours, '.1f')} | " + " | ".join(cells) + " |")
-    out += ["", "## All measurements", ""]
-    head = "| case | impl | ms | GFLOP/s | runs | temp MiB | total MiB |" + (" device peak MiB |" if gpu else "")
-    out += [head + " note |", "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---|"]
+    out += [""] + _auto_table(groups, backend)
+    out += ["## All measurements", ""]
+    # Accelerators are judged in TFLOP/s (against datasheet peaks); CPUs in GFLOP/s.
+    scale, unit = (1e3, "TFLOP/s") if backend in ("gpu", "tpu") else (1.0, "GFLOP/s")
+    head = f"| case | impl | ms | {unit} |" + (" % peak |" if with_peak else "") + " runs | temp MiB | total MiB |"
+    head += " device peak MiB |" if gpu else ""
+    out += [head + " note |", "|---|---|---:|---:|" + "---:|" * (3 + with_peak + gpu) + "---|"]
     for case, g in groups.items():
         for name, r in g.items():
-            cells = [_case_label(case), name, _fmt(r["ms"], ".2f"), _fmt(r["gflops"], ".1f"), str(r["runs"]),
-                     _fmt(r["temp_bytes"] and r["temp_bytes"] / MIB, ".1f"),
-                     _fmt(r["total_bytes"] and r["total_bytes"] / MIB, ".1f")]
+            cells = [_case_label(case), name, _fmt(r["ms"], ".2f"), _fmt(r["gflops"] and r["gflops"] / scale, ".1f")]
+            if with_peak:
+                peak = peaks[r["dtype"]][0]
+                cells.append(_fmt(peak and r["gflops"] and 100 * r["gflops"] / 1e3 / peak, ".1f"))
+            cells += [str(r["runs"]), _fmt(r["temp_bytes"] and r["temp_bytes"] / MIB, ".1f"),
+                      _fmt(r["total_bytes"] and r["total_bytes"] / MIB, ".1f")]
             if gpu:
                 cells.append(_fmt(r.get("device_peak_bytes") and r["device_peak_bytes"] / MIB, ".0f"))
             out.append("| " + " | ".join(cells + [r["note"]]) + " |")
@@ -111,7 +189,9 @@ def plot(rows: List[Dict], path: str) -> None:
 
     modes = list(OrderedDict.fromkeys(r["mode"] for r in rows))
     impls = list(OrderedDict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(14, 4.5 * len(modes)), squeeze=False)
+    per_mode = max(len(_group(rows)) // max(len(modes), 1), 1)
+    # Wider for big suites (the GPU suite has 48 cases per mode) so bars stay legible.
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(14, 0.6 * per_mode), 4.5 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         groups = OrderedDict((c, g) for c, g in _group(rows).items() if c[-1] == mode)
         width = 0.8 / max(len(impls), 1)
