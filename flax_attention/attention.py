@@ -231,6 +231,20 @@ def scaled_dot_product_attention(
         dense path; so auto never changes what works, only the memory used.
         (One exception: ``jax.linearize`` looks like ``jax.grad`` at trace
         time, so above the threshold pass ``implementation="dense"`` to it.)
+        Fused kernels, opt-in (see :mod:`flax_attention.backends`):
+        ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
+        mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows
+        travel as a materialised ``[B, N, T, S]`` bias), ``"tokamax_triton"``
+        (GPU) and ``"tokamax_mosaic"`` (GPU/TPU; optional package tokamax).
+        They keep every guarantee above (dead rows give zeros and finite
+        gradients, bottom-right alignment, GQA, ``D != H``) or raise
+        ``ValueError`` naming what they cannot do and what to use instead;
+        none takes dropout, ``return_weights`` or forward-mode autodiff.
+        Append ``":interpret"`` to a Pallas kernel's name (e.g.
+        ``"pallas_tpu:interpret"``) to run it in JAX's interpret mode on any
+        platform, for tests. Auto never picks a kernel that has not been
+        measured on the platform (see
+        :data:`flax_attention.backend_select.MEASURED`; none has been yet).
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype, or ``(output, weights)`` with
@@ -239,7 +253,8 @@ def scaled_dot_product_attention(
     Raises:
       ValueError: on mismatched shapes, indivisible heads, non-float or
         mixed-dtype ``query``/``key``/``value``, a non-boolean mask, a boolean
-        bias, an unknown alignment, or a dropout rate outside [0, 1).
+        bias, an unknown alignment, a dropout rate outside [0, 1), an unknown
+        implementation, or one that cannot serve the call on this platform.
     """
     query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias)
     if not 0.0 <= dropout_rate < 1.0:

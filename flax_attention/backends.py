@@ -170,6 +170,31 @@ def _pallas_triton(query, key, value, mask, bias_keep, scale, is_causal, alignme
     return out.reshape(batch + (t, n, d)).astype(query.dtype)
 
 
+def _interpreted(fn, context):
+    """``fn`` with its forward and backward kernels both traced inside ``context()``.
+
+    The TPU kernel takes no ``interpret=`` flag, only JAX's contextual switch,
+    and its backward pass is traced later, when ``jax.grad`` transposes: a
+    plain ``with`` around the forward call would not cover it.
+    """
+
+    @jax.custom_vjp
+    def run(*args):
+        with context():
+            return fn(*args)
+
+    def fwd(*args):
+        with context():
+            return jax.vjp(fn, *args)  # the vjp function is a pytree: a valid residual
+
+    def bwd(vjp, cotangent):
+        with context():
+            return vjp(cotangent)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
 def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, interpret):
     """Masks, bias, windows and alignment all travel as one additive bias ``[B, N, T', S']``."""
     from jax.experimental.pallas import tpu as pltpu
@@ -186,11 +211,14 @@ def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alig
     keep, alive = _revive(_keep_mask(t, s, mask, bias_keep, is_causal, alignment, window, native))
     ab = None
     if keep is not None or bias is not None or sp != s:
-        ab = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
+        # The kernel scales the biased logits, (q·k + ab) * scale: divide the bias
+        # by the scale, and keep the masked value finite after the product.
+        neg = _NEG / max(scale, 1.0)
+        ab = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32) / scale
         if keep is not None:
-            ab = jnp.where(keep, ab, _NEG)
+            ab = jnp.where(keep, ab, neg)
         ab = jnp.broadcast_to(ab, batch + (n, t, s)).reshape((-1, n, t, s))
-        ab = jnp.pad(ab, ((0, 0), (0, 0), (0, tp - t), (0, sp - s)), constant_values=_NEG)
+        ab = jnp.pad(ab, ((0, 0), (0, 0), (0, tp - t), (0, sp - s)), constant_values=neg)
         ab = ab.at[:, :, t:, 0].set(0.0)  # padded query rows see key 0: no row is fully masked
     q = jnp.pad(q, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
     k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (k, v))
@@ -200,14 +228,10 @@ def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alig
         block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
         block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
 
-    def call():
+    def call(q, k, v, ab):
         return tpu_attention.flash_attention(q, k, v, ab, causal=native, sm_scale=float(scale), block_sizes=blocks)
 
-    if interpret:
-        with pltpu.force_tpu_interpret_mode():
-            out = call()
-    else:
-        out = call()
+    out = (_interpreted(call, pltpu.force_tpu_interpret_mode) if interpret else call)(q, k, v, ab)
     out = jnp.swapaxes(out[:, :, :t, :d], 1, 2)
     return _zero_dead(out.reshape(batch + (t, n, d)).astype(query.dtype), alive)
 
