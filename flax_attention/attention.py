@@ -22,6 +22,8 @@ from flax_attention._validation import (
     not_neg_inf,
     prepare,
 )
+from flax_attention.backend_select import AUTO_CHUNKED_BYTES, AttentionCall, describe, resolve
+from flax_attention.backends import fused_attention
 from flax_attention.flash import _chunked
 from flax_attention.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
@@ -151,34 +153,22 @@ def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, p
     return _softmax(logits, mask)
 
 
-# Auto-dispatch threshold on the dense path's float32 logits (4·B·N·T·S bytes):
-# below it the dense path is simplest and fast; above it a few such temporaries
-# (logits, probabilities, their gradients) would cost >1 GiB.
-AUTO_CHUNKED_BYTES = 256 * 2**20
-_IMPLEMENTATIONS = ("dense", "chunked")
-
-
 def _choose_implementation(implementation, query, key, dropout_active, return_weights):
-    """Resolves ``implementation=None`` and rejects what the chunked path cannot do.
+    """Name of the implementation that serves a call with these shapes (the XLA rule for ``None``)."""
+    call = describe(query.shape, key.shape, key.shape, query.dtype, platform=jax.default_backend(),
+                    dropout=dropout_active, return_weights=return_weights, forward_mode=forward_mode_active())
+    return resolve(implementation, call, AUTO_CHUNKED_BYTES)[0]
 
-    Auto stays transparent: it takes the dense path whenever the chunked one
-    could not do the job, i.e. with dropout, returned weights, or inside
-    forward-mode autodiff (``jax.jvp``/``jacfwd``/``hessian``), which the
-    chunked path's ``custom_vjp`` does not support.
-    """
-    if implementation is None:
-        logits_bytes = 4 * int(np.prod(query.shape[:-3])) * query.shape[-2] * query.shape[-3] * key.shape[-3]
-        big = logits_bytes > AUTO_CHUNKED_BYTES
-        dense_only = dropout_active or return_weights or forward_mode_active()
-        return "chunked" if big and not dense_only else "dense"
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None (auto), 'dense' or 'chunked', got {implementation!r}.")
-    if implementation == "chunked" and (dropout_active or return_weights):
-        raise ValueError(
-            "implementation='chunked' supports neither attention dropout nor return_weights "
-            "(it never materialises the weights); use implementation='dense' for those."
-        )
-    return implementation
+
+def _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
+              dropout_active, return_weights) -> AttentionCall:
+    """The static facts about a call that implementation choice depends on."""
+    return describe(
+        query.shape, key.shape, value.shape, query.dtype,
+        platform=jax.default_backend(), has_mask=mask is not None, has_bias=bias is not None,
+        is_causal=bool(is_causal), alignment=causal_alignment, has_window=window is not None,
+        dropout=dropout_active, return_weights=bool(return_weights), forward_mode=forward_mode_active(),
+        static_scale=scale is None or isinstance(scale, (int, float, np.integer, np.floating)))
 
 
 def scaled_dot_product_attention(
@@ -241,6 +231,20 @@ def scaled_dot_product_attention(
         dense path; so auto never changes what works, only the memory used.
         (One exception: ``jax.linearize`` looks like ``jax.grad`` at trace
         time, so above the threshold pass ``implementation="dense"`` to it.)
+        Fused kernels, opt-in (see :mod:`flax_attention.backends`):
+        ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
+        mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows
+        travel as a materialised ``[B, N, T, S]`` bias), ``"tokamax_triton"``
+        (GPU) and ``"tokamax_mosaic"`` (GPU/TPU; optional package tokamax).
+        They keep every guarantee above (dead rows give zeros and finite
+        gradients, bottom-right alignment, GQA, ``D != H``) or raise
+        ``ValueError`` naming what they cannot do and what to use instead;
+        none takes dropout, ``return_weights`` or forward-mode autodiff.
+        Append ``":interpret"`` to a Pallas kernel's name (e.g.
+        ``"pallas_tpu:interpret"``) to run it in JAX's interpret mode on any
+        platform, for tests. Auto never picks a kernel that has not been
+        measured on the platform (see
+        :data:`flax_attention.backend_select.MEASURED`; none has been yet).
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype, or ``(output, weights)`` with
@@ -249,13 +253,20 @@ def scaled_dot_product_attention(
     Raises:
       ValueError: on mismatched shapes, indivisible heads, non-float or
         mixed-dtype ``query``/``key``/``value``, a non-boolean mask, a boolean
-        bias, an unknown alignment, or a dropout rate outside [0, 1).
+        bias, an unknown alignment, a dropout rate outside [0, 1), an unknown
+        implementation, or one that cannot serve the call on this platform.
     """
     query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
-    implementation = _choose_implementation(
-        implementation, query, key, dropout_rate > 0.0 and not deterministic, return_weights)
+    if causal_alignment not in _ALIGNMENTS:  # checked even when unused: a typo is a bug
+        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}.")
+    call = _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
+                     dropout_rate > 0.0 and not deterministic, return_weights)
+    implementation, interpret = resolve(implementation, call, AUTO_CHUNKED_BYTES)
+    if implementation not in ("dense", "chunked"):
+        return fused_attention(implementation, query, key, value, mask, bias, bias_keep, scale, is_causal,
+                               causal_alignment, window, precision, interpret)
     if implementation == "chunked":
         return _chunked(query, key, value, mask, bias, bias_keep, scale, is_causal,
                         causal_alignment, window, None, None, precision)

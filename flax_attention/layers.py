@@ -69,7 +69,9 @@ class TransformerConfig:
       rope_base: RoPE frequency base.
       attention_window: sliding window of every self-attention (``w`` or
         ``(left, right)``, see :func:`~flax_attention.sliding_window_mask`).
-      attention_implementation: ``None`` (auto), ``"dense"`` or ``"chunked"``.
+      attention_implementation: ``None`` (auto), ``"dense"``, ``"chunked"``
+        or a fused kernel such as ``"cudnn"`` or ``"pallas_tpu"``, passed to
+        :func:`~flax_attention.scaled_dot_product_attention` (see its list).
       attention_scale: logit scale; ``None`` = ``1/√H``.
       attention_fn: custom attention function of every attention layer (see
         :class:`~flax_attention.MultiHeadAttention`); ``None`` = the package's.

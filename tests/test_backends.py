@@ -1,0 +1,181 @@
+"""Fused-kernel backends: Pallas kernels in interpret mode against a float64 reference, selection, errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_attention import MultiHeadAttention, scaled_dot_product_attention as sdpa
+from flax_attention import backend_select as bs
+from flax_attention.masks import causal_mask
+
+TRITON = "pallas_triton:interpret"
+TPU = "pallas_tpu:interpret"
+
+
+def _qkv(seed, b=2, t=16, s=32, n=4, k=2, h=16, d=16):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(shape).astype(np.float32)
+                 for shape in ((b, t, n, h), (b, s, k, h), (b, s, k, d)))
+
+
+def _reference(q, k, v, **kw):
+    """The dense path in float64: the ground truth for values and gradients."""
+    with jax.enable_x64(True):
+        q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+        out = sdpa(q, k, v, implementation="dense", **kw)
+        grads = jax.grad(lambda *a: (sdpa(*a, implementation="dense", **kw) ** 2).sum(), (0, 1, 2))(q, k, v)
+        return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+def _check(impl, q, k, v, atol=2e-5, **kw):
+    out = sdpa(q, k, v, implementation=impl, **kw)
+    grads = jax.grad(lambda *a: (sdpa(*a, implementation=impl, **kw) ** 2).sum(), (0, 1, 2))(q, k, v)
+    want, want_grads = _reference(q, k, v, **kw)
+    assert out.dtype == jnp.float32 and out.shape == want.shape
+    np.testing.assert_allclose(out, want, atol=atol)
+    for g, w in zip(grads, want_grads):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, w, atol=10 * atol)
+    return out, grads
+
+
+# GQA (N=4, K=2), D != H, T != S in both directions, both alignments; the
+# alignments and the full case are split between the kernels to keep the file fast.
+CASES = [
+    (TRITON, dict(t=16, s=32, is_causal=True, causal_alignment="bottom_right")),  # T < S: padded queries
+    (TRITON, dict(t=32, s=16, is_causal=True, causal_alignment="bottom_right")),  # first 16 rows see nothing
+    (TRITON, dict(t=16, s=32, is_causal=True, causal_alignment="top_left")),
+    (TPU, dict(t=32, s=16, is_causal=True, causal_alignment="bottom_right")),
+    (TPU, dict(t=16, s=32, is_causal=False)),
+]
+
+
+@pytest.mark.parametrize("impl,case", CASES, ids=lambda c: str(c) if isinstance(c, str) else
+                         f"{c['t']}x{c['s']}-{c.get('causal_alignment', 'full')}")
+def test_kernels_match_float64_reference(impl, case):
+    case = dict(case)
+    q, k, v = _qkv(0, t=case.pop("t"), s=case.pop("s"), d=32)
+    out, grads = _check(impl, q, k, v, **case)
+    if q.shape[1] > k.shape[1] and case["is_causal"]:
+        assert (np.asarray(out[:, :16]) == 0).all()  # dead rows: exact zeros
+        assert (np.asarray(grads[0][:, :16]) == 0).all()  # and no gradient
+
+
+def test_pallas_tpu_masks_bias_window_and_dead_rows():
+    q, k, v = _qkv(1, t=16, s=24)
+    rng = np.random.default_rng(2)
+    mask = rng.random((2, 1, 16, 24)) < 0.7
+    mask[0, :, 3] = False  # dead row for every head of batch 0
+    mask[1, :, 5, :] = False
+    bias = rng.standard_normal((4, 16, 24)).astype(np.float32)
+    bias[:, 7, :] = -np.inf  # a dead row made by the bias alone
+    kw = dict(mask=mask, window=(6, 2), is_causal=True, scale=0.3)
+
+    def loss(impl, *args):
+        return (sdpa(*args[:3], bias=args[3], implementation=impl, **kw) ** 2).sum()
+
+    out = sdpa(q, k, v, bias=bias, implementation=TPU, **kw)
+    grads = jax.grad(lambda *a: loss(TPU, *a), (0, 1, 2, 3))(q, k, v, bias)
+    with jax.enable_x64(True):
+        args64 = [np.asarray(x, np.float64) for x in (q, k, v, bias)]
+        want = sdpa(*args64[:3], bias=args64[3], implementation="dense", **kw)
+        want_grads = jax.grad(lambda *a: loss("dense", *a), (0, 1, 2, 3))(*args64)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    for g, w in zip(grads, want_grads):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, w, atol=2e-4)
+    for row in (out[0, 3], out[1, 5], out[:, 7]):
+        assert (np.asarray(row) == 0).all()  # dead rows: exact zeros
+    assert (np.asarray(grads[0][0, 3]) == 0).all()  # no gradient reaches a dead query
+
+
+@pytest.mark.slow
+def test_pallas_tpu_segment_mask_and_bfloat16():
+    q, k, v = _qkv(3, t=32, s=32, n=2, k=1)
+    seg = np.repeat(np.array([[0, 1], [0, 0]]), 16, axis=1)  # [B, T]
+    mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # segment mask as a boolean mask
+    _check(TPU, q, k, v, mask=mask, is_causal=True)
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    out = sdpa(qb, kb, vb, mask=mask, implementation=TPU)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(np.float32), _reference(q, k, v, mask=mask)[0], atol=3e-2)
+
+
+def test_pallas_triton_refuses_masks_and_odd_lengths():
+    q, k, v = _qkv(4, t=16, s=32)
+    with pytest.raises(ValueError, match=r"pallas_triton.*no mask.*implementation='chunked'"):
+        sdpa(q, k, v, mask=np.ones((16, 32), bool), implementation=TRITON)
+    with pytest.raises(ValueError, match="window"):
+        sdpa(q, k, v, window=3, implementation=TRITON)
+    q, k, v = _qkv(4, t=24, s=32)
+    with pytest.raises(ValueError, match="T=24"):
+        sdpa(q, k, v, implementation=TRITON)
+
+
+def test_hardware_and_option_errors():
+    q, k, v = _qkv(5)
+    with pytest.raises(ValueError, match=r"'cudnn'.*needs a GPU.*this is a CPU.*'chunked'"):
+        sdpa(q, k, v, implementation="cudnn")
+    with pytest.raises(ValueError, match=r"needs a TPU.*'pallas_tpu:interpret'"):
+        sdpa(q, k, v, implementation="pallas_tpu")
+    with pytest.raises(ValueError, match="only .* have an interpret mode"):
+        sdpa(q, k, v, implementation="cudnn:interpret")
+    with pytest.raises(ValueError, match="implementation must be"):
+        sdpa(q, k, v, implementation="flash")
+    with pytest.raises(ValueError, match=r"never materialises.*'dense'"):
+        sdpa(q, k, v, implementation=TPU, return_weights=True)
+    with pytest.raises(ValueError, match=r"forward-mode.*'dense'"):
+        jax.jvp(lambda q: sdpa(q, k, v, implementation=TPU), (q,), (q,))
+    with pytest.raises(ValueError, match="compile-time Python float"):
+        jax.grad(lambda c: sdpa(q, k, v, scale=c, implementation=TPU).sum())(0.5)
+
+
+def _call(platform, **kw):
+    base = dict(platform=platform, batch=2, t=128, s=128, n=8, k=8, h=64, d=64, dtype="bfloat16")
+    return bs.AttentionCall(**{**base, **kw})
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+def test_auto_keeps_the_xla_rule_on_every_platform(platform):
+    assert bs.MEASURED == {"cpu": (), "gpu": (), "tpu": ()}  # nothing measured: no kernel is auto-picked
+    assert bs.select_implementation(_call(platform)) == "dense"
+    big = _call(platform, batch=1, t=4096, s=4096)  # 512 MiB of float32 logits
+    assert bs.select_implementation(big) == "chunked"
+    for opt in ("dropout", "return_weights", "forward_mode"):
+        assert bs.select_implementation(dataclasses.replace(big, **{opt: True})) == "dense"
+
+
+def test_one_table_entry_enables_a_measured_kernel(monkeypatch):
+    monkeypatch.setitem(bs.MEASURED, "gpu", ("cudnn",))
+    assert bs.select_implementation(_call("gpu")) == "cudnn"
+    assert bs.select_implementation(_call("gpu", dtype="float32")) == "dense"  # cuDNN refuses: XLA rule
+    assert bs.select_implementation(_call("tpu")) == "dense"
+
+
+def test_capabilities():
+    cap = bs.capability
+    assert cap("cudnn", _call("gpu")) is None
+    assert "GPU" in cap("cudnn", _call("cpu"))
+    assert "H == D" in cap("cudnn", _call("gpu", d=32))
+    assert "bias" in cap("cudnn", _call("gpu", has_bias=True))
+    assert cap("pallas_triton", _call("gpu", is_causal=True, t=16, s=256)) is None  # re-aligned to T'=S
+    assert "mask" in cap("pallas_triton", _call("gpu", has_mask=True))
+    assert "T=48" in cap("pallas_triton", _call("gpu", t=48))
+    assert cap("pallas_tpu", _call("tpu", has_mask=True, has_bias=True, has_window=True, t=7, s=9)) is None
+    assert "float16" in cap("pallas_tpu", _call("tpu", dtype="float16"))
+    assert "float64" in cap("pallas_tpu", _call("tpu", dtype="float64", interpret=True))
+    assert cap("pallas_tpu", _call("cpu", interpret=True)) is None
+    assert cap("tokamax_mosaic", _call("tpu")) is None and cap("tokamax_triton", _call("tpu")) is not None
+    assert "dropout" in cap("tokamax_triton", _call("gpu", dropout=True))
+
+
+def test_module_passes_new_names_through():
+    x = np.random.default_rng(6).standard_normal((2, 16, 32)).astype(np.float32)
+    mha = MultiHeadAttention(num_heads=4, implementation=TPU)
+    dense = mha.clone(implementation="dense")
+    params = dense.init(jax.random.PRNGKey(0), x, x, mask=causal_mask(16))
+    got = mha.apply(params, x, x, mask=causal_mask(16))
+    np.testing.assert_allclose(got, dense.apply(params, x, x, mask=causal_mask(16)), atol=1e-5)
