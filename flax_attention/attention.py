@@ -226,11 +226,13 @@ def scaled_dot_product_attention(
         ``is_causal``/``window``; no dropout, no returned weights, reverse-mode
         autodiff only). ``None`` (auto) picks ``"chunked"`` when the dense
         float32 logits would exceed ``AUTO_CHUNKED_BYTES`` (256 MiB, i.e.
-        ``4·B·N·T·S`` bytes), unless dropout, ``return_weights`` or
-        forward-mode autodiff (``jax.jvp``, ``jacfwd``, ``hessian``) needs the
-        dense path; so auto never changes what works, only the memory used.
-        (One exception: ``jax.linearize`` looks like ``jax.grad`` at trace
-        time, so above the threshold pass ``implementation="dense"`` to it.)
+        ``4·B·N·T·S`` bytes) or, on CPU, where it is measured faster (``T``
+        and ``S`` >= ``CPU_CHUNKED_MIN_LENGTH`` = 512), unless dropout,
+        ``return_weights`` or forward-mode autodiff (``jax.jvp``, ``jacfwd``,
+        ``hessian``) needs the dense path; so auto never changes what works,
+        only speed and memory. (One exception: ``jax.linearize`` looks like
+        ``jax.grad`` at trace time, so where auto would pick ``"chunked"``
+        pass ``implementation="dense"`` to it.)
         Fused kernels, opt-in (see :mod:`flax_attention.backends`):
         ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
         mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows

@@ -39,6 +39,12 @@ MEASURED = {"cpu": (), "gpu": (), "tpu": ()}
 # below it the dense path is simplest and fast; above it a few such temporaries
 # (logits, probabilities, their gradients) would cost >1 GiB.
 AUTO_CHUNKED_BYTES = 256 * 2**20
+# On CPU the chunked kernel is also the faster one once both lengths reach a few
+# key blocks: measured on the 2-core benchmark machine (float32, N=8, H=64,
+# fwd+bwd, causal and not): T=S=512 (B=4, 8) chunked 0.74-0.91x dense's time,
+# T=S=1024 0.16-0.2x; T=S=256 (B=16) 1.16-1.34x, T=S=128 (B=32) 1.36-1.48x,
+# so shorter sequences stay dense (benchmarks/results/cpu_levers.md).
+CPU_CHUNKED_MIN_LENGTH = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +199,12 @@ def capability(name: str, call: AttentionCall) -> Optional[str]:
 
 
 def xla_implementation(call: AttentionCall, threshold: int = AUTO_CHUNKED_BYTES) -> str:
-    """Today's rule: chunked above ``threshold`` bytes of float32 logits unless only dense can do the call."""
+    """The XLA rule: ``"chunked"`` above ``threshold`` bytes of float32 logits, or on CPU
+    once ``T`` and ``S`` reach :data:`CPU_CHUNKED_MIN_LENGTH`; ``"dense"`` when only
+    dense can do the call (dropout, returned weights, forward-mode autodiff)."""
     big = 4 * call.batch * call.n * call.t * call.s > threshold
+    if call.platform == "cpu" and min(call.t, call.s) >= CPU_CHUNKED_MIN_LENGTH:
+        big = True  # measured faster there, not only smaller
     dense_only = call.dropout or call.return_weights or call.forward_mode
     return "chunked" if big and not dense_only else "dense"
 

@@ -148,6 +148,18 @@ def test_auto_keeps_the_xla_rule_on_every_platform(platform):
         assert bs.select_implementation(dataclasses.replace(big, **{opt: True})) == "dense"
 
 
+def test_auto_picks_chunked_where_it_is_faster_on_cpu_only():
+    # The memory rule alone keeps T=S=2048, B=1 (128 MiB of logits) dense; on CPU the
+    # chunked kernel is measured faster from T=S=512 on, so auto takes it there.
+    mid = _call("cpu", batch=1, t=2048, s=2048)
+    assert bs.select_implementation(mid) == "chunked"
+    assert bs.select_implementation(dataclasses.replace(mid, platform="gpu")) == "dense"
+    assert bs.select_implementation(_call("cpu", t=512, s=512)) == "chunked"
+    assert bs.select_implementation(_call("cpu", t=511, s=4096)) == "dense"  # short queries: dense
+    assert bs.select_implementation(_call("cpu", t=1, s=4096)) == "dense"  # decoding step
+    assert bs.select_implementation(dataclasses.replace(mid, dropout=True)) == "dense"
+
+
 def test_one_table_entry_enables_a_measured_kernel(monkeypatch):
     monkeypatch.setitem(bs.MEASURED, "gpu", ("cudnn",))
     assert bs.select_implementation(_call("gpu")) == "cudnn"

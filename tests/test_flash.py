@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention import attention
+from flax_attention import attention, backend_select
 from flax_attention.attention import scaled_dot_product_attention as dense_sdpa
 from flax_attention.flash import block_plan, chunked_attention, computed_blocks
 from flax_attention.masks import combine_masks, sliding_window_mask
@@ -155,9 +155,12 @@ def test_auto_selection_threshold():
     assert choose(None, big, big, False, False) == "chunked"
     assert choose(None, big, big, True, False) == "dense"  # dropout needs the dense path
     assert choose(None, big, big, False, True) == "dense"  # so do returned weights
-    # Exactly at the threshold stays dense: 4·1·8·2048·4096 = 256 MiB.
-    edge_q = jax.ShapeDtypeStruct((1, 2048, 8, 64), jnp.float32)
-    assert choose(None, edge_q, big, False, False) == "dense"
+    # The memory threshold itself (platform-independent part of the rule): exactly
+    # 256 MiB stays dense, one more byte goes chunked. Shapes short enough that the
+    # CPU speed rule (T, S >= 512) does not apply.
+    edge = backend_select.AttentionCall(platform="gpu", batch=1, t=256, s=2**15, n=8, k=8, h=64, d=64)
+    assert backend_select.select_implementation(edge) == "dense"
+    assert backend_select.select_implementation(edge, threshold=2**28 - 1) == "chunked"
 
 
 def test_bad_inputs_raise():
