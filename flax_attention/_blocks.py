@@ -23,13 +23,16 @@ Window = Union[int, Tuple[int, int]]
 # per-iteration cost: edges start at 128 and grow, key side first, until the
 # step holds CPU_BLOCK_LOGITS logits over all heads (B·N·block_q·block_k), up to
 # 256 x 512. Measured on the 2-core benchmark machine (B=1, T=2048, N=8, H=64,
-# float32 fwd+bwd): 128x128 -> 192 ms, 256x512 -> 117 ms; with B·N = 32, 128x256
-# (see benchmarks/results/cpu_levers.md). Accelerators prefer fewer, larger
-# blocks because every loop step is a kernel launch.
+# float32 fwd+bwd, non-causal): 128x128 -> 192 ms, 256x512 -> 117 ms; T=8192:
+# 2.99 s -> 1.72 s (benchmarks/results/cpu_levers.md). Accelerators prefer
+# fewer, larger blocks because every loop step is a kernel launch.
 DEFAULT_BLOCK = {"cpu": 128}
 DEFAULT_BLOCK_ACCELERATOR = 512
 CPU_BLOCK_LOGITS = 2**20
 CPU_MAX_BLOCK = (256, 512)  # (block_q, block_k)
+# Causal/windowed calls at B=4, T=512, N=8 (float32 and bfloat16, fwd+bwd): 128x128 is
+# 1.3x faster than 128x256, which leaves 2 key blocks and little to skip.
+CPU_MIN_BANDED_BLOCKS = 4
 
 
 def default_block_size() -> int:
@@ -106,32 +109,41 @@ def block_size(requested: Optional[int], length: int, name: str, max_size: Optio
     return size if n_blocks == 1 else -(-size // 8) * 8
 
 
-def default_block_edges(t: int, s: int, rows: int, platform: Optional[str] = None) -> Tuple[int, int]:
+def default_block_edges(t: int, s: int, rows: int, platform: Optional[str] = None,
+                        banded: bool = False) -> Tuple[int, int]:
     """Largest default ``(block_q, block_k)`` for lengths ``t, s`` and ``rows = B·N``.
 
     A pure function of static shapes (and the platform, default: JAX's default
     backend). On CPU the edges grow from 128 (key side first, then query side)
     while a block step holds fewer than :data:`CPU_BLOCK_LOGITS` logits and the
-    length allows, up to :data:`CPU_MAX_BLOCK`; elsewhere both are
-    :data:`DEFAULT_BLOCK_ACCELERATOR`.
+    length allows, up to :data:`CPU_MAX_BLOCK`; for ``banded`` calls (causal or
+    windowed) an edge only grows while its axis keeps at least
+    :data:`CPU_MIN_BANDED_BLOCKS` blocks, since bigger blocks skip less of the
+    hidden triangle. Elsewhere both are :data:`DEFAULT_BLOCK_ACCELERATOR`.
     """
     platform = platform or jax.default_backend()
     if platform != "cpu":
         return DEFAULT_BLOCK_ACCELERATOR, DEFAULT_BLOCK_ACCELERATOR
+    min_blocks = CPU_MIN_BANDED_BLOCKS if banded else 1
+
+    def can_grow(edge, cap, length):
+        return edge < cap and edge < length and length >= 2 * edge * min_blocks
+
     bq = bk = DEFAULT_BLOCK["cpu"]
     while rows * bq * bk < CPU_BLOCK_LOGITS:
-        if bk < CPU_MAX_BLOCK[1] and bk < s:
+        if can_grow(bk, CPU_MAX_BLOCK[1], s):
             bk *= 2
-        elif bq < CPU_MAX_BLOCK[0] and bq < t:
+        elif can_grow(bq, CPU_MAX_BLOCK[0], t):
             bq *= 2
         else:
             break
     return bq, bk
 
 
-def block_sizes(block_q: Optional[int], block_k: Optional[int], t: int, s: int, rows: int) -> Tuple[int, int]:
+def block_sizes(block_q: Optional[int], block_k: Optional[int], t: int, s: int, rows: int,
+                banded: bool = False) -> Tuple[int, int]:
     """``(block_q, block_k)`` for a call: explicit sizes, else :func:`default_block_edges`."""
-    max_q, max_k = default_block_edges(t, s, rows)
+    max_q, max_k = default_block_edges(t, s, rows, banded=banded)
     return block_size(block_q, t, "block_q", max_q), block_size(block_k, s, "block_k", max_k)
 
 
@@ -147,6 +159,7 @@ def computed_blocks(t: int, s: int, *, is_causal: bool = False, causal_alignment
     offset, left, right = band(t, s, is_causal, causal_alignment, window)
     if t == 0 or s == 0:
         return 0, 0
-    bq, bk = block_sizes(block_q, block_k, t, s, rows)
+    banded = left is not None or right is not None
+    bq, bk = block_sizes(block_q, block_k, t, s, rows, banded)
     kv_lo, kv_hi, _, _ = block_plan(t, s, bq, bk, offset=offset, left=left, right=right)
     return int((kv_hi - kv_lo).sum()), (-(-t // bq)) * (-(-s // bk))

@@ -188,7 +188,7 @@ def _chunked(query, key, value, mask, bias, bias_keep, scale, is_causal, causal_
     offset, left, right = band(t, s, is_causal, causal_alignment, window)
     if t == 0 or s == 0:  # nothing to attend to (or nobody asking): zeros, zero gradients
         return jnp.zeros((*batch, t, n, d), query.dtype)
-    bq, bk = block_sizes(block_q, block_k, t, s, bsz * n)
+    bq, bk = block_sizes(block_q, block_k, t, s, bsz * n, left is not None or right is not None)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     cdt = compute_dtype(query.dtype)
     scale = jnp.asarray(1.0 / math.sqrt(h) if scale is None else scale, cdt)

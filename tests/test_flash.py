@@ -190,3 +190,20 @@ def test_benchmark_quick_smoke(tmp_path):
     for name in ("ours-chunked", "ours-dense", "jax.nn-xla", "flax.linen"):
         assert f"| {name} |" in table
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_default_block_edges_rule():
+    from flax_attention.flash import default_block_edges
+
+    # CPU: grow 128x128 (key side first) until B·N·bq·bk reaches 2^20 logits, up to 256x512.
+    assert default_block_edges(2048, 2048, 8, platform="cpu") == (256, 512)
+    assert default_block_edges(512, 512, 32, platform="cpu") == (128, 256)
+    assert default_block_edges(250, 250, 256, platform="cpu") == (128, 128)  # enough work already
+    assert default_block_edges(100, 100, 1, platform="cpu") == (128, 128)  # never past the length
+    # Causal/windowed: keep >= 4 blocks per axis so the hidden triangle is still skipped.
+    assert default_block_edges(512, 512, 32, platform="cpu", banded=True) == (128, 128)
+    assert default_block_edges(1024, 1024, 8, platform="cpu", banded=True) == (256, 256)
+    assert default_block_edges(2048, 2048, 8, platform="cpu", banded=True) == (256, 512)
+    assert default_block_edges(2048, 2048, 8, platform="gpu") == (512, 512)
+    # The chosen edges are what the kernel uses: 2048 = 8 x 256 query rows, 4 x 512 keys.
+    assert computed_blocks(2048, 2048, rows=8) == (32, 32) or jax.default_backend() != "cpu"
