@@ -136,12 +136,16 @@ def markdown(rows: List[Dict], env: Dict, argv: str, notes: Optional[List[str]] 
     out.append(f"Command: `python -m benchmarks.bench_attention {argv}`".rstrip())
     out.append("")
     out.append("Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    passes = env.get("passes", 1)
+    best_of = (f" The whole suite was timed {passes} times (passes minutes apart, PyTorch's worker once per "
+               f"pass); each entry is its best pass's median, every pass's median is in attention.json "
+               f"(`ms_passes`)." if passes > 1 else "")
     out += ["", "Times are medians of repeated runs after a warm-up (wall clock, block_until_ready). "
             "GFLOP/s counts useful FLOPs: forward 2·B·N·P·(H+D), P = visible (query, key) pairs "
             "(T·(T+1)/2 when causal); fwd+bwd = 3.5x forward. Memory: XLA's compiled plan "
             "(`memory_analysis()`), temp = scratch, total = arguments + outputs + temp. runs = timed runs "
             "(0 = a single cold run, used for calls over --single-run-s). ours-auto = "
-            "`implementation=None`, the library default.", ""]
+            "`implementation=None`, the library default." + best_of, ""]
     out += [f"- {n}" for n in notes or []] + ([""] if notes else [])
     out.append(f"Peak used for % of peak (dense, vendor datasheet; `benchmarks/peaks.py`), "
                f"jax_default_matmul_precision={env.get('matmul_precision', 'default')} "

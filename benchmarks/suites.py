@@ -22,6 +22,8 @@ class Suite:
       shapes: the ``(B, T, N, H, dtypes)`` to run, in order.
       budget_s: seconds of timed runs per measurement.
       max_runs: cap on timed runs per measurement.
+      passes: times every case this many times (whole suite per pass) and
+        keeps each measurement's best median.
       dense_max_gib: skip the dense O(T²) implementations (``peers.DENSE``)
         without compiling them when one float32 ``[B, N, T, T]`` logits tensor
         would exceed this many GiB; ``None`` = compile them and rely on XLA's
@@ -32,11 +34,13 @@ class Suite:
     budget_s: float = 3.0
     max_runs: int = 20
     dense_max_gib: Optional[float] = None
+    passes: int = 1
 
 
 # CPU default: N=8, H=64. T=8192 runs in float32 only to keep the suite near 10 minutes
 # on 2 CPU cores; --dtypes changes that.
-CPU = Suite(((4, 512, 8, 64, BOTH), (1, 2048, 8, 64, BOTH), (1, 8192, 8, 64, ("float32",))))
+CPU = Suite(((4, 512, 8, 64, BOTH), (1, 2048, 8, 64, BOTH), (1, 8192, 8, 64, ("float32",))),
+            budget_s=2.0, passes=2)
 QUICK = Suite(((1, 256, 2, 32, ("float32",)),), budget_s=0.5, max_runs=5)
 # --long: causal only (the memory bar); run first so the process RSS is its own.
 LONG: Tuple[Shape, ...] = ((1, 32768, 8, 64, ("float32",)),)

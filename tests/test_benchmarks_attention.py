@@ -166,3 +166,15 @@ def test_torch_worker_skips_without_cuda_when_required():
         assert got["ms"] is not None
     else:
         assert got["ms"] is None and got["note"].startswith("skipped: ")
+
+
+def test_merge_passes_keeps_each_entrys_best_median():
+    from benchmarks.bench_attention import Result, merge_passes
+
+    def pass_(chunked_ms, torch_ms):
+        return [Result(1, 8, 1, 4, "float32", True, "fwd", "ours-chunked", ms=chunked_ms),
+                Result(1, 8, 1, 4, "float32", True, "fwd", "torch-sdpa-cpu", ms=torch_ms)]
+
+    merged = merge_passes([pass_(2.0, 1.0), pass_(1.0, None), pass_(3.0, 4.0)])
+    assert [r.ms for r in merged] == [1.0, 1.0]  # a burst in one pass never decides
+    assert merged[0].ms_passes == [2.0, 1.0, 3.0] and merged[1].ms_passes == [1.0, 4.0]
