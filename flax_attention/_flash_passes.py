@@ -60,7 +60,6 @@ def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config):
     return lax.fori_loop(jnp.int32(0), jnp.int32(tp // cfg.block_q), q_block, init)
 
 
-
 def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config):
     """Recomputing backward: key blocks outer (dK, dV accumulate in the carry), query blocks inner.
 

@@ -80,14 +80,14 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
                        preferred_element_type=scale.dtype) * scale
         s = s.reshape(b, kh, bk, bq, g)
 
-        def tile(x, key_axis=4):  # [..., bq, Gx, bk] -> [..., bk, bq, Gx]
-            return None if x is None else jnp.moveaxis(x, key_axis, x.ndim - 3)
+        def tile(x):  # key axis (last) in front of the query axes: [..., bq, Gx, bk] -> [..., bk, bq, Gx]
+            return None if x is None else jnp.moveaxis(x, -1, -3)
     else:
         s = jnp.einsum("bkrh,bksh->bkrs", q_i, k_j, precision=cfg.precision,
                        preferred_element_type=scale.dtype) * scale
         s = s.reshape(b, kh, bq, g, bk)
 
-        def tile(x, key_axis=4):
+        def tile(x):
             return x
     keep = tile(_block(mask, i, j, cfg))
     if bias is not None:  # finite: `prepare` moved -inf entries to bias_keep
@@ -106,7 +106,7 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
     if cfg.s % bk:
         conds.append(k_pos[None, None, :] < cfg.s)
     for c in conds:
-        c = tile(c, key_axis=2)
+        c = tile(c)
         keep = c if keep is None else keep & c
     shape = (b, kh, bk, rows) if transposed else (b, kh, rows, bk)
     if keep is None:

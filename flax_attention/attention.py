@@ -153,13 +153,6 @@ def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, p
     return _softmax(logits, mask)
 
 
-def _choose_implementation(implementation, query, key, dropout_active, return_weights):
-    """Name of the implementation that serves a call with these shapes (the XLA rule for ``None``)."""
-    call = describe(query.shape, key.shape, key.shape, query.dtype, platform=jax.default_backend(),
-                    dropout=dropout_active, return_weights=return_weights, forward_mode=forward_mode_active())
-    return resolve(implementation, call, AUTO_CHUNKED_BYTES)[0]
-
-
 def _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
               dropout_active, return_weights) -> AttentionCall:
     """The static facts about a call that implementation choice depends on."""

@@ -112,8 +112,8 @@ def _masked_kernel(fn, query, key, value, mask, bias_keep, is_causal, alignment,
     return _zero_dead(out.reshape(batch + out.shape[-3:]).astype(query.dtype), alive)
 
 
-def _cudnn(query, key, value, mask, bias_keep, scale, is_causal, alignment, window, precision, interpret):
-    del precision, interpret  # cuDNN picks its own precision; no interpret mode.
+def _cudnn(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, precision, interpret):
+    del bias, precision, interpret  # refused by its capability; cuDNN picks its own precision; no interpret mode.
 
     def fn(q, k, v, m, causal):
         return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale, is_causal=causal, implementation="cudnn")
@@ -122,8 +122,8 @@ def _cudnn(query, key, value, mask, bias_keep, scale, is_causal, alignment, wind
 
 
 def _tokamax(kind):
-    def run(query, key, value, mask, bias_keep, scale, is_causal, alignment, window, precision, interpret):
-        del interpret
+    def run(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, precision, interpret):
+        del bias, interpret  # bias: refused by its capability
         if importlib.util.find_spec("tokamax") is None:
             raise ValueError(
                 f"implementation='tokamax_{kind}' needs the optional package tokamax "
@@ -139,12 +139,13 @@ def _tokamax(kind):
     return run
 
 
-def _pallas_triton(query, key, value, mask, bias_keep, scale, is_causal, alignment, window, precision, interpret):
+def _pallas_triton(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, precision,
+                   interpret):
     """Causal/full attention only (capability refuses masks, bias and windows)."""
-    del mask, bias_keep, window, precision
+    del mask, bias, bias_keep, window, precision
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
-    batch, (t, n, h), d = query.shape[:-3], query.shape[-3:], value.shape[-1]
+    batch, (t, n, _), d = query.shape[:-3], query.shape[-3:], value.shape[-1]
     s = key.shape[-3]
     q, k, v = _same_heads_and_dims(_flatten(query), _flatten(key), _flatten(value))
     front = dead = 0
@@ -195,8 +196,10 @@ def _interpreted(fn, context):
     return run
 
 
-def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, interpret):
+def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, precision,
+                interpret):
     """Masks, bias, windows and alignment all travel as one additive bias ``[B, N, T', S']``."""
+    del precision  # the kernel takes none
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention
 
@@ -239,6 +242,7 @@ def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alig
 _KERNELS = {
     "cudnn": _cudnn,
     "pallas_triton": _pallas_triton,
+    "pallas_tpu": _pallas_tpu,
     "tokamax_triton": _tokamax("triton"),
     "tokamax_mosaic": _tokamax("mosaic"),
 }
@@ -268,7 +272,5 @@ def fused_attention(name, query, key, value, mask, bias, bias_keep, scale, is_ca
       ``[..., T, N, D]`` in the query's dtype; rows that see no key are zeros.
     """
     scale = 1.0 / np.sqrt(query.shape[-1]) if scale is None else float(scale)
-    if name == "pallas_tpu":
-        return _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, interpret)
-    return _KERNELS[name](query, key, value, mask, bias_keep, scale, is_causal, alignment, window, precision,
-                          interpret)
+    return _KERNELS[name](query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window,
+                          precision, interpret)

@@ -52,6 +52,7 @@ from flax_attention._blocks import (  # noqa: F401  (re-exported: part of this m
     Window,
     band,
     block_plan,
+    block_size,
     block_sizes,
     default_block_edges,
     computed_blocks,

@@ -147,7 +147,12 @@ def test_jit_equals_eager_and_dispatch():
 
 
 def test_auto_selection_threshold():
-    choose = attention._choose_implementation
+    def choose(implementation, query, key, dropout, return_weights):
+        call = backend_select.describe(query.shape, key.shape, key.shape, query.dtype,
+                                       platform=jax.default_backend(), dropout=dropout,
+                                       return_weights=return_weights)
+        return backend_select.resolve(implementation, call)[0]
+
     small = jax.ShapeDtypeStruct((2, 128, 8, 64), jnp.float32)
     assert choose(None, small, small, False, False) == "dense"
     # 4 bytes · B·N·T·S = 4·1·8·4096·4096 = 512 MiB > 256 MiB.
