@@ -13,11 +13,11 @@ All index arithmetic is int32, also under ``jax.enable_x64``.
 
 from __future__ import annotations
 
-import operator
 from typing import Optional, Tuple
 
 import jax.numpy as jnp
-import numpy as np
+
+from flax_attention.masks import _window_sizes
 
 Array = jnp.ndarray
 
@@ -57,14 +57,6 @@ def write_cache(cache: Array, new: Array, index: Array, count: Array) -> Tuple[A
     return flat.reshape(cache.shape), overflow
 
 
-def window_sizes(window) -> Tuple[int, int]:
-    """``w`` (the query and its ``w`` predecessors) or ``(left, right)`` -> ``(left, right)``."""
-    pair = (operator.index(window), 0) if np.ndim(window) == 0 else tuple(map(operator.index, window))
-    if len(pair) != 2 or min(pair) < 0:
-        raise ValueError(f"window must be an int >= 0 or a pair (left, right) of ints >= 0, got {window!r}.")
-    return pair
-
-
 def position_mask(query_pos: Array, key_pos: Array, *, causal: bool = True,
                   window: Optional[object] = None) -> Array:
     """Boolean ``[..., 1, T, S]`` from absolute positions ``[..., T]`` and ``[..., S]``.
@@ -75,6 +67,6 @@ def position_mask(query_pos: Array, key_pos: Array, *, causal: bool = True,
     diff = jnp.asarray(query_pos)[..., :, None] - jnp.asarray(key_pos)[..., None, :]
     keep = diff >= 0 if causal else jnp.ones(diff.shape, bool)
     if window is not None:
-        left, right = window_sizes(window)
+        left, right = _window_sizes(window)
         keep = keep & (diff <= left) & (-diff <= right)
     return keep[..., None, :, :]
