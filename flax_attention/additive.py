@@ -26,6 +26,7 @@ import numpy as np
 
 from flax_attention._validation import as_array, compute_dtype
 from flax_attention.attention import masked_softmax
+from flax_attention.partitioning import logical
 
 Array = jnp.ndarray
 
@@ -179,9 +180,9 @@ class AdditiveAttention(nn.Module):
     def __call__(self, hidden: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
         """Pools ``hidden [..., S, D]`` into ``(context [..., D], weights [..., S])``."""
         d = hidden.shape[-1]
-        w = self.param("w", self.kernel_init, (d, self.attention_size))
-        b = self.param("b", self.kernel_init, (self.attention_size,))
-        u = self.param("u", self.kernel_init, (self.attention_size,))
+        w = self.param("w", logical(self.kernel_init, ("embed", "mlp")), (d, self.attention_size))
+        b = self.param("b", logical(self.kernel_init, ("mlp",)), (self.attention_size,))
+        u = self.param("u", logical(self.kernel_init, ("mlp",)), (self.attention_size,))
         return context_attention(hidden, w, b, u, mask=mask)
 
 
@@ -201,7 +202,7 @@ class BahdanauAttention(nn.Module):
     ) -> Tuple[Array, Array]:
         """Returns ``(context [..., T, D], weights [..., T, S])``; see :func:`additive_attention`."""
         a = self.attention_size
-        w_q = self.param("w_query", self.kernel_init, (query.shape[-1], a))
-        w_k = self.param("w_key", self.kernel_init, (key.shape[-1], a))
-        v = self.param("v", nn.initializers.normal(1.0 / a**0.5), (a,))
+        w_q = self.param("w_query", logical(self.kernel_init, ("embed", "mlp")), (query.shape[-1], a))
+        w_k = self.param("w_key", logical(self.kernel_init, ("embed", "mlp")), (key.shape[-1], a))
+        v = self.param("v", logical(nn.initializers.normal(1.0 / a**0.5), ("mlp",)), (a,))
         return additive_attention(query, key, value, w_q, w_k, v, mask=mask)

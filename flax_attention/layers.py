@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flax_attention.multihead import MultiHeadAttention
+from flax_attention.partitioning import logical
 from flax_attention.positions import (  # noqa: F401  (re-exported: their historical home)
     SinusoidalPositionalEncoding,
     sinusoidal_encoding,
@@ -184,13 +185,14 @@ class PositionwiseFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: Optional[bool] = None) -> Array:
         """``[..., E] -> [..., out_features]``."""
-        dense = lambda f, name: nn.Dense(  # noqa: E731
-            f, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
-        h = self.activation(dense(self.d_ff, "wi")(x))
+        dense = lambda f, axes, name: nn.Dense(  # noqa: E731
+            f, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=logical(self.kernel_init, axes),
+            bias_init=logical(nn.initializers.zeros_init(), axes[1:]), name=name)
+        h = self.activation(dense(self.d_ff, ("embed", "mlp"), "wi")(x))
         if self.dropout_rate > 0.0:
             det = nn.merge_param("deterministic", self.deterministic, deterministic)
             h = nn.Dropout(self.dropout_rate)(h, deterministic=det)
-        return dense(self.out_features or x.shape[-1], "wo")(h)
+        return dense(self.out_features or x.shape[-1], ("mlp", "embed"), "wo")(h)
 
 
 def _attention(config: TransformerConfig, name: str, cross: bool = False) -> MultiHeadAttention:

@@ -31,6 +31,7 @@ from flax_attention import kv_cache
 from flax_attention.attention import scaled_dot_product_attention
 from flax_attention.custom_attention import call_attention_fn
 from flax_attention.masks import combine_masks
+from flax_attention.partitioning import logical
 from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
 
 Array = jnp.ndarray
@@ -200,15 +201,15 @@ class MultiHeadAttention(nn.Module):
         if append:
             self._check_decode(inputs_q, inputs_k, inputs_v, lengths)
 
-        dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
+        dense = lambda heads, axis, name: nn.DenseGeneral(  # noqa: E731
             features=(heads, h), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-            bias_init=self.bias_init, precision=self.precision, name=name)
-        query = dense(n, "query")(inputs_q)  # [..., T, N, H]
+            param_dtype=self.param_dtype, kernel_init=logical(self.kernel_init, ("embed", axis, "kv")),
+            bias_init=logical(self.bias_init, (axis, "kv")), precision=self.precision, name=name)
+        query = dense(n, "heads", "query")(inputs_q)  # [..., T, N, H]
         if reuse_kv:
             key, value = self._static_cache(None, None)
-        else:
-            key, value = dense(k, "key")(inputs_k), dense(k, "value")(inputs_v)  # [..., S, K, H]
+        else:  # [..., S, K, H]
+            key, value = dense(k, "kv_heads", "key")(inputs_k), dense(k, "kv_heads", "value")(inputs_v)
         if self.normalize_qk:
             ln = lambda name: nn.LayerNorm(  # noqa: E731
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -250,8 +251,8 @@ class MultiHeadAttention(nn.Module):
         return nn.DenseGeneral(
             features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=self.out_kernel_init or self.kernel_init,
-            bias_init=self.out_bias_init or self.bias_init,
+            kernel_init=logical(self.out_kernel_init or self.kernel_init, ("heads", "kv", "embed")),
+            bias_init=logical(self.out_bias_init or self.bias_init, ("embed",)),
             precision=self.precision, name="out")(out)
 
     def _attend(self, query, key, value, mask, bias, is_causal, window, det, rng, sow):

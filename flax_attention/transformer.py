@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+from flax.linen.linear import default_kernel_init
 import jax
 import jax.numpy as jnp
 
@@ -36,6 +37,7 @@ from flax_attention.layers import (
     TransformerEncoderLayer,
 )
 from flax_attention.masks import key_mask
+from flax_attention.partitioning import logical
 
 Array = jnp.ndarray
 
@@ -116,7 +118,7 @@ class Transformer(nn.Module):
         c = self.config
         embed = lambda v, name: nn.Embed(  # noqa: E731
             v, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
-            embedding_init=nn.initializers.normal(stddev=c.d_model**-0.5), name=name)
+            embedding_init=logical(nn.initializers.normal(stddev=c.d_model**-0.5), ("vocab", "embed")), name=name)
         if c.share_embeddings:
             self.source_embedding = self.target_embedding = embed(c.vocab_size, "embedding")
         else:
@@ -124,7 +126,9 @@ class Transformer(nn.Module):
             self.target_embedding = embed(c.target_vocab_size, "target_embedding")
         if not c.tie_output:
             self.output_projection = nn.Dense(
-                c.target_vocab_size, dtype=c.dtype, param_dtype=c.param_dtype, name="logits")
+                c.target_vocab_size, dtype=c.dtype, param_dtype=c.param_dtype, name="logits",
+                kernel_init=logical(default_kernel_init, ("embed", "vocab")),
+                bias_init=logical(nn.initializers.zeros_init(), ("vocab",)))
         if c.position == "sinusoidal":  # rope/alibi live in the attention layers
             self.positions = SinusoidalPositionalEncoding()
         self.dropout = nn.Dropout(c.dropout_rate)

@@ -38,12 +38,14 @@ import functools
 from typing import Optional, Tuple
 
 import flax.linen as nn
+from flax.linen.linear import default_embed_init, default_kernel_init
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_attention.additive import AdditiveAttention
 from flax_attention.masks import padding_mask
+from flax_attention.partitioning import logical
 
 Array = jnp.ndarray
 
@@ -301,10 +303,11 @@ class BiGRU(nn.Module):
             init = nn.initializers.lecun_normal()
             return jnp.stack([init(k0, shape[1:], dtype), init(k1, shape[1:], dtype)])
 
-        w_ih = self.param("w_ih", input_init, (2, e, 3 * u))
-        b_ih = self.param("b_ih", nn.initializers.zeros, (2, 3 * u))
-        w_hh = self.param("w_hh", recurrent_init, (2, u, 3 * u))
-        b_hh = self.param("b_hh", nn.initializers.zeros, (2, 3 * u))
+        # Gate columns ("mlp") shard; the recurrent input U ("hidden") stays whole for the scan.
+        w_ih = self.param("w_ih", logical(input_init, ("direction", "embed", "mlp")), (2, e, 3 * u))
+        b_ih = self.param("b_ih", logical(nn.initializers.zeros, ("direction", "mlp")), (2, 3 * u))
+        w_hh = self.param("w_hh", logical(recurrent_init, ("direction", "hidden", "mlp")), (2, u, 3 * u))
+        b_hh = self.param("b_hh", logical(nn.initializers.zeros, ("direction", "mlp")), (2, 3 * u))
         return bidirectional_gru(x, lengths, w_ih, b_ih, w_hh, b_hh, unroll=self.unroll,
                                  fused_vjp=self.fused_vjp)
 
@@ -329,10 +332,12 @@ class BiGRUClassifier(nn.Module):
         """
         cfg = self.config
         s = tokens.shape[-1]
-        x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed")(tokens)
+        x = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed",
+                     embedding_init=logical(default_embed_init, ("vocab", "embed")))(tokens)
         hidden = BiGRU(cfg.hidden_size, unroll=cfg.scan_unroll, fused_vjp=cfg.fused_vjp, name="bigru")(x, lengths)
         context, weights = AdditiveAttention(cfg.attention_size, name="attention")(
             hidden, padding_mask(lengths, s))
         context = nn.Dropout(cfg.dropout_rate, deterministic=not train)(context)
-        logits = nn.Dense(1, name="head")(context)[..., 0]
+        logits = nn.Dense(1, name="head", kernel_init=logical(default_kernel_init, ("embed", None)))(
+            context)[..., 0]
         return logits, weights

@@ -27,11 +27,13 @@ import dataclasses
 from typing import Tuple
 
 import flax.linen as nn
+from flax.linen.linear import default_kernel_init
 import jax.numpy as jnp
 
 from flax_attention.additive import AdditiveAttention
 from flax_attention.layers import SinusoidalPositionalEncoding, TransformerConfig
 from flax_attention.masks import key_mask, padding_mask
+from flax_attention.partitioning import logical
 from flax_attention.transformer import TransformerEncoder
 
 Array = jnp.ndarray
@@ -113,10 +115,10 @@ class TransformerClassifier(nn.Module):
                              f"{cfg.max_len}; raise TransformerClassifierConfig.max_len.")
         real = padding_mask(lengths, s)  # [B, S]
         x = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed",
-                     embedding_init=nn.initializers.normal(cfg.d_model**-0.5))(tokens)
+                     embedding_init=logical(nn.initializers.normal(cfg.d_model**-0.5), ("vocab", "embed")))(tokens)
         x = x * jnp.float32(cfg.d_model**0.5)  # unit-scale embeddings, as in the Transformer
         if extra:
-            cls = self.param("cls", nn.initializers.normal(1.0), (cfg.d_model,))
+            cls = self.param("cls", logical(nn.initializers.normal(1.0), ("embed",)), (cfg.d_model,))
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.d_model)), x], axis=1)
             real = jnp.concatenate([jnp.ones((b, 1), bool), real], axis=1)
         x = SinusoidalPositionalEncoding(name="positions")(x)
@@ -132,4 +134,5 @@ class TransformerClassifier(nn.Module):
             weights = real / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
             pooled = jnp.einsum("bs,bse->be", weights, h.astype(jnp.float32))
         pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
-        return nn.Dense(1, name="head")(pooled)[..., 0], weights
+        head = nn.Dense(1, name="head", kernel_init=logical(default_kernel_init, ("embed", None)))
+        return head(pooled)[..., 0], weights
