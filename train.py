@@ -5,6 +5,7 @@
     python train.py --model translate                 # Transformer, Multi30k de->en, SentencePiece, sacreBLEU
     python train.py --model translate --source_lang en --target_lang de
     python train.py --model seq2seq --task reverse    # encoder-decoder on a synthetic task
+    python train.py --mesh data=2,fsdp=4              # jax.jit on a device mesh instead of pmap
     python train.py --model translate --help          # every flag of that model, with its default
     python train.py predict --workdir checkpoints/bigru "A wonderful, moving film."
     python train.py translate --workdir checkpoints/translate_de_en "Ein Hund rennt über die Wiese."
@@ -87,13 +88,20 @@ def parse_args(argv: Sequence[str]):
                         "(Multi30k); seq2seq: the same on a synthetic --task. `--model M --help` lists M's flags.")
     p.add_argument("--workdir", default=None, help="checkpoints, vocabulary, metrics, TensorBoard events "
                    "(default: checkpoints/<model>, checkpoints/translate_<src>_<tgt>, checkpoints/seq2seq_<task>)")
-    g = p.add_argument_group("multi-process (one process per host; see flax_attention.training.distributed)")
+    g = p.add_argument_group("devices and processes (one process per host; see flax_attention.training.distributed)")
     g.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS)")
     g.add_argument("--num_processes", type=int, default=None, help="total processes (or $JAX_NUM_PROCESSES)")
     g.add_argument("--process_id", type=int, default=None, help="this process, 0..n-1 (or $JAX_PROCESS_ID)")
+    g.add_argument("--mesh", default=None, help="train with jax.jit on a device mesh instead of pmap, e.g. "
+                   "data=2,fsdp=4 or data=2,seq=4 (sizes multiply to the device count): batch over data x fsdp, "
+                   "parameters and optimizer state over fsdp, sequences over seq (see "
+                   "flax_attention.training.mesh); checkpoints resume on either path")
     add_config_flags(p, sections, task.flag_defaults)
     args = p.parse_args(argv)
     configs = build_configs(sections, args)  # bad values fail before processes connect
+    if args.mesh:
+        from flax_attention.training.mesh import parse_mesh
+        parse_mesh(args.mesh)
     args.workdir = args.workdir or default_workdir(task, configs)
     return "train", args, task, configs
 
@@ -117,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             embed(args)
         else:
             maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-            train_and_evaluate(task, configs, args.workdir)
+            train_and_evaluate(task, configs, args.workdir, mesh=args.mesh)
     except (ValueError, FileNotFoundError, DataUnavailableError, IncompatibleWorkdirError) as e:
         return _fail(str(e), 2)
     except DivergenceError as e:

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from flax_attention.training import distributed
-from flax_attention.training.steps import all_finite, unreplicate
 
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -98,12 +97,19 @@ def check_writable_dir(workdir, flag: str = "--workdir") -> None:
                          f"{e.strerror or e}); pass a directory you can create and write.") from None
 
 
-def save_if_finite(ckpt, step: int, rstate, meta, metrics=None) -> None:
-    """Checkpoints the (unreplicated) state unless it holds NaN/Inf: a bad state is never saved."""
-    state = unreplicate(rstate)
-    if not all_finite(state):
+def save_if_finite(ckpt, step: int, rstate, meta, metrics=None, placement=None) -> None:
+    """Checkpoints the (unreplicated) state unless it holds NaN/Inf: a bad state is never saved.
+
+    ``placement``: where ``rstate`` lives (default: pmap replicas); see
+    :mod:`flax_attention.training.placement`.
+    """
+    if placement is None:
+        from flax_attention.training.placement import PmapPlacement
+        placement = PmapPlacement()
+    state = placement.saveable(rstate)
+    if not placement.finite(state):
         raise DivergenceError(f"training diverged: the model state holds NaN/Inf at step {step}")
-    ckpt.save(step, state, meta, metrics=metrics)
+    ckpt.save(step, state, meta, metrics=metrics, sharded=placement.sharded_checkpoints)
 
 
 def check_finite_loss(loss: float, step: int) -> None:

@@ -19,8 +19,12 @@ it only after the requested run has been checked against the workdir (config
 and checkpoint shapes), so a refused run changes nothing.
 
 Multi-process runs: every process calls :meth:`Checkpointer.save` (orbax
-coordinates them); the state is saved from host memory, so only process 0
-writes it. Side files are written by process 0 only.
+coordinates them). A pmap run saves host copies, so only process 0 writes
+the state; a ``--mesh`` run saves its sharded global arrays (each process
+writes its shards). Either restores onto the other, or onto another mesh or
+device count: :meth:`Checkpointer.restore` reads against a target tree whose
+``jax.ShapeDtypeStruct`` leaves carry the shardings wanted (orbax reshards on
+load). Side files are written by process 0 only.
 """
 
 from __future__ import annotations
@@ -154,14 +158,21 @@ class Checkpointer:
                 scored.append((acc, step))
         return max(scored)[1] if scored else self.latest_step()
 
-    def save(self, step: int, state, meta: Dict[str, Any], metrics: Optional[Dict[str, float]] = None) -> None:
+    def save(self, step: int, state, meta: Dict[str, Any], metrics: Optional[Dict[str, float]] = None,
+             sharded: bool = False) -> None:
         """Starts saving ``state`` (copied to host now, written in the background).
 
         Training continues while orbax writes; the next ``save`` or
         :meth:`close` waits for it. A crash before it finishes leaves only a
         temporary folder, and the run resumes from the previous checkpoint.
+
+        Args:
+          sharded: ``state`` holds global (possibly multi-process) ``jax.Array``
+            leaves: orbax copies each process's shards to host before this
+            returns, then writes them.
         """
-        host_state = jax.device_get(state)  # a snapshot: later (donated) steps cannot change it
+        # Either way a snapshot is on the host when save returns: later (donated) steps cannot change it.
+        host_state = state if sharded else jax.device_get(state)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics=metrics, force=True)
@@ -177,7 +188,8 @@ class Checkpointer:
         except Exception as e:
             raise IncompatibleWorkdirError(f"checkpoint {step} in {self.manager.directory} is unreadable "
                                            f"({type(e).__name__}); use a fresh --workdir.") from e
-        want = {_path(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        want = {_path(k): tuple(getattr(v, "shape", None) or np.shape(v))
+                for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
         have = {_path(k): tuple(getattr(v, "shape", ()) or ()) for k, v in jax.tree_util.tree_leaves_with_path(saved)}
         diffs = [f"{k}: checkpoint {have.get(k, 'missing')}, model {want.get(k, 'missing')}"
                  for k in sorted(set(want) | set(have), key=lambda k: (not k.startswith("params"), k))
@@ -191,11 +203,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state) -> Tuple[Any, Dict[str, Any]]:
         """Restores ``(state, meta)`` at ``step`` into the structure of ``abstract_state``.
 
-        Arrays come back as host NumPy arrays (identical on every process);
-        replicate them onto the devices.
+        Array leaves of ``abstract_state`` come back as host NumPy arrays
+        (identical on every process; replicate them onto the devices);
+        ``jax.ShapeDtypeStruct`` leaves with a ``sharding`` come back as global
+        arrays sharded that way, whatever layout the checkpoint was written from.
         """
         self.check_compatible(step, abstract_state)
-        target = jax.device_get(abstract_state)
+        target = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_get(x),
+                                        abstract_state)
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                  meta=ocp.args.JsonRestore()))
         return out.state, out.meta

@@ -6,14 +6,16 @@ teacher-forced metrics, then its decoding metrics such as BLEU), checkpoints
 (the newest ``keep_checkpoints`` plus the best by ``task.selection_metric``),
 logs to ``metrics.jsonl`` and TensorBoard, stops cleanly on SIGTERM and on a
 non-finite loss. The task (:mod:`flax_attention.training.tasks`) supplies
-everything model- and data-specific.
+everything model- and data-specific; the placement
+(:mod:`flax_attention.training.placement`) where state and batches live:
+``pmap`` replicas by default, a ``jit`` mesh with ``--mesh``.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 
@@ -22,9 +24,9 @@ from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, St
                                                  check_finite_loss, check_writable_dir, save_if_finite)
 from flax_attention.training.checkpointing import Checkpointer, check_or_write_config, load_config
 from flax_attention.training.config import TrainConfig, configs_to_json
+from flax_attention.training.placement import PmapPlacement, make_placement
 from flax_attention.training.steps import (MetricAccumulator, create_train_state as _create_state,
-                                           learning_rate_schedule, make_eval_step, make_train_step, replicate,
-                                           summarize, unreplicate)
+                                           learning_rate_schedule, make_eval_step, make_train_step, summarize)
 
 
 def input_pipeline(task, configs, workdir):
@@ -55,26 +57,28 @@ def eval_step(task, configs):
     return make_eval_step(task.loss_fn(configs))
 
 
-def evaluate(p_eval, rstate, data, batch_size: int, desc: str = "eval") -> Dict[str, float]:
+def evaluate(p_eval, rstate, data, batch_size: int, desc: str = "eval", placement=None) -> Dict[str, float]:
     """Teacher-forced metrics on the whole evaluation split; every example counted exactly once."""
     from tqdm import tqdm
 
-    acc = MetricAccumulator()
+    placement, acc = placement or PmapPlacement(), MetricAccumulator()
     for i, batch in enumerate(tqdm(data.eval_batches(batch_size), total=data.num_eval_batches(batch_size),
                                    desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_primary())):
-        # The global device count was checked to divide batch_size; each process feeds its rows.
-        acc.add(p_eval(rstate, distributed.local_batch(batch)))
+        # The placement checked that batch_size splits evenly; each process feeds its rows.
+        acc.add(p_eval(rstate, placement.batch(batch)))
         if (i + 1) % 10 == 0:
             acc.fetch()
     return summarize(acc.fetch())
 
 
-def full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step: int, final: bool) -> Dict[str, Any]:
+def full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step: int, final: bool,
+                    placement=None) -> Dict[str, Any]:
     """Teacher-forced metrics, then the task's decoding metrics (BLEU, exact match) if it has any."""
-    tcfg = configs["train"]
-    metrics: Dict[str, Any] = evaluate(p_eval, rstate, data, tcfg.eval_batch_size or tcfg.batch_size)
+    tcfg, placement = configs["train"], placement or PmapPlacement()
+    metrics: Dict[str, Any] = evaluate(p_eval, rstate, data, tcfg.eval_batch_size or tcfg.batch_size,
+                                       placement=placement)
     if task.decode_eval is not None:
-        metrics.update(task.decode_eval(model, unreplicate(rstate).params, configs, data, workdir, step, final))
+        metrics.update(task.decode_eval(model, placement.params(rstate), configs, data, workdir, step, final))
     return metrics
 
 
@@ -87,11 +91,16 @@ def check_not_legacy(saved: Dict[str, Any], workdir) -> None:
                          "--workdir, e.g. `python train.py --model seq2seq --task reverse --workdir NEW`.")
 
 
-def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, Any]:
-    """Trains (resuming from the latest checkpoint in ``workdir``) and returns the final evaluation metrics."""
-    tcfg = configs["train"]
-    distributed.check_global_batch(tcfg.batch_size, "--batch_size")
-    distributed.check_global_batch(tcfg.eval_batch_size or tcfg.batch_size, "--eval_batch_size")
+def train_and_evaluate(task, configs: Mapping[str, Any], workdir, mesh: Optional[str] = None) -> Dict[str, Any]:
+    """Trains (resuming from the latest checkpoint in ``workdir``) and returns the final evaluation metrics.
+
+    Args:
+      mesh: ``None`` trains with ``jax.pmap``; ``"data=D,fsdp=F,seq=S"``
+        (see :mod:`flax_attention.training.mesh`) with ``jax.jit`` on that mesh.
+    """
+    tcfg, placement = configs["train"], make_placement(mesh)
+    placement.check_batch(tcfg.batch_size, "--batch_size")
+    placement.check_batch(tcfg.eval_batch_size or tcfg.batch_size, "--eval_batch_size")
     workdir, primary = Path(workdir), distributed.is_primary()
     config_json = configs_to_json(task.name, configs)
     resumable = [f"train.{k}" for k in tcfg.resumable_changes()] + list(task.resumable)
@@ -106,13 +115,16 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, A
     distributed.barrier("flax_attention_data_ready")
     if not primary:
         data = input_pipeline(task, configs, workdir)
-    model, state = create_train_state(task, configs, data.extras, data.steps_per_epoch(tcfg.batch_size))
+    model = task.build_model(configs, data.extras)
+    frozen = task.frozen(configs) if task.frozen is not None else None
+    state = placement.create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
+                                   tcfg.num_epochs * data.steps_per_epoch(tcfg.batch_size), frozen)
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     try:
         with StopSignal() as stop:
             return _train_loop(task, configs, workdir, data, model, state, ckpt,
                                lambda: check_or_write_config(workdir, config_json, resumable, write=primary,
-                                                             added_fields=added), stop)
+                                                             added_fields=added), stop, placement)
     except DivergenceError as e:
         ckpt.wait()
         raise DivergenceError(f"{e}; stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept in "
@@ -121,7 +133,8 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, A
         ckpt.close()  # waits for an in-flight save
 
 
-def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_config, stop) -> Dict[str, Any]:
+def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_config, stop,
+                placement) -> Dict[str, Any]:
     from tqdm import tqdm
 
     def stopped(step: int) -> StopRequested:
@@ -132,27 +145,27 @@ def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_co
     tcfg, primary = configs["train"], distributed.is_primary()
     epoch, start = 0, 0
     if ckpt.latest_step() is not None:  # the newest *complete* checkpoint; checks shapes first
-        state, meta = ckpt.restore(ckpt.latest_step(), state)
+        rstate, meta = placement.restore(ckpt, ckpt.latest_step(), rstate)
         epoch, start = int(meta["next_epoch"]), int(meta["next_step"])
         if primary:
-            print(f"Resuming from step {int(state.step)} (epoch {epoch + 1}, batch {start}) in {workdir}")
+            print(f"Resuming from step {placement.step(rstate)} (epoch {epoch + 1}, batch {start}) in {workdir}")
     write_config()  # only now: the workdir is known to fit this run
     log = MetricsLog(workdir / "metrics.jsonl", enabled=primary, tensorboard_dir=workdir / "tensorboard")
-    log.truncate_after(int(state.step))
-    if int(state.step) == 0 and task.init_params is not None:  # e.g. pretrained word vectors; never on resume
-        params, report = task.init_params(state.params, configs, data)
-        state = state.replace(params=params)
+    log.truncate_after(placement.step(rstate))
+    if placement.step(rstate) == 0 and task.init_params is not None:  # e.g. pretrained word vectors; never on resume
+        params, report = task.init_params(placement.params(rstate), configs, data)
+        rstate = placement.with_params(rstate, params)
         if report:
             log(event="init", step=0, **report)
-    p_train, p_eval = train_step(task, configs), eval_step(task, configs)
-    rstate = replicate(state)
+    loss_fn = task.loss_fn(configs)
+    p_train, p_eval = placement.train_step(loss_fn), placement.eval_step(loss_fn)
     spe = data.steps_per_epoch(tcfg.batch_size)
     if spe == 0:
         raise ValueError(f"--batch_size {tcfg.batch_size} exceeds the {len(data.train)} training examples.")
     lr = learning_rate_schedule(tcfg, tcfg.num_epochs * spe)
     if primary:
         what = getattr(data, "description", None) or f"{len(data.train)} train / {len(data.test)} test examples"
-        print(f"{task.name}: {what}, {spe} steps/epoch, {jax.device_count()} device(s) "
+        print(f"{task.name}: {what}, {spe} steps/epoch, {placement.describe()} "
               f"[{jax.devices()[0].platform}] in {jax.process_count()} process(es), global batch {tcfg.batch_size}")
     metrics: Dict[str, Any] = {}
     try:
@@ -161,7 +174,7 @@ def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_co
             bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", dynamic_ncols=True,
                        disable=not primary)
             for i, batch in enumerate(data.train_batches(tcfg.batch_size, tcfg.seed, epoch, start), start=start):
-                rstate, sums = p_train(rstate, distributed.local_batch(batch))
+                rstate, sums = p_train(rstate, placement.batch(batch))
                 acc.add(sums)
                 step = epoch * spe + i + 1
                 sync_point = (i + 1) % tcfg.log_every == 0 or i + 1 == spe
@@ -177,16 +190,17 @@ def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_co
                 periodic = tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0
                 stopping = i + 1 < spe and stop.requested(sync_point)  # at the epoch's end: after its evaluation
                 if (periodic or stopping) and i + 1 < spe:
-                    save_if_finite(ckpt, step, rstate, {"next_epoch": epoch, "next_step": i + 1})
+                    save_if_finite(ckpt, step, rstate, {"next_epoch": epoch, "next_step": i + 1}, placement=placement)
                 if stopping:
                     raise stopped(step)
             bar.close()
             train_m, train_time = summarize(acc.fetch()), time.time() - t0
             final = epoch + 1 == tcfg.num_epochs
-            metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, (epoch + 1) * spe, final)
+            metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, (epoch + 1) * spe, final,
+                                      placement)
             score = metrics[task.selection_metric]
             save_if_finite(ckpt, (epoch + 1) * spe, rstate, {"next_epoch": epoch + 1, "next_step": 0, "accuracy": score},
-                           metrics={"accuracy": score})  # "accuracy": the selection metric, whatever the task
+                           metrics={"accuracy": score}, placement=placement)  # "accuracy": the selection metric
             log(event="eval", epoch=epoch + 1, step=(epoch + 1) * spe,
                 **{f"test_{k}" if k in ("loss", "accuracy", "examples") else k: v for k, v in metrics.items()},
                 train_loss=train_m.get("loss"), train_accuracy=train_m.get("accuracy"), epoch_seconds=train_time)
@@ -198,8 +212,8 @@ def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_co
             if epoch + 1 < tcfg.num_epochs and stop.requested():
                 raise stopped((epoch + 1) * spe)
         if not metrics:  # nothing left to train: evaluate the restored state
-            step = int(unreplicate(rstate).step)
-            metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step, True)
+            step = placement.step(rstate)
+            metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step, True, placement)
     finally:
         log.close()
     ckpt.wait()
@@ -207,5 +221,5 @@ def _train_loop(task, configs, workdir: Path, data, model, state, ckpt, write_co
         what = (f"test accuracy: {metrics['accuracy']:.4f}" if task.decode_eval is None
                 else f"evaluation: {task.summary(metrics)}")
         print(f"Final {what} on all {int(metrics['examples'])} {task.eval_name} "
-              f"(step {int(unreplicate(rstate).step)}, checkpoints in {workdir})")
+              f"(step {placement.step(rstate)}, checkpoints in {workdir})")
     return metrics

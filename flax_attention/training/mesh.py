@@ -1,0 +1,202 @@
+"""Training on a device mesh (``train.py --mesh data=D[,fsdp=F][,seq=S]``): ``jax.jit`` + ``NamedSharding``.
+
+The mesh has the axes ``("data", "fsdp", "seq")`` (absent ones have size 1)
+over all devices of all processes; ``D * F * S`` must equal the device count.
+
+* Batch: every array's first axis over ``("data", "fsdp")``; token arrays
+  ``[B, T]`` also their second over ``seq`` (``PartitionSpec(("data",
+  "fsdp"), "seq")``), so ``--batch_size`` must be a multiple of ``D * F``.
+* Parameters and optimizer state: sharded over ``fsdp`` by their logical
+  axis names (:mod:`flax_attention.partitioning`), replicated over ``data``
+  and ``seq``; initialised directly in that layout (``jit`` with
+  ``out_shardings``), never whole on one device.
+* Steps: one ``jax.jit`` program each, run under ``jax.set_mesh(mesh)``
+  (context-parallel attention reads the mesh from there). The loss is the
+  global-batch mean, as in the pmap path, so both follow the same trajectory
+  up to float rounding; only dropout masks differ (one key per step for the
+  global batch instead of one per device).
+* Checkpoints: the sharded global arrays (orbax writes each process's
+  shards); they restore onto any mesh or device count, or onto the pmap path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Callable, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flax_attention.partitioning import LOGICAL_AXIS_RULES, logical_axis_annotations, logical_to_mesh_sharding
+from flax_attention.training.steps import TrainState, make_optimizer
+
+AXES = ("data", "fsdp", "seq")
+BATCH = ("data", "fsdp")
+TOKEN_KEYS = ("tokens", "src", "tgt_in", "tgt_out")  # [B, T] arrays whose T may be split over "seq"
+
+
+def parse_mesh(text: str) -> Dict[str, int]:
+    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4, "seq": 1}``.
+
+    Raises:
+      ValueError: unknown axis, repeated axis, or a size that is not a positive integer.
+    """
+    sizes: Dict[str, int] = {}
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", part)
+        if not m or m.group(1) not in AXES or m.group(1) in sizes or int(m.group(2)) < 1:
+            raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS among "
+                             f"{', '.join(AXES)} (each once) and SIZE >= 1, e.g. --mesh data=2,fsdp=4.")
+        sizes[m.group(1)] = int(m.group(2))
+    return {a: sizes.get(a, 1) for a in AXES}
+
+
+def make_mesh(sizes: Dict[str, int]) -> Mesh:
+    """The ``("data", "fsdp", "seq")`` mesh over every device of every process."""
+    n = jax.device_count()
+    if math.prod(sizes.values()) != n:
+        shown = ",".join(f"{a}={s}" for a, s in sizes.items())
+        raise ValueError(f"--mesh {shown} spans {math.prod(sizes.values())} devices but this run has {n} "
+                         f"({jax.process_count()} process(es)); make the sizes multiply to {n}.")
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _all_finite() -> Callable:
+    def check(leaves):
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+    return jax.jit(check)
+
+
+class MeshPlacement:
+    """The training state and batches as global arrays on a ``("data", "fsdp", "seq")`` mesh."""
+
+    sharded_checkpoints = True
+
+    def __init__(self, sizes: Dict[str, int], rules=LOGICAL_AXIS_RULES):
+        self.sizes, self.rules = dict(sizes), rules
+        self.mesh = make_mesh(self.sizes)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.state_shardings = None  # set by create_state
+
+    def describe(self) -> str:
+        return f"{jax.device_count()} device(s) on a mesh " + " x ".join(f"{a}={s}" for a, s in self.sizes.items())
+
+    def check_batch(self, batch_size: int, flag: str) -> None:
+        rows = self.sizes["data"] * self.sizes["fsdp"]
+        if batch_size % rows:
+            raise ValueError(f"{flag} {batch_size} is not divisible by data x fsdp = {rows} (the mesh axes "
+                             f"that split the batch); use a multiple of {rows}.")
+
+    def context(self):
+        return jax.set_mesh(self.mesh)
+
+    # ------------------------------------------------------------------ state
+
+    def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, frozen=None):
+        """A fresh ``TrainState`` (same values as the pmap path's) initialised in its sharded layout."""
+        def init_params(key, annotated: bool):
+            with logical_axis_annotations(annotated):
+                return model.init(jax.random.split(key)[0], *init_inputs)["params"]
+
+        def optimizer(params):
+            tx = make_optimizer(config, max(int(total_steps), 1))
+            if frozen is None:
+                return tx
+            from flax_attention.embed.pretrained import freeze
+            return freeze(tx, params, frozen)
+
+        def init(key, annotated: bool, tx):
+            return TrainState.create(apply_fn=model.apply, params=init_params(key, annotated), tx=tx,
+                                     dropout_key=jax.random.split(key)[1])
+
+        # The boxed tree (abstract: nothing is computed) gives every leaf of the params and
+        # of the optimizer state its logical names; the real state is built unboxed.
+        boxed = jax.eval_shape(lambda k: init_params(k, True), rng)
+        tx = optimizer(nn.meta.unbox(boxed))
+        shardings = logical_to_mesh_sharding(jax.eval_shape(lambda k: init(k, True, optimizer(boxed)), rng),
+                                             self.mesh, self.rules)
+        # Static fields (model, optimizer) as the real state has them.
+        self.state_shardings = shardings.replace(apply_fn=model.apply, tx=tx)
+        with self.context():
+            return jax.jit(lambda k: init(k, False, tx), out_shardings=self.state_shardings)(rng)
+
+    def restore(self, ckpt, step: int, state) -> Tuple[Any, Dict[str, Any]]:
+        target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                        state, self.state_shardings)
+        return ckpt.restore(step, target)
+
+    def params(self, state):
+        """The parameters as host NumPy arrays (gathered from every process), as the decoding functions take them."""
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(state.params, tiled=True)
+
+    def with_params(self, state, params):
+        return state.replace(params=self._put(params, self.state_shardings.params))
+
+    def step(self, state) -> int:
+        return int(np.asarray(state.step))
+
+    def saveable(self, state):
+        return state
+
+    def finite(self, saveable) -> bool:
+        leaves = [x for x in jax.tree_util.tree_leaves(saveable)
+                  if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+        return bool(np.asarray(_all_finite()(leaves)))
+
+    @staticmethod
+    def _put(tree, shardings):
+        """Host arrays (the same on every process) -> global arrays; each process fills only its shards."""
+        def one(x, s):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+        return jax.tree_util.tree_map(one, tree, shardings)
+
+    # ------------------------------------------------------------------ steps and batches
+
+    def batch_sharding(self, key: str, ndim: int) -> NamedSharding:
+        seq = "seq" if key in TOKEN_KEYS and ndim >= 2 and self.sizes["seq"] > 1 else None
+        return NamedSharding(self.mesh, P(BATCH, seq) if seq else P(BATCH))
+
+    def batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
+        """The global batch (computed identically by every process) as arrays sharded over the mesh."""
+        return {k: self._put(v, self.batch_sharding(k, np.ndim(v))) for k, v in batch.items()}
+
+    def train_step(self, loss_fn: Callable) -> Callable:
+        step = jax.jit(functools.partial(_train_step, loss_fn), donate_argnums=(0,),
+                       out_shardings=(self.state_shardings, self.replicated))
+        return self._in_mesh(step)
+
+    def eval_step(self, loss_fn: Callable) -> Callable:
+        step = jax.jit(lambda state, batch: loss_fn(state.params, state.apply_fn, batch, {}, False)[1],
+                       out_shardings=self.replicated)
+        return self._in_mesh(step)
+
+    def _in_mesh(self, step: Callable) -> Callable:
+        def run(*args):
+            with self.context():
+                return step(*args)
+        return run
+
+
+def _train_step(loss_fn: Callable, state: TrainState, batch):
+    """One optimiser step on the global batch: the gradient of the mean loss over its real examples."""
+    key = jax.random.fold_in(state.dropout_key, state.step)
+
+    def mean_loss(params):
+        loss_sum, sums = loss_fn(params, state.apply_fn, batch, {"dropout": key}, True)
+        return loss_sum / jnp.maximum(sums["weight"], 1.0), sums
+
+    (_, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), sums
+
+
+def param_shardings(state) -> Any:
+    """``{path: PartitionSpec}`` of a state's parameters (for inspection and tests)."""
+    return {jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
