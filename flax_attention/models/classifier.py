@@ -24,7 +24,7 @@ Pooling (``pooling``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 from flax.linen.linear import default_kernel_init
@@ -90,9 +90,18 @@ class TransformerClassifierConfig:
 
 
 class TransformerClassifier(nn.Module):
-    """Embedding + sinusoidal positions + Transformer encoder + pooling + one logit."""
+    """Embedding + sinusoidal positions + Transformer encoder + pooling + one logit.
+
+    Attributes:
+      config: the hyper-parameters (saved with a trained model).
+      attention_implementation: overrides the encoder's attention kernel (see
+        :class:`~flax_attention.layers.TransformerConfig`), e.g. the trainer's
+        ``"context_parallel"`` on a mesh with a ``seq`` axis; the parameters
+        do not change.
+    """
 
     config: TransformerClassifierConfig
+    attention_implementation: Optional[str] = None
 
     @nn.compact
     def __call__(self, tokens: Array, lengths: Array, *, train: bool = False) -> Tuple[Array, Array]:
@@ -123,7 +132,8 @@ class TransformerClassifier(nn.Module):
             real = jnp.concatenate([jnp.ones((b, 1), bool), real], axis=1)
         x = SinusoidalPositionalEncoding(name="positions")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
-        h = TransformerEncoder(cfg.encoder_config(), name="encoder")(
+        encoder = dataclasses.replace(cfg.encoder_config(), attention_implementation=self.attention_implementation)
+        h = TransformerEncoder(encoder, name="encoder")(
             x, key_mask(real), deterministic=not train)
 
         if cfg.pooling == "cls":

@@ -21,6 +21,7 @@ over all devices of all processes; ``D * F * S`` must equal the device count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -38,6 +39,7 @@ from flax_attention.training.steps import TrainState, make_optimizer
 AXES = ("data", "fsdp", "seq")
 BATCH = ("data", "fsdp")
 TOKEN_KEYS = ("tokens", "src", "tgt_in", "tgt_out")  # [B, T] arrays whose T may be split over "seq"
+CONTEXT_PARALLEL = "context_parallel"  # the attention implementation that splits T over "seq"
 
 
 def parse_mesh(text: str) -> Dict[str, int]:
@@ -99,7 +101,14 @@ class MeshPlacement:
     # ------------------------------------------------------------------ state
 
     def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, frozen=None):
-        """A fresh ``TrainState`` (same values as the pmap path's) initialised in its sharded layout."""
+        """A fresh ``TrainState`` (same values as the pmap path's) initialised in its sharded layout.
+
+        With a ``seq`` axis the state's ``apply_fn`` is the model with
+        context-parallel attention (:func:`context_parallel_model`); its
+        parameters are the model's own, initialised by the plain model.
+        """
+        apply_fn = context_parallel_model(model).apply if self.sizes["seq"] > 1 else model.apply
+
         def init_params(key, annotated: bool):
             with logical_axis_annotations(annotated):
                 return model.init(jax.random.split(key)[0], *init_inputs)["params"]
@@ -112,7 +121,7 @@ class MeshPlacement:
             return freeze(tx, params, frozen)
 
         def init(key, annotated: bool, tx):
-            return TrainState.create(apply_fn=model.apply, params=init_params(key, annotated), tx=tx,
+            return TrainState.create(apply_fn=apply_fn, params=init_params(key, annotated), tx=tx,
                                      dropout_key=jax.random.split(key)[1])
 
         # The boxed tree (abstract: nothing is computed) gives every leaf of the params and
@@ -122,7 +131,7 @@ class MeshPlacement:
         shardings = logical_to_mesh_sharding(jax.eval_shape(lambda k: init(k, True, optimizer(boxed)), rng),
                                              self.mesh, self.rules)
         # Static fields (model, optimizer) as the real state has them.
-        self.state_shardings = shardings.replace(apply_fn=model.apply, tx=tx)
+        self.state_shardings = shardings.replace(apply_fn=apply_fn, tx=tx)
         with self.context():
             return jax.jit(lambda k: init(k, False, tx), out_shardings=self.state_shardings)(rng)
 
@@ -165,7 +174,16 @@ class MeshPlacement:
         return NamedSharding(self.mesh, P(BATCH, seq) if seq else P(BATCH))
 
     def batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
-        """The global batch (computed identically by every process) as arrays sharded over the mesh."""
+        """The global batch (computed identically by every process) as arrays sharded over the mesh.
+
+        With a ``seq`` axis, token arrays are right-padded with id 0 (padding
+        in every task: masked as keys, weight 0 in the loss, after every real
+        position) to a multiple of its size.
+        """
+        seq = self.sizes["seq"]
+        if seq > 1:
+            batch = {k: np.pad(v, [(0, 0), (0, -v.shape[1] % seq)] + [(0, 0)] * (v.ndim - 2))
+                     if k in TOKEN_KEYS and v.ndim >= 2 else v for k, v in batch.items()}
         return {k: self._put(v, self.batch_sharding(k, np.ndim(v))) for k, v in batch.items()}
 
     def train_step(self, loss_fn: Callable) -> Callable:
@@ -195,6 +213,31 @@ def _train_step(loss_fn: Callable, state: TrainState, batch):
 
     (_, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads), sums
+
+
+def context_parallel_model(model):
+    """``model`` (same parameters) with every attention layer context-parallel over the ``seq`` mesh axis.
+
+    Raises:
+      ValueError: the model has no Transformer attention to split (the
+        BiGRU's recurrence runs along the sequence), or this version of the
+        package has no context-parallel attention.
+    """
+    from flax_attention.layers import TransformerConfig
+    from flax_attention.models.classifier import TransformerClassifier
+
+    import flax_attention
+    if not hasattr(flax_attention, "context_parallel_attention"):
+        raise ValueError("--mesh seq=S needs flax_attention.context_parallel_attention, which this version of "
+                         "the package lacks; leave seq out (seq=1).")
+    if isinstance(model, TransformerClassifier):
+        return model.clone(attention_implementation=CONTEXT_PARALLEL)
+    config = getattr(model, "config", None)
+    if isinstance(config, TransformerConfig):
+        return model.clone(config=dataclasses.replace(config, attention_implementation=CONTEXT_PARALLEL))
+    raise ValueError(f"--mesh seq=S splits sequences inside Transformer attention, and {type(model).__name__} "
+                     "has none (the BiGRU's recurrence runs along the sequence); use --model transformer, "
+                     "seq2seq or translate, or leave seq out.")
 
 
 def param_shardings(state) -> Any:
