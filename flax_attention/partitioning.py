@@ -124,15 +124,14 @@ def logical_to_mesh_sharding(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_
     Unboxed leaves are replicated. The result has the unboxed tree's structure.
     """
 
+    replicated = NamedSharding(mesh, PartitionSpec())
+
     def one(leaf):
-        if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, mesh_axes(leaf.names, leaf.value.shape, mesh, rules))
-        return NamedSharding(mesh, PartitionSpec())
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            return replicated
+        if not hasattr(leaf.value, "shape"):  # a box around a subtree, e.g. optax's MaskedNode of a frozen leaf
+            return jax.tree_util.tree_map(lambda _: replicated, leaf.value)
+        return NamedSharding(mesh, mesh_axes(leaf.names, leaf.value.shape, mesh, rules))
 
     return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
-
-def logical_names(tree: Any) -> Any:
-    """The logical names tuple (or ``None``) of every leaf of a boxed tree, in the unboxed structure."""
-    return jax.tree_util.tree_map(lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
-                                  tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

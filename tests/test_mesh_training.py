@@ -256,6 +256,23 @@ def test_checkpoints_move_between_device_counts_meshes_and_pmap(bigru_runs, tmp_
 
 
 @pytest.mark.slow
+def test_two_processes_on_one_mesh_match_one_process(bigru_runs, tmp_path):
+    """2 processes x 4 devices (jax.distributed, Gloo) on a data=2,fsdp=4 mesh == 1 process x 8 devices:
+    each process fills only its shards of the batch and of the sharded state, and writes its checkpoint shards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = BIGRU + ["--num_epochs", "1", "--mesh", "data=2,fsdp=4", "--coordinator_address", f"127.0.0.1:{port}",
+                    "--num_processes", "2"]
+    outs = _run_all(*[_start(4, args + ["--process_id", str(p)], tmp_path / "multi") for p in (0, 1)])
+    assert "8 device(s) on a mesh data=2 x fsdp=4 x seq=1 [cpu] in 2 process(es)" in outs[0]
+    np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(bigru_runs / "mesh8"), rtol=1e-5)
+    _assert_same_state(bigru_runs / "mesh8", tmp_path / "multi")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, mock", [(SEQ2SEQ, False), (TRANSFORMER, True)], ids=["seq2seq", "transformer"])
 def test_transformer_models_on_the_mesh_reproduce_the_pmap_losses(tmp_path, args, mock):
     _run_all(_start(8, args, tmp_path / "pmap", mock),
@@ -302,3 +319,33 @@ def test_mesh_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step, leaves = _params(w)
     assert f"last good checkpoint (step {step})" in line[0] and step < 8
     assert all(np.isfinite(v).all() for v in leaves.values() if v.dtype.kind == "f")
+
+
+_EMBED_CHILD = """
+import json, sys, numpy as np, tensorflow_datasets as tfds, train
+from flax_attention.data.word_vectors import save_word_vectors
+w, tiny = sys.argv[1], sys.argv[2:]
+with tfds.testing.mock_data(num_examples=16):
+    print("RC", train.main(tiny + ["--workdir", w + "/plain", "--num_epochs", "1"]))
+    words = json.load(open(w + "/plain/vocab.json"))["words"][:5]
+    save_word_vectors(w + "/vec.txt", words, np.arange(5 * 8, dtype=np.float32).reshape(5, 8) / 10)
+    print("RC", train.main(tiny + ["--workdir", w + "/frozen", "--num_epochs", "1", "--embeddings", w + "/vec.txt",
+                                   "--freeze_embeddings", "true"]))
+print("WORDS", json.dumps(words))
+"""
+
+
+@pytest.mark.slow
+def test_mesh_loads_pretrained_embeddings_and_keeps_a_frozen_table_exact(tmp_path):
+    """--embeddings / --freeze_embeddings on the mesh: the file's rows are placed into the sharded table
+    and the frozen (optax.multi_transform) table never moves."""
+    out = subprocess.run([sys.executable, "-c", _EMBED_CHILD, str(tmp_path), *BIGRU, "--mesh", "fsdp=8"], cwd=ROOT,
+                         env=_env(8), capture_output=True, text=True, timeout=600)
+    assert [line for line in out.stdout.splitlines() if line.startswith("RC ")] == ["RC 0", "RC 0"], \
+        out.stdout[-2000:] + out.stderr[-3000:]
+    vocab = json.loads((tmp_path / "frozen" / "vocab.json").read_text())["words"]
+    ids = [vocab.index(word) + 3 for word in json.loads(out.stdout.split("WORDS ")[1])]
+    step, state = _params(tmp_path / "frozen")
+    assert step == 2 and int(state["['step']"]) == 2
+    table = state["['params']['embed']['embedding']"]
+    np.testing.assert_array_equal(table[ids], np.arange(40, dtype=np.float32).reshape(5, 8) / 10)
