@@ -207,6 +207,8 @@ def context_parallel_attention(
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(f"context_parallel_attention takes [B, T, N, H] arrays, got query {query.shape}, "
                          f"key {key.shape}, value {value.shape}.")
+    if layout not in LAYOUTS:
+        raise ValueError(f"context_parallel_attention: layout must be one of {LAYOUTS}, got {layout!r}.")
     size = mesh.shape[axis]
     for name, length in (("query", query.shape[1]), ("key", key.shape[1])):
         try:
