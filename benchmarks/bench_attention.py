@@ -37,7 +37,7 @@ from typing import List, Optional
 import jax
 import jax.numpy as jnp
 
-from benchmarks import peaks, peers, report, suites, timing
+from benchmarks import machine, peaks, peers, report, suites, timing
 
 @dataclass
 class Result:
@@ -153,6 +153,8 @@ def environment() -> dict:
         "device": getattr(dev, "device_kind", str(dev)),
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()} {platform.processor() or ''}".strip(),
+        # CPU figures hold for one CPU family only: name the CPU (model, ISA, cores) and any GPU.
+        **machine.describe(accelerator=getattr(dev, "device_kind", None) if dev.platform != "cpu" else None),
         "python": platform.python_version(),
         "jax": jax.__version__,
         # Decides TF32 vs FP32 arithmetic for float32 dots on GPU, hence the peak used.
