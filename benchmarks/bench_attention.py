@@ -183,7 +183,7 @@ def parse_args(argv=None):
     size.add_argument("--long-only", action="store_true", help="only the --long case")
     p.add_argument("--dtypes", default=None, help="comma list overriding the suite's dtypes")
     p.add_argument("--lengths", default=None,
-                   help="comma list of T: run only the suite's shapes of these lengths (e.g. 4096,16384)")
+                   help="comma list of T: only the suite's shapes of these lengths, in this order (e.g. 16384,4096)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--causal", default="both", choices=["both", "yes", "no"])
     p.add_argument("--only", default=None, help="comma list of implementation names to run")
@@ -288,8 +288,8 @@ def merge_passes(passes: List[List[Result]]) -> List[Result]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     shapes = list(suites.SUITES[args.suite].shapes)
-    if args.lengths:
-        shapes = [shape for shape in shapes if shape[1] in args.lengths]
+    if args.lengths:  # in the order given: a run cut by a time limit has measured the first ones
+        shapes = [shape for t in args.lengths for shape in shapes if shape[1] == t]
     shapes = list(suites.LONG) if args.long_only else (list(suites.LONG) if args.long else []) + shapes
     causal_opts = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
     plan = [(b, t, n, h, dt) for b, t, n, h, dts in shapes for dt in (args.dtypes.split(",") if args.dtypes else dts)]

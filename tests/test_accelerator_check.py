@@ -64,7 +64,7 @@ def test_device_plan_fits_eight_minutes_and_the_dry_plan_installs_nothing(tmp_pa
     dry = ac.plan(ac.parse_args(["--dry-run", "--out", str(tmp_path)]), str(tmp_path))
     assert dry[0].skip == "--dry-run" and "--quick" in dry[4].argv
     bench = bench_attention.parse_args(list(ac.BENCH_GPU) + ["--out", str(tmp_path)])
-    assert bench.lengths == [4096, 16384] and bench.passes == 1
+    assert bench.lengths == [16384, 4096] and bench.passes == 1
     with pytest.raises(SystemExit):
         ac.parse_args(["--wheels", str(tmp_path / "missing")])
 
