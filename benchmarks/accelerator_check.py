@@ -215,6 +215,8 @@ def _bench_details(out: str, argv: Sequence[str]) -> Optional[Dict]:
     from benchmarks import report
 
     path = os.path.join(out, "attention.json")
+    if os.path.exists(path + ".tmp"):  # a write cut by the time limit; attention.json is the last whole one
+        os.remove(path + ".tmp")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -302,7 +304,7 @@ def main(argv=None) -> int:
     if args.fetch_wheels:
         return fetch_wheels(args.fetch_wheels, args.wheel_python)
     os.makedirs(args.out, exist_ok=True)
-    for name in REPORT_FILES:  # a report folder reused between runs never mixes them
+    for name in REPORT_FILES + ("attention.json.tmp",):  # a reused report folder never mixes two runs
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
     scratch = tempfile.mkdtemp(prefix="accelerator_check_")

@@ -107,3 +107,20 @@ def test_dry_run_walks_every_stage_on_cpu(tmp_path):
     files = sorted(os.listdir(tmp_path))
     assert files == sorted(ac.REPORT_FILES) and len(files) <= 8 and all(ALLOWED_NAME.match(f) for f in files)
     assert "Machine: CPU " in (tmp_path / "attention.md").read_text()
+
+
+def test_a_cut_benchmark_still_leaves_a_report(tmp_path):
+    row = dict(b=1, t=16384, n=16, h=128, dtype="bfloat16", causal=True, mode="fwd", impl="ours-auto", ms=2.0,
+               gflops=1e5, runs=3, temp_bytes=None, total_bytes=None, device_peak_bytes=None, max_rss_bytes=None,
+               note="")
+    env = {"backend": "gpu", "device": "NVIDIA H200", "cpu_model": "Intel(R) Xeon(R)", "cpu_isa": ["avx512f"],
+           "cpu_cores": 16, "gpu": "NVIDIA H200"}
+    (tmp_path / "attention.json").write_text(json.dumps({"environment": env, "notes": [], "complete": False,
+                                                         "results": [row, {**row, "impl": "jax.nn-cudnn"}]}))
+    (tmp_path / "attention.json.tmp").write_text("{half a fi")
+    got = ac._bench_details(str(tmp_path), ["--suite", "gpu"])
+    assert got["complete"] is False and got["rows"] == got["timed"] == 2
+    assert got["bars"][0].startswith("- PASS: None (ours-auto) within 5%")
+    text = (tmp_path / "attention.md").read_text()
+    assert "PARTIAL: the run was stopped at its time limit" in text and "Machine: CPU Intel(R) Xeon(R)" in text
+    assert not (tmp_path / "attention.json.tmp").exists()
