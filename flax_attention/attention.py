@@ -225,7 +225,7 @@ def scaled_dot_product_attention(
         ``hessian``) needs the dense path; so auto never changes what works,
         only speed and memory. (One exception: ``jax.linearize`` looks like
         ``jax.grad`` at trace time, so where auto would pick ``"chunked"``
-        pass ``implementation="dense"`` to it.)
+        or ``"cudnn"`` pass ``implementation="dense"`` to it.)
         Fused kernels, opt-in (see :mod:`flax_attention.backends`):
         ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
         mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows
