@@ -226,7 +226,7 @@ def scaled_dot_product_attention(
         ``hessian``) needs the dense path; so auto never changes what works,
         only speed and memory. (One exception: ``jax.linearize`` looks like
         ``jax.grad`` at trace time, so where auto would pick ``"chunked"``
-        pass ``implementation="dense"`` to it.)
+        or ``"cudnn"`` pass ``implementation="dense"`` to it.)
         Fused kernels, opt-in (see :mod:`flax_attention.backends`):
         ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
         mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows
@@ -238,9 +238,12 @@ def scaled_dot_product_attention(
         none takes dropout, ``return_weights`` or forward-mode autodiff.
         Append ``":interpret"`` to a Pallas kernel's name (e.g.
         ``"pallas_tpu:interpret"``) to run it in JAX's interpret mode on any
-        platform, for tests. Auto never picks a kernel that has not been
-        measured on the platform (see
-        :data:`flax_attention.backend_select.MEASURED`; none has been yet).
+        platform, for tests. Auto picks a kernel only where it is listed
+        as measured for the platform
+        (:data:`flax_attention.backend_select.MEASURED`): on GPU, float16/
+        bfloat16 calls that cuDNN accepts take ``"cudnn"`` (on published
+        H100 figures, see ``MEASURED_SOURCES``); every other call, and every
+        call on CPU/TPU, takes the XLA rule above.
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype, or ``(output, weights)`` with
