@@ -27,7 +27,7 @@ def load_run_config(workdir):
     """``(task, configs)`` of a workdir; a workdir of the retired seq2seq trainer is refused clearly."""
     saved = load_config(workdir)
     check_not_legacy(saved, workdir)
-    task = get_task(saved["model_name"])
+    task = get_task(str(saved.get("model_name")))
     saved = load_config(workdir, {**TrainConfig.added_fields(), **task.added_fields})
     return task, configs_from_json(task.config_classes | {"train": TrainConfig}, saved)
 
