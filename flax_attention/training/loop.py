@@ -56,6 +56,9 @@ def check_inputs(task, configs, resuming: bool = False) -> None:
     own ``preflight`` (e.g. the ``--embeddings`` file's format), which only a
     fresh run needs (``resuming``: the files were read at step 0).
     """
+    if configs["train"].average_checkpoints and task.test_eval is None:
+        raise ValueError(f"--average_checkpoints applies to models with a final test split (translate); "
+                         f"--model {task.name} evaluates every epoch on its own: leave it at 0.")
     model = task.build_model(configs, None)
     try:
         jax.eval_shape(lambda k: model.init(k, *task.init_inputs(configs)), jax.random.PRNGKey(0))
