@@ -66,7 +66,9 @@ class Task:
         e.g. ``vocab_size``, is one flag feeding both).
       prepare: ``(workdir, configs) -> Data``; caches side files in ``workdir``.
       load_extras: ``(workdir, configs) -> extras`` for prediction (no data read).
-      build_model: ``(configs, extras) -> flax Module``.
+      build_model: ``(configs, extras) -> flax Module``; ``extras`` is ``None``
+        when the flags are checked before any data is read (use the
+        configured sizes then).
       init_inputs: ``(configs) -> tuple`` of dummy model inputs for ``init``.
       loss_and_metrics: see :mod:`flax_attention.training`.
       predict: ``(model, params, configs, extras, texts) -> list of dicts``
