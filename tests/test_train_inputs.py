@@ -135,6 +135,7 @@ def test_offline_multi30k_fails_in_seconds(tmp_path):
     line = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
     assert len(line) == 1 and "github.com:443" in line[0] and "TFDS_DATA_DIR" in line[0], out.stderr[-3000:]
     assert time.time() - t0 < 100  # it used to retry downloads for ~3.5 minutes
+    assert not (tmp_path / "w").exists()  # and no empty workdir is left behind
 
 
 # ------------------------------------------------------------------ item 13: damaged newest checkpoint

@@ -26,7 +26,9 @@ def missing_message(dataset: str, split: str, cause: BaseException) -> str:
         f"downloaded/prepared ({type(cause).__name__}: {detail}). "
         f"Fix: point TFDS_DATA_DIR at a directory holding a prepared {dataset.split('/')[0]} "
         "(e.g. export TFDS_DATA_DIR=../shared/tensorflow_datasets), or, with network access, "
-        "`pip install tensorflow` once so TFDS can download and prepare it."
+        + ("run the same command once: this project's builder downloads and prepares it (no TensorFlow needed)."
+           if dataset.split("/")[0] in NO_TENSORFLOW_NEEDED else
+           "`pip install tensorflow` once so TFDS can download and prepare it.")
     )
 
 

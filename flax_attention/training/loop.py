@@ -127,8 +127,14 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir) -> Dict[str, A
     resuming = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
     check_inputs(task, configs, resuming)  # flags and input files, before the workdir is created
     if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
+        created = not workdir.exists()
         check_writable_dir(workdir, "--workdir")
-        data = input_pipeline(task, configs, workdir)
+        try:
+            data = input_pipeline(task, configs, workdir)
+        except BaseException:
+            if created and not any(workdir.iterdir()):  # e.g. data unavailable: leave no empty workdir
+                workdir.rmdir()
+            raise
     distributed.barrier("flax_attention_data_ready")
     if not primary:
         data = input_pipeline(task, configs, workdir)
