@@ -63,11 +63,14 @@ def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config, out_dtype=None
     return lax.fori_loop(jnp.int32(0), jnp.int32(tp // cfg.block_q), q_block, init)
 
 
-def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config, grad_dtype=None):
+def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config, acc=None):
     """Recomputing backward: key blocks outer (dK, dV accumulate in the carry), query blocks inner.
 
-    ``dq, dk, dv`` come back in their operand's dtype, or in ``grad_dtype``
-    when given (the ring sums partial gradients over steps in float32).
+    Returns ``(dq, dk, dv, dbias, dscale)`` in the operands' dtypes. With
+    ``acc = (dq_t, dk, dv)`` (compute dtype, unscaled, ``dq_t`` transposed as
+    ``[B, K, H, Tp·G]``) the pass adds into those accumulators and returns them
+    raw instead: ring attention sums its steps that way without a partial
+    gradient per step (finish with :func:`dq_from_transposed` and the scale).
 
     Works on transposed tiles ``Sᵀ = K Qᵀ`` (``[B, K, bk, bq·G]``) and
     accumulates ``dQᵀ`` against a transposed copy of ``K``, so that every block
@@ -115,22 +118,35 @@ def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config,
                 dbias = _add_bias_block(dbias, jnp.swapaxes(ds_t, -1, -2), i, j, cfg)
             return dk_j, dv_j, dq_t, dbias
 
-        init = (*vary_like((jnp.zeros((b, kh, bk, h), cdt), jnp.zeros((b, kh, bk, d), cdt)),
-                           q, k, v, mask, bias, scale, do), dq_t, dbias)
-        dk_j, dv_j, dq_t, dbias = lax.fori_loop(q_lo[j], q_hi[j], q_step, init)
         start = _idx((0, 0, j * bk, 0))
+        if acc is None:
+            blocks = vary_like((jnp.zeros((b, kh, bk, h), cdt), jnp.zeros((b, kh, bk, d), cdt)),
+                               q, k, v, mask, bias, scale, do)
+        else:  # continue the caller's sums
+            blocks = (lax.dynamic_slice(dk, start, (b, kh, bk, h)), lax.dynamic_slice(dv, start, (b, kh, bk, d)))
+        dk_j, dv_j, dq_t, dbias = lax.fori_loop(q_lo[j], q_hi[j], q_step, (*blocks, dq_t, dbias))
         return (dq_t, lax.dynamic_update_slice(dk, dk_j, start),
                 lax.dynamic_update_slice(dv, dv_j, start), dbias)
 
-    init = vary_like((jnp.zeros((b, kh, h, tp * g), cdt), jnp.zeros((b, kh, sp, h), cdt),
-                      jnp.zeros((b, kh, sp, d), cdt),
-                      None if bias is None else jnp.zeros(bias.shape, cdt)),
+    if acc is None:
+        acc = (jnp.zeros((b, kh, h, tp * g), cdt), jnp.zeros((b, kh, sp, h), cdt), jnp.zeros((b, kh, sp, d), cdt))
+        raw = False
+    else:
+        raw = True
+    init = vary_like((*acc, None if bias is None else jnp.zeros(bias.shape, cdt)),
                      q, k, v, mask, bias, scale, do, lse)
     dq_t, dk, dv, dbias = lax.fori_loop(jnp.int32(0), jnp.int32(sp // bk), kv_block, init)
-    dq = jnp.moveaxis(dq_t.reshape(b, kh, h, tp, g), 2, 4)  # rows are (t, g) row-major
+    if raw:
+        return dq_t, dk, dv
+    dq = dq_from_transposed(dq_t, g)
     # d(logits)/dQ = scale·K: applied once, after the sums. d(logits)/d(scale) =
     # Q·Kᵀ, so d(scale) = Σ dS ∘ QKᵀ = Σ Q ∘ (dS K) = Σ Q ∘ dq (unscaled dq).
     dscale = jnp.sum(dq * q.astype(cdt)).astype(scale.dtype)
-    return ((dq * scale).astype(grad_dtype or q.dtype), (dk * scale).astype(grad_dtype or k.dtype),
-            dv.astype(grad_dtype or v.dtype),
+    return ((dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype),
             None if bias is None else dbias.astype(bias.dtype), dscale)
+
+
+def dq_from_transposed(dq_t, g: int):
+    """``dQᵀ [B, K, H, Tp·G]`` (the backward's accumulator) -> ``dQ [B, K, Tp, G, H]`` (rows are ``(t, g)``)."""
+    b, kh, h, rows = dq_t.shape
+    return jnp.moveaxis(dq_t.reshape(b, kh, h, rows // g, g), 2, 4)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._blocks import block_sizes
-from flax_attention._flash_passes import _backward, _forward
+from flax_attention._flash_passes import _backward, _forward, dq_from_transposed
 from flax_attention._flash_tiles import _Config
 from flax_attention._validation import compute_dtype, mask_fill, prepare, vary_like
 
@@ -131,27 +131,22 @@ def _pair_forward(rc: _Ring, kind, q, k, v, km, scale):
     return lax.switch(kind, (skip, run(False), run(True)), q, k, v, km)
 
 
-def _pair_backward(rc: _Ring, kind, q, k, v, km, scale, out, lse, do):
-    """Partial ``(dq, dk, dv)`` of a chunk pair in the compute dtype (unscaled by nothing: final)."""
-    c = q.shape[2]
-    cdt = scale.dtype
-
+def _pair_backward(rc: _Ring, kind, q, k, v, km, scale, out, lse, do, acc):
+    """Adds a chunk pair's gradients into ``acc = (dq_t, dk, dv)`` (padded, unscaled; see ``_backward``)."""
     def run(diag):
-        def f(q, k, v, km, out, lse, do):
+        def f(q, k, v, km, out, lse, do, acc):
             qp, kp, vp, mask = _padded(rc, q, k, v, km)
             tp = qp.shape[2]
-            dq, dk, dv, _, _ = _backward(qp, kp, vp, mask, None, None, scale, _pad(out, 2, tp),
-                                         _pad(lse, 2, tp), _pad(do, 2, tp), _kernel_config(rc, diag),
-                                         grad_dtype=cdt)
-            return dq[:, :, :c], dk[:, :, :rc.chunk_k], dv[:, :, :rc.chunk_k]
+            return _backward(qp, kp, vp, mask, None, None, scale, _pad(out, 2, tp), _pad(lse, 2, tp),
+                             _pad(do, 2, tp), _kernel_config(rc, diag), acc=acc)
         return f
 
-    def skip(q, k, v, km, out, lse, do):
-        return vary_like((jnp.zeros(q.shape, cdt), jnp.zeros(k.shape, cdt), jnp.zeros(v.shape, cdt)), q, k, v, do)
+    def skip(q, k, v, km, out, lse, do, acc):
+        return acc
 
     if not rc.causal:
-        return run(False)(q, k, v, km, out, lse, do)
-    return lax.switch(kind, (skip, run(False), run(True)), q, k, v, km, out, lse, do)
+        return run(False)(q, k, v, km, out, lse, do, acc)
+    return lax.switch(kind, (skip, run(False), run(True)), q, k, v, km, out, lse, do, acc)
 
 
 def _chunk(x, a: int, size: int, axis: int = 2):
@@ -218,30 +213,37 @@ def _ring_bwd(rc, res, do):
     cq, ck, m = rc.chunk_q, rc.chunk_k, rc.chunks
     q_ids = chunk_ids(me, rc.size, rc.layout)
     cdt = scale.dtype
+    b, kh, _, g, h = q.shape
+    d = v.shape[-1]
+    tp = -(-cq // rc.block_q) * rc.block_q  # padded chunk lengths: the accumulators' shapes
+    sp = -(-ck // rc.block_k) * rc.block_k
 
     def step(s, carry):
-        (k_s, v_s, km_s), (dk_s, dv_s), dq = carry
+        (k_s, v_s, km_s), (dk_s, dv_s), dq_t = carry
         nxt = _shift(rc, (k_s, v_s, km_s))
         k_ids = chunk_ids((me - s) % rc.size, rc.size, rc.layout)
-        dq, dk_s, dv_s = list(dq), list(dk_s), list(dv_s)
+        dq_t, dk_s, dv_s = list(dq_t), list(dk_s), list(dv_s)
         for a in range(m):
             for bb in range(m):
-                gq, gk, gv = _pair_backward(
+                dq_t[a], dk_s[bb], dv_s[bb] = _pair_backward(
                     rc, _pair_kind(q_ids[a], k_ids[bb], rc.causal), _chunk(q, a, cq), _chunk(k_s, bb, ck),
                     _chunk(v_s, bb, ck), _chunk(km_s, bb, ck, 1), scale, _chunk(out, a, cq),
-                    _chunk(lse, a, cq), _chunk(do, a, cq))
-                dq[a], dk_s[bb], dv_s[bb] = dq[a] + gq, dk_s[bb] + gk, dv_s[bb] + gv
-        # The gradient accumulators travel with their block; after the last
-        # step's hop every block's dK/dV is back on the shard that owns it.
+                    _chunk(lse, a, cq), _chunk(do, a, cq), (dq_t[a], dk_s[bb], dv_s[bb]))
+        # The dK/dV sums travel with their block; after the last step's hop
+        # every block's sums are back on the shard that owns it.
         dkv = _shift(rc, (tuple(dk_s), tuple(dv_s)))
-        return nxt, dkv, tuple(dq)
+        return nxt, dkv, tuple(dq_t)
 
-    zeros = lambda x, c: tuple(jnp.zeros(_chunk(x, a, c).shape, cdt) for a in range(m))  # noqa: E731
-    carry = ((k, v, km), vary_like((zeros(k, ck), zeros(v, ck)), q, k, v, do), vary_like(zeros(q, cq), q, k, v, do))
-    _, (dk, dv), dq = lax.fori_loop(0, rc.size, step, carry)
-    cat = lambda xs, like: jnp.concatenate(xs, axis=2).astype(like.dtype)  # noqa: E731
+    zeros = vary_like((tuple(jnp.zeros((b, kh, sp, h), cdt) for _ in range(m)),
+                       tuple(jnp.zeros((b, kh, sp, d), cdt) for _ in range(m)),
+                       tuple(jnp.zeros((b, kh, h, tp * g), cdt) for _ in range(m))), q, k, v, do)
+    _, (dk, dv), dq_t = lax.fori_loop(0, rc.size, step, ((k, v, km), zeros[:2], zeros[2]))
+    # d(logits)/dQ = scale·K and d(logits)/dK = scale·Q: applied once, after the sums.
+    dq = jnp.concatenate([dq_from_transposed(x, g)[:, :, :cq] for x in dq_t], axis=2) * scale
+    dk = jnp.concatenate([x[:, :, :ck] for x in dk], axis=2) * scale
+    dv = jnp.concatenate([x[:, :, :ck] for x in dv], axis=2)
     dkm = None if km is None else jnp.zeros(km.shape, jax.dtypes.float0)
-    return cat(dq, q), cat(dk, k), cat(dv, v), dkm, jnp.zeros_like(scale)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dkm, jnp.zeros_like(scale)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
