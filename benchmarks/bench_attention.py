@@ -37,7 +37,7 @@ from typing import List, Optional
 import jax
 import jax.numpy as jnp
 
-from benchmarks import peaks, peers, report, suites, timing
+from benchmarks import machine, peaks, peers, report, suites, timing
 
 @dataclass
 class Result:
@@ -153,6 +153,8 @@ def environment() -> dict:
         "device": getattr(dev, "device_kind", str(dev)),
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()} {platform.processor() or ''}".strip(),
+        # CPU figures hold for one CPU family only: name the CPU (model, ISA, cores) and any GPU.
+        **machine.describe(accelerator=getattr(dev, "device_kind", None) if dev.platform != "cpu" else None),
         "python": platform.python_version(),
         "jax": jax.__version__,
         # Decides TF32 vs FP32 arithmetic for float32 dots on GPU, hence the peak used.
@@ -180,6 +182,8 @@ def parse_args(argv=None):
                       help="also causal T=32768 (B=1, float32; ours-chunked, plus ours-dense's memory plan)")
     size.add_argument("--long-only", action="store_true", help="only the --long case")
     p.add_argument("--dtypes", default=None, help="comma list overriding the suite's dtypes")
+    p.add_argument("--lengths", default=None,
+                   help="comma list of T: only the suite's shapes of these lengths, in this order (e.g. 16384,4096)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--causal", default="both", choices=["both", "yes", "no"])
     p.add_argument("--only", default=None, help="comma list of implementation names to run")
@@ -221,7 +225,19 @@ def parse_args(argv=None):
         limit = stats.get("bytes_limit")
         args.mem_limit_gib = 0.9 * limit / 2**30 if limit else 3.0
     args.only = args.only.split(",") if args.only else None
+    if args.lengths:
+        args.lengths = [int(t) for t in args.lengths.split(",")]
+        have = sorted({shape[1] for shape in suite.shapes})
+        if not set(args.lengths) & set(have):
+            p.error(f"--lengths {args.lengths}: the {args.suite} suite has T in {have}; pick from those.")
     return args
+
+
+def _write_json(path: str, payload: dict) -> None:
+    """Writes ``path`` whole or not at all (a run killed mid-write keeps the previous file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _one_pass(args, plan, causal_opts, env, log, cache):
@@ -272,6 +288,8 @@ def merge_passes(passes: List[List[Result]]) -> List[Result]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     shapes = list(suites.SUITES[args.suite].shapes)
+    if args.lengths:  # in the order given: a run cut by a time limit has measured the first ones
+        shapes = [shape for t in args.lengths for shape in shapes if shape[1] == t]
     shapes = list(suites.LONG) if args.long_only else (list(suites.LONG) if args.long else []) + shapes
     causal_opts = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
     plan = [(b, t, n, h, dt) for b, t, n, h, dts in shapes for dt in (args.dtypes.split(",") if args.dtypes else dts)]
@@ -280,7 +298,15 @@ def main(argv=None) -> int:
     env["passes"] = args.passes
     print("environment:", json.dumps(env), file=sys.stderr, flush=True)
 
+    json_path = os.path.join(args.out, "attention.json")
+    seen: List[Result] = []
+
     def log(r: Result):
+        # attention.json grows with every result ("complete": false), so a run stopped by a
+        # time limit (benchmarks/accelerator_check.py) still leaves what it measured.
+        seen.append(r)
+        _write_json(json_path, {"environment": env, "notes": notes, "complete": False,
+                                "results": [asdict(x) for x in seen]})
         shown = f"{r.ms:9.2f} ms {r.gflops:7.1f} GFLOP/s" if r.ms is not None else r.note
         print(f"B={r.b} T={r.t} N={r.n} H={r.h} {r.dtype:8s} causal={r.causal!s:5s} {r.mode:7s} {r.impl:20s} {shown}",
               file=sys.stderr, flush=True)
@@ -296,8 +322,7 @@ def main(argv=None) -> int:
     notes += torch_notes
     results = merge_passes(passes)
     rows = [asdict(r) for r in results]
-    with open(os.path.join(args.out, "attention.json"), "w") as f:
-        json.dump({"environment": env, "notes": notes, "results": rows}, f, indent=1)
+    _write_json(json_path, {"environment": env, "notes": notes, "complete": True, "results": rows})
     markdown = report.markdown(rows, env, " ".join(sys.argv[1:] if argv is None else argv), notes)
     with open(os.path.join(args.out, "attention.md"), "w") as f:
         f.write(markdown)

@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from benchmarks import machine
+
 TORCH_VARIANTS = ("torch-padded", "torch-packed")
 
 
@@ -226,6 +228,7 @@ def render(cfg, env, rows, loads) -> str:
         f"(mean {cfg['mean_len']:.0f}, median {cfg['median_len']:.0f}).",
         "",
         f"{env['date_utc']} UTC, {env['machine']}, {env['cpu_count']} cores, jax {env['jax']}, "
+        f"{machine.summary_line(env) + ', ' if 'cpu_model' in env else ''}"
         f"{env['torch']}. Load average (1 min) during the run: "
         f"min {min(loads):.2f}, median {np.median(loads):.2f}, max {max(loads):.2f}.",
         f"Median over {cfg['rounds']} interleaved rounds x {cfg['steps']} steps; ratio = the torch variant's "
@@ -288,7 +291,7 @@ def main(argv=None) -> int:
     rows = [{"name": n, "ms": float(np.median(t)) * 1e3, "n": len(t)} for n, t in times.items()]
     env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
            "machine": f"{platform.system()} {platform.machine()} {platform.processor() or ''}".strip(),
-           "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch_desc}
+           "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch_desc, **machine.describe()}
     text = render(cfg, env, rows, loads)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gru.md"), "w") as f:

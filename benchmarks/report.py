@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
+from benchmarks.machine import summary_line
 from benchmarks.peaks import peak_tflops
 from benchmarks.peers import AUTO, CHUNKED, OURS
 
@@ -135,6 +136,8 @@ def markdown(rows: List[Dict], env: Dict, argv: str, notes: Optional[List[str]] 
     out = ["# Attention kernel benchmark", ""]
     out.append(f"Command: `python -m benchmarks.bench_attention {argv}`".rstrip())
     out.append("")
+    if "cpu_model" in env:  # runs before the machine was recorded have no such line
+        out += [f"Machine: {summary_line(env)}", ""]
     out.append("Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     passes = env.get("passes", 1)
     best_of = (f" The whole suite was timed {passes} times (passes minutes apart, PyTorch's worker once per "

@@ -45,6 +45,16 @@ from flax_attention.attention import (
     scaled_dot_product_attention,
 )
 from flax_attention.flash import chunked_attention
+from flax_attention.ring import ring_attention
+from flax_attention.context_parallel import (
+    context_parallel_attention,
+    from_layout,
+    layout_positions,
+    ring_work,
+    shard_from_layout,
+    shard_to_layout,
+    to_layout,
+)
 from flax_attention.additive import (
     AdditiveAttention,
     BahdanauAttention,
@@ -93,6 +103,14 @@ __all__ = [
     "chunked_attention",
     "combine_masks",
     "context_attention",
+    "context_parallel_attention",
+    "from_layout",
+    "layout_positions",
+    "ring_attention",
+    "ring_work",
+    "shard_from_layout",
+    "shard_to_layout",
+    "to_layout",
     "greedy_decode",
     "init_cache",
     "key_mask",

@@ -12,15 +12,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._flash_tiles import _Config, _add_bias_block, _cols, _idx, _put_rows, _rows, _scores
-from flax_attention._validation import mask_fill
+from flax_attention._validation import mask_fill, vary_like
 
 
-def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config):
+def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config, out_dtype=None):
     """Online-softmax forward. ``q [B,K,Tp,G,H]``, ``k [B,K,Sp,H]``, ``v [B,K,Sp,D]``.
 
-    Returns ``out [B,K,Tp,G,D]`` (input dtype) and ``lse [B,K,Tp,G]`` in the
-    compute dtype (``scale.dtype``); ``lse`` is 0 on rows that see no key, whose
-    probabilities are zeroed through ``keep`` instead.
+    Returns ``out [B,K,Tp,G,D]`` (``out_dtype``, default the input dtype) and
+    ``lse [B,K,Tp,G]`` in the compute dtype (``scale.dtype``). On rows that see
+    no key ``lse`` is the finite :func:`mask_fill` (log 0, without an infinity):
+    a ring step's partial results then merge by log-sum-exp with weight 0, and
+    the backward zeroes those rows' probabilities through ``keep`` anyway.
     """
     b, kh, tp, g, _ = q.shape
     d = v.shape[-1]
@@ -46,22 +48,29 @@ def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config):
                             precision=cfg.precision, preferred_element_type=cdt)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-        init = (jnp.full((b, kh, rows), mask_fill(cdt), cdt),
-                jnp.zeros((b, kh, rows), cdt),
-                jnp.zeros((b, kh, rows, d), cdt))
+        init = vary_like((jnp.full((b, kh, rows), mask_fill(cdt), cdt),
+                          jnp.zeros((b, kh, rows), cdt),
+                          jnp.zeros((b, kh, rows, d), cdt)), q, k, v, mask, bias, scale)
         m, l, acc = lax.fori_loop(kv_lo[i], kv_hi[i], kv_step, init)
         seen = l > 0
         safe_l = jnp.where(seen, l, 1)
         o_i = acc / safe_l[..., None]  # acc is 0 where nothing was seen
-        lse_i = jnp.where(seen, m + jnp.log(safe_l), 0)
+        lse_i = jnp.where(seen, m + jnp.log(safe_l), mask_fill(cdt))
         return _put_rows(out, o_i, i, cfg.block_q), _put_rows(lse, lse_i, i, cfg.block_q)
 
-    init = (jnp.zeros((b, kh, tp, g, d), q.dtype), jnp.zeros((b, kh, tp, g), cdt))
+    init = vary_like((jnp.zeros((b, kh, tp, g, d), out_dtype or q.dtype), jnp.zeros((b, kh, tp, g), cdt)),
+                     q, k, v, mask, bias, scale)
     return lax.fori_loop(jnp.int32(0), jnp.int32(tp // cfg.block_q), q_block, init)
 
 
-def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config):
+def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config, acc=None):
     """Recomputing backward: key blocks outer (dK, dV accumulate in the carry), query blocks inner.
+
+    Returns ``(dq, dk, dv, dbias, dscale)`` in the operands' dtypes. With
+    ``acc = (dq_t, dk, dv)`` (compute dtype, unscaled, ``dq_t`` transposed as
+    ``[B, K, H, Tp·G]``) the pass adds into those accumulators and returns them
+    raw instead: ring attention sums its steps that way without a partial
+    gradient per step (finish with :func:`dq_from_transposed` and the scale).
 
     Works on transposed tiles ``Sᵀ = K Qᵀ`` (``[B, K, bk, bq·G]``) and
     accumulates ``dQᵀ`` against a transposed copy of ``K``, so that every block
@@ -109,19 +118,35 @@ def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config)
                 dbias = _add_bias_block(dbias, jnp.swapaxes(ds_t, -1, -2), i, j, cfg)
             return dk_j, dv_j, dq_t, dbias
 
-        init = (jnp.zeros((b, kh, bk, h), cdt), jnp.zeros((b, kh, bk, d), cdt), dq_t, dbias)
-        dk_j, dv_j, dq_t, dbias = lax.fori_loop(q_lo[j], q_hi[j], q_step, init)
         start = _idx((0, 0, j * bk, 0))
+        if acc is None:
+            blocks = vary_like((jnp.zeros((b, kh, bk, h), cdt), jnp.zeros((b, kh, bk, d), cdt)),
+                               q, k, v, mask, bias, scale, do)
+        else:  # continue the caller's sums
+            blocks = (lax.dynamic_slice(dk, start, (b, kh, bk, h)), lax.dynamic_slice(dv, start, (b, kh, bk, d)))
+        dk_j, dv_j, dq_t, dbias = lax.fori_loop(q_lo[j], q_hi[j], q_step, (*blocks, dq_t, dbias))
         return (dq_t, lax.dynamic_update_slice(dk, dk_j, start),
                 lax.dynamic_update_slice(dv, dv_j, start), dbias)
 
-    init = (jnp.zeros((b, kh, h, tp * g), cdt), jnp.zeros((b, kh, sp, h), cdt),
-            jnp.zeros((b, kh, sp, d), cdt),
-            None if bias is None else jnp.zeros(bias.shape, cdt))
+    if acc is None:
+        acc = (jnp.zeros((b, kh, h, tp * g), cdt), jnp.zeros((b, kh, sp, h), cdt), jnp.zeros((b, kh, sp, d), cdt))
+        raw = False
+    else:
+        raw = True
+    init = vary_like((*acc, None if bias is None else jnp.zeros(bias.shape, cdt)),
+                     q, k, v, mask, bias, scale, do, lse)
     dq_t, dk, dv, dbias = lax.fori_loop(jnp.int32(0), jnp.int32(sp // bk), kv_block, init)
-    dq = jnp.moveaxis(dq_t.reshape(b, kh, h, tp, g), 2, 4)  # rows are (t, g) row-major
+    if raw:
+        return dq_t, dk, dv
+    dq = dq_from_transposed(dq_t, g)
     # d(logits)/dQ = scale·K: applied once, after the sums. d(logits)/d(scale) =
     # Q·Kᵀ, so d(scale) = Σ dS ∘ QKᵀ = Σ Q ∘ (dS K) = Σ Q ∘ dq (unscaled dq).
     dscale = jnp.sum(dq * q.astype(cdt)).astype(scale.dtype)
     return ((dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype),
             None if bias is None else dbias.astype(bias.dtype), dscale)
+
+
+def dq_from_transposed(dq_t, g: int):
+    """``dQᵀ [B, K, H, Tp·G]`` (the backward's accumulator) -> ``dQ [B, K, Tp, G, H]`` (rows are ``(t, g)``)."""
+    b, kh, h, rows = dq_t.shape
+    return jnp.moveaxis(dq_t.reshape(b, kh, h, rows // g, g), 2, 4)

@@ -191,3 +191,28 @@ def prepare(query, key, value, mask, bias):
         bias_keep = not_neg_inf(bias)
         bias = jax.lax.select(bias_keep, bias, jax.lax.full_like(bias, 0))
     return query, key, value, mask, bias, bias_keep
+
+
+def _varying_axes(x) -> frozenset:
+    mat = getattr(jax.typeof(x), "manual_axis_type", None) if x is not None else None
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def vary_like(tree, *refs):
+    """``tree`` marked as varying over every manual mesh axis that ``refs`` vary over.
+
+    Inside :func:`jax.shard_map` (with its default ``check_vma=True``) a loop
+    carry initialised from constants is "invariant" while the loop body's
+    results vary with the shard's data, and ``lax.fori_loop`` rejects the
+    mismatch. The block loops pass their initial carries through here so the
+    kernels run unchanged on per-shard operands (ring attention). Outside
+    ``shard_map`` it returns ``tree`` untouched.
+    """
+    axes = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs)))
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = tuple(sorted(axes - _varying_axes(x), key=str))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return jax.tree.map(cast, tree)

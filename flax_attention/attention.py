@@ -24,6 +24,7 @@ from flax_attention._validation import (
 )
 from flax_attention.backend_select import AUTO_CHUNKED_BYTES, AttentionCall, describe, resolve
 from flax_attention.backends import fused_attention
+from flax_attention.context_parallel import IMPLEMENTATIONS as CONTEXT_PARALLEL, from_attention_call
 from flax_attention.flash import _chunked
 from flax_attention.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
@@ -225,7 +226,7 @@ def scaled_dot_product_attention(
         ``hessian``) needs the dense path; so auto never changes what works,
         only speed and memory. (One exception: ``jax.linearize`` looks like
         ``jax.grad`` at trace time, so where auto would pick ``"chunked"``
-        pass ``implementation="dense"`` to it.)
+        or ``"cudnn"`` pass ``implementation="dense"`` to it.)
         Fused kernels, opt-in (see :mod:`flax_attention.backends`):
         ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
         mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows
@@ -237,9 +238,12 @@ def scaled_dot_product_attention(
         none takes dropout, ``return_weights`` or forward-mode autodiff.
         Append ``":interpret"`` to a Pallas kernel's name (e.g.
         ``"pallas_tpu:interpret"``) to run it in JAX's interpret mode on any
-        platform, for tests. Auto never picks a kernel that has not been
-        measured on the platform (see
-        :data:`flax_attention.backend_select.MEASURED`; none has been yet).
+        platform, for tests. Auto picks a kernel only where it is listed
+        as measured for the platform
+        (:data:`flax_attention.backend_select.MEASURED`): on GPU, float16/
+        bfloat16 calls that cuDNN accepts take ``"cudnn"`` (on published
+        H100 figures, see ``MEASURED_SOURCES``); every other call, and every
+        call on CPU/TPU, takes the XLA rule above.
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype, or ``(output, weights)`` with
@@ -258,6 +262,12 @@ def scaled_dot_product_attention(
         raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}.")
     call = _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
                      dropout_rate > 0.0 and not deterministic, return_weights)
+    if implementation in CONTEXT_PARALLEL:
+        out = from_attention_call(implementation, query, key, value, mask, bias, scale, is_causal, window,
+                                  return_weights or call.dropout, precision)
+        if out is not None:
+            return out
+        implementation = None  # no "seq" mesh axis active: the local auto choice
     implementation, interpret = resolve(implementation, call, AUTO_CHUNKED_BYTES)
     if implementation not in ("dense", "chunked"):
         return fused_attention(implementation, query, key, value, mask, bias, bias_keep, scale, is_causal,

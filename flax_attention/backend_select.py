@@ -8,12 +8,17 @@ rules can be tested for every platform on any machine. A call is described by
 or a reason string when it cannot.
 
 Auto selection (``implementation=None``) only ever picks a fused kernel listed
-in :data:`MEASURED` for the platform. Nothing has been measured on GPU or TPU
-yet, so every table entry is empty and auto keeps choosing the XLA paths
-(``"dense"``/``"chunked"``). To enable a kernel once a benchmark shows it
-wins on a platform, add it to that platform's tuple, e.g.
-``MEASURED["gpu"] = ("cudnn",)``: it is then chosen whenever its capability
-function accepts the call, and the XLA rule applies otherwise.
+in :data:`MEASURED` for the platform, and only for calls its capability
+function accepts; every other call takes the XLA paths (``"dense"``/``"chunked"``).
+On GPU that kernel is cuDNN: float16/bfloat16 calls with ``H = D`` a multiple
+of 8 up to 128 and no float bias (masks, windows and causal ``T != S`` with
+even ``T`` and ``S``) take it; float32, other head sizes, bias, dropout,
+returned weights and forward-mode autodiff take the XLA paths. Its entry
+rests on *published* figures, not on a run of this project (see
+:data:`MEASURED_SOURCES`); nothing is listed for CPU or TPU, and the Pallas and
+tokamax kernels stay opt-in until a benchmark of this project measures them.
+To enable a kernel once a benchmark shows it wins on a platform, add it to
+that platform's tuple, with its source in :data:`MEASURED_SOURCES`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,17 @@ INTERPRET_SUFFIX = ":interpret"
 INTERPRETABLE = ("pallas_triton", "pallas_tpu")
 
 # Kernels measured to beat the XLA paths, per platform, in order of preference.
-MEASURED = {"cpu": (), "gpu": (), "tpu": ()}
+MEASURED = {"cpu": (), "gpu": ("cudnn",), "tpu": ()}
+# Where each MEASURED entry's evidence comes from. "published" = someone else's
+# figures, counted as the measurement until this project's own GPU run
+# (benchmarks/accelerator_check.py) replaces them with "measured here".
+MEASURED_SOURCES = {
+    ("gpu", "cudnn"): (
+        "published, not measured by this project: tokamax's autotuning timing tables for "
+        "NVIDIA H100 80GB HBM3 (tokamax/data/autotuning/nvidia_h100_80gb_hbm3/), as quoted in "
+        "issue 20: bfloat16 B=1 S=16384 N=16 H=128 causal forward, cuDNN via jax.nn 645 TFLOP/s, "
+        "Mosaic 636, Triton 361, XLA chunked 26 (about 25x the XLA path)"),
+}
 
 # Auto-dispatch threshold on the dense path's float32 logits (4·B·N·T·S bytes):
 # below it the dense path is simplest and fast; above it a few such temporaries
@@ -131,15 +146,29 @@ def _hardware(call: AttentionCall, platforms: Tuple[str, ...]) -> Optional[str]:
     return f"it needs a {'/'.join(p.upper() for p in platforms)} and this is a {call.platform.upper()}"
 
 
+def cudnn_gets_mask(call: AttentionCall) -> bool:
+    """Whether the cuDNN adapter hands the kernel a mask (which jax sends to cuDNN as a bias).
+
+    Its own causal flag is top-left, so causal with ``T != S`` travels as a mask too.
+    """
+    return call.has_mask or call.has_window or (call.is_causal and call.t != call.s)
+
+
 def _cudnn(call: AttentionCall) -> Optional[str]:
+    # The rules of jax's cuDNN wrapper (jax/_src/cudnn/fused_attention_stablehlo.py,
+    # check_layout and check_is_flash_attention) for the calls this adapter makes.
     if call.dtype not in ("float16", "bfloat16"):
         return f"cuDNN flash attention takes float16/bfloat16 inputs, not {call.dtype}"
     if call.h != call.d:
         return f"cuDNN needs H == D (got H={call.h}, D={call.d})"
-    if call.h % 8 or call.h > 128:
+    if call.h % 8 or call.h > 128:  # 256 on Hopper and later; 128 holds on every GPU
         return f"cuDNN needs a head dim that is a multiple of 8 and <= 128 (got {call.h})"
     if call.has_bias:
         return "its bias gradient is not verified here"
+    if cudnn_gets_mask(call) and (call.t % 2 or call.s % 2):
+        # A mask reaches cuDNN as a bias, and its backward with a bias needs even lengths.
+        return (f"with a mask, window or causal T != S it needs even T and S for the backward "
+                f"(got T={call.t}, S={call.s})")
     return None
 
 

@@ -116,6 +116,8 @@ def _cudnn(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment
     del bias, precision, interpret  # refused by its capability; cuDNN picks its own precision; no interpret mode.
 
     def fn(q, k, v, m, causal):
+        if m is not None:  # jax's cuDNN path takes the mask's T and S axes only at full size
+            m = jnp.broadcast_to(m, m.shape[:2] + (q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale, is_causal=causal, implementation="cudnn")
 
     return _masked_kernel(fn, query, key, value, mask, bias_keep, is_causal, alignment, window)

@@ -55,19 +55,12 @@ def collect_attention(model, params, src, tgt_in) -> Dict[str, List[np.ndarray]]
     return attention_maps(state)
 
 
-def plot_heads(weights: np.ndarray, path, *, title: str = "",
-               x_labels: Optional[Sequence[str]] = None, y_labels: Optional[Sequence[str]] = None) -> Path:
-    """Writes one PNG with a heatmap per head.
+def draw_heads(weights: np.ndarray, *, title: str = "", x_labels: Optional[Sequence[str]] = None,
+               y_labels: Optional[Sequence[str]] = None) -> Figure:
+    """A figure with one heatmap per head (see :func:`plot_heads`), laid out so no label covers a panel.
 
-    Args:
-      weights: ``[N, T, S]`` for one example.
-      path: output ``.png`` file (parents are created).
-      title: figure title.
-      x_labels: ``S`` key labels; y_labels: ``T`` query labels (ticks shown
-        when there are at most 40).
-
-    Returns:
-      The written path.
+    Every head has the same queries, so only the first panel of each row
+    carries the query labels; the layout engine makes room for them.
     """
     weights = np.asarray(weights, np.float32)
     if weights.ndim != 3:
@@ -75,7 +68,7 @@ def plot_heads(weights: np.ndarray, path, *, title: str = "",
     n, t, s = weights.shape
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig = Figure(figsize=(2.0 + 2.6 * cols * max(s / t, 0.6), 0.6 + 2.6 * rows), dpi=100)
+    fig = Figure(figsize=(2.0 + 2.6 * cols * max(s / t, 0.6), 0.6 + 2.6 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     for h, ax in enumerate(axes.flat):
@@ -85,19 +78,40 @@ def plot_heads(weights: np.ndarray, path, *, title: str = "",
         image = ax.imshow(weights[h], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
                           interpolation="nearest")
         ax.set_title(f"head {h}", fontsize=8)
-        for labels, n_ticks, set_ticks, set_labels in (
-            (x_labels, s, ax.set_xticks, ax.set_xticklabels),
-            (y_labels, t, ax.set_yticks, ax.set_yticklabels),
+        show_y = h % cols == 0  # the leftmost panel of its row
+        for labels, n_ticks, set_ticks, set_labels, axis in (
+            (x_labels, s, ax.set_xticks, ax.set_xticklabels, "x"),
+            (y_labels, t, ax.set_yticks, ax.set_yticklabels, "y"),
         ):
             if labels is not None and len(labels) == n_ticks and n_ticks <= 40:
                 set_ticks(range(n_ticks))
-                set_labels([str(x) for x in labels], fontsize=6,
-                           rotation=90 if set_ticks == ax.set_xticks else 0)
+                if axis == "y" and not show_y:
+                    set_labels([])
+                else:
+                    set_labels([str(x) for x in labels], fontsize=6, rotation=90 if axis == "x" else 0)
             else:
                 set_ticks([])
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_heads(weights: np.ndarray, path, *, title: str = "",
+               x_labels: Optional[Sequence[str]] = None, y_labels: Optional[Sequence[str]] = None) -> Path:
+    """Writes one PNG with a heatmap per head.
+
+    Args:
+      weights: ``[N, T, S]`` for one example.
+      path: output ``.png`` file (parents are created).
+      title: figure title.
+      x_labels: ``S`` key labels; y_labels: ``T`` query labels (ticks shown
+        when there are at most 40; query labels on the first panel of a row).
+
+    Returns:
+      The written path.
+    """
+    fig = draw_heads(weights, title=title, x_labels=x_labels, y_labels=y_labels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

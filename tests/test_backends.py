@@ -139,13 +139,44 @@ def _call(platform, **kw):
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
-def test_auto_keeps_the_xla_rule_on_every_platform(platform):
-    assert bs.MEASURED == {"cpu": (), "gpu": (), "tpu": ()}  # nothing measured: no kernel is auto-picked
-    assert bs.select_implementation(_call(platform)) == "dense"
-    big = _call(platform, batch=1, t=4096, s=4096)  # 512 MiB of float32 logits
+def test_auto_keeps_the_xla_rule_where_no_kernel_is_measured(platform):
+    # float32: cuDNN (GPU's only measured kernel) refuses it, so every platform keeps the XLA rule.
+    assert bs.MEASURED["cpu"] == bs.MEASURED["tpu"] == ()
+    assert bs.select_implementation(_call(platform, dtype="float32")) == "dense"
+    big = _call(platform, batch=1, t=4096, s=4096, dtype="float32")  # 512 MiB of float32 logits
     assert bs.select_implementation(big) == "chunked"
     for opt in ("dropout", "return_weights", "forward_mode"):
-        assert bs.select_implementation(dataclasses.replace(big, **{opt: True})) == "dense"
+        assert bs.select_implementation(dataclasses.replace(big, dtype="bfloat16", **{opt: True})) == "dense"
+    if platform != "gpu":
+        assert bs.select_implementation(dataclasses.replace(big, dtype="bfloat16")) == "chunked"
+
+
+def test_auto_takes_cudnn_on_gpu_wherever_its_rules_allow():
+    pick = bs.select_implementation
+    assert bs.MEASURED["gpu"] == ("cudnn",)
+    for dtype in ("bfloat16", "float16"):
+        assert pick(_call("gpu", dtype=dtype)) == "cudnn"
+    for h in (8, 64, 128):
+        assert pick(_call("gpu", h=h, d=h)) == "cudnn"
+    ok = dict(has_mask=True, has_window=True, is_causal=True, t=6, s=10, k=2, batch=3)  # masks, GQA, T != S
+    assert pick(_call("gpu", **ok)) == "cudnn"
+    assert pick(_call("gpu", is_causal=True, t=7, s=7)) == "cudnn"  # its own causal flag: odd T is fine
+    assert pick(_call("gpu", batch=1, t=16384, s=16384, h=128, d=128, is_causal=True)) == "cudnn"
+    # Everything else keeps the XLA rule (dense here; chunked for big logits).
+    refused = [dict(dtype="float32"), dict(h=256, d=256), dict(h=60, d=60), dict(d=32), dict(has_bias=True),
+               dict(dropout=True), dict(return_weights=True), dict(forward_mode=True), dict(static_scale=False),
+               dict(has_mask=True, t=7), dict(is_causal=True, t=5, s=8), dict(has_window=True, s=9)]
+    for kw in refused:
+        assert pick(_call("gpu", **kw)) == "dense", kw
+    assert pick(_call("gpu", batch=1, t=8192, s=8192, dtype="float32")) == "chunked"
+    assert pick(_call("cpu")) == "dense" and pick(_call("tpu")) == "dense"  # bf16 elsewhere: XLA
+
+
+def test_every_auto_kernel_names_its_evidence():
+    listed = {(p, name) for p, names in bs.MEASURED.items() for name in names}
+    assert listed == set(bs.MEASURED_SOURCES)
+    source = bs.MEASURED_SOURCES[("gpu", "cudnn")]
+    assert source.startswith("published, not measured by this project") and "H100" in source
 
 
 def test_auto_picks_chunked_where_it_is_faster_on_cpu_only():
@@ -153,7 +184,7 @@ def test_auto_picks_chunked_where_it_is_faster_on_cpu_only():
     # chunked kernel is measured faster from T=S=512 on, so auto takes it there.
     mid = _call("cpu", batch=1, t=2048, s=2048)
     assert bs.select_implementation(mid) == "chunked"
-    assert bs.select_implementation(dataclasses.replace(mid, platform="gpu")) == "dense"
+    assert bs.select_implementation(dataclasses.replace(mid, platform="gpu", dtype="float32")) == "dense"
     assert bs.select_implementation(_call("cpu", t=512, s=512)) == "chunked"
     assert bs.select_implementation(_call("cpu", t=511, s=4096)) == "dense"  # short queries: dense
     assert bs.select_implementation(_call("cpu", t=1, s=4096)) == "dense"  # decoding step
@@ -161,10 +192,11 @@ def test_auto_picks_chunked_where_it_is_faster_on_cpu_only():
 
 
 def test_one_table_entry_enables_a_measured_kernel(monkeypatch):
-    monkeypatch.setitem(bs.MEASURED, "gpu", ("cudnn",))
-    assert bs.select_implementation(_call("gpu")) == "cudnn"
-    assert bs.select_implementation(_call("gpu", dtype="float32")) == "dense"  # cuDNN refuses: XLA rule
-    assert bs.select_implementation(_call("tpu")) == "dense"
+    monkeypatch.setitem(bs.MEASURED, "gpu", ())
+    assert bs.select_implementation(_call("gpu")) == "dense"
+    monkeypatch.setitem(bs.MEASURED, "tpu", ("tokamax_mosaic",))
+    assert bs.select_implementation(_call("tpu")) == "tokamax_mosaic"
+    assert bs.select_implementation(_call("tpu", has_bias=True)) == "dense"  # refused: XLA rule
 
 
 def test_capabilities():
@@ -182,6 +214,47 @@ def test_capabilities():
     assert cap("pallas_tpu", _call("cpu", interpret=True)) is None
     assert cap("tokamax_mosaic", _call("tpu")) is None and cap("tokamax_triton", _call("tpu")) is not None
     assert "dropout" in cap("tokamax_triton", _call("gpu", dropout=True))
+
+
+def _strict_fake_cudnn(calls):
+    """jax.nn's cuDNN entry as far as a CPU can check it: its input rules, then the XLA computation."""
+    real = jax.nn.dot_product_attention
+
+    def fake(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False, implementation=None, **kw):
+        assert implementation == "cudnn" and bias is None and not kw
+        assert q.ndim == k.ndim == v.ndim == 4 and q.dtype in (jnp.bfloat16, jnp.float16)
+        assert q.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0
+        if mask is not None:  # jax's check_layout: a mask (sent as a bias) has full T and S axes
+            assert mask.ndim == 4 and mask.shape[-2:] == (q.shape[1], k.shape[1]), mask.shape
+            assert q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0  # the backward with a bias
+        if is_causal:
+            assert q.shape[1] == k.shape[1]  # its causal flag is top-left
+        calls.append((q.shape, None if mask is None else mask.shape, is_causal))
+        return real(q, k, v, mask=mask, scale=scale, is_causal=is_causal, implementation="xla")
+
+    return fake
+
+
+@pytest.mark.parametrize("case", ["padding_mask", "causal_t_lt_s", "causal_square"])
+def test_default_on_gpu_routes_to_cudnn_and_keeps_the_guarantees(monkeypatch, case):
+    q, k, v = _qkv(7, b=2, t=8, s=16 if case != "causal_square" else 8, n=4, k=2, h=16, d=16)
+    kw = {"padding_mask": dict(mask=np.arange(16)[None, None, None, :] < np.array([16, 0])[:, None, None, None]),
+          "causal_t_lt_s": dict(is_causal=True), "causal_square": dict(is_causal=True)}[case]
+    want, want_grads = _reference(q, k, v, **kw)
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _strict_fake_cudnn(calls))
+    out = sdpa(qb, kb, vb, **kw)  # implementation=None
+    grads = jax.grad(lambda *a: (sdpa(*a, **kw).astype(jnp.float32) ** 2).sum(), (0, 1, 2))(qb, kb, vb)
+    assert calls and out.dtype == jnp.bfloat16
+    assert calls[0][2] == (case == "causal_square")  # the kernel's own causal flag only where alignments agree
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2)
+    for g, w in zip(grads, want_grads):
+        assert np.isfinite(np.asarray(g, np.float32)).all()
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=1e-1)
+    if case == "padding_mask":  # batch 1 has no visible key: exact zeros, no gradient
+        assert (np.asarray(out[1], np.float32) == 0).all() and (np.asarray(grads[0][1], np.float32) == 0).all()
 
 
 def test_module_passes_new_names_through():

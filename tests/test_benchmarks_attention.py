@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from benchmarks import bench_attention, peaks, peers, report, suites
+from benchmarks import bench_attention, machine, peaks, peers, report, suites
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKAMAX = peers._import_tokamax() is not None
@@ -146,6 +146,7 @@ def test_quick_run_lists_new_peers(tmp_path):
     assert bench_attention.main(argv) == 0
     text = (tmp_path / "attention.md").read_text()
     assert f"| {peers.AUTO} |" in text and "informational" in text
+    assert "\nMachine: CPU " in text and " cores usable, ISA: " in text  # the CPU it was measured on
     if TOKAMAX:
         assert "| tokamax-xla |" in text and "| tokamax-xla_chunked |" in text
     rows = json.loads((tmp_path / "attention.json").read_text())["results"]
@@ -178,3 +179,39 @@ def test_merge_passes_keeps_each_entrys_best_median():
     merged = merge_passes([pass_(2.0, 1.0), pass_(1.0, None), pass_(3.0, 4.0)])
     assert [r.ms for r in merged] == [1.0, 1.0]  # a burst in one pass never decides
     assert merged[0].ms_passes == [2.0, 1.0, 3.0] and merged[1].ms_passes == [1.0, 4.0]
+
+
+SPR = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx2 fma avx512f avx512dq avx512_bf16 avx512_fp16 avx512_vnni amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx2 fma avx512f
+"""
+EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+def test_cpuinfo_names_the_model_isa_and_cores():
+    intel = machine.parse_cpuinfo(SPR)
+    assert intel["cpu_model"].startswith("Intel(R) Xeon(R) Platinum 8481C") and intel["cpu_logical"] == 2
+    assert intel["cpu_isa"] == ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile",
+                                "amx_bf16", "amx_int8"]
+    assert machine.parse_cpuinfo(EPYC) == {"cpu_model": "AMD EPYC", "cpu_isa": ["avx2", "fma"], "cpu_logical": 1}
+    arm = machine.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")
+    assert arm["cpu_model"] == "Arm implementer 0x41 part 0xd0c" and arm["cpu_isa"] == []
+
+
+def test_report_names_the_machine(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(SPR)
+    env = {"backend": "cpu", "device": "cpu", **machine.describe(str(path))}
+    assert env["cpu_cores"] >= 1
+    text = report.markdown([_row(peers.CHUNKED, 1.0)], env, "--quick")
+    line = next(l for l in text.splitlines() if l.startswith("Machine: "))
+    assert "Intel(R) Xeon(R) Platinum 8481C" in line and "avx512f, avx512_bf16" in line and "amx_tile" in line
+    gpu = machine.summary_line({**env, "gpu": "NVIDIA H200, 143771 MiB, 580.159.03"})
+    assert gpu.endswith("; GPU/accelerator: NVIDIA H200, 143771 MiB, 580.159.03")
+    assert machine.summary_line(env).endswith("; no GPU")
+    live = bench_attention.environment()  # this machine, whatever it is
+    assert live["cpu_model"] and isinstance(live["cpu_isa"], list) and live["cpu_cores"] >= 1

@@ -32,3 +32,32 @@ def test_collect_and_write_pngs(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     single = plot_heads(np.full((3, 2, 2), 0.5), tmp_path / "sub" / "x.png", title="t")
     assert single.exists()
+
+
+def test_query_labels_never_cover_a_neighbouring_panel(tmp_path, monkeypatch):
+    """Issue 19: the y-axis token labels of heads 1-3 overlapped the panel on their left."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), save(self, *a, **k))[1])
+    queries = ["▁A", "▁dog", "▁is", "▁running", "▁across", "▁the", "▁big", "▁green", "▁meadow", "."]
+    keys = ["▁Ein", "▁Hund", "▁rennt", "▁über", "▁die", "▁große", "▁grüne", "▁Wiese", "</s>"]
+    weights = np.random.default_rng(0).dirichlet(np.ones(len(keys)), size=(6, len(queries)))
+    plot_heads(weights, tmp_path / "h.png", x_labels=keys, y_labels=queries)
+    fig = drawn[0]
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6
+    labelled = 0
+    for ax in panels:
+        for label in ax.get_yticklabels():
+            if not label.get_text():
+                continue
+            labelled += 1
+            box = label.get_window_extent(renderer)
+            for other in panels:
+                if other is not ax:
+                    assert not box.overlaps(other.get_window_extent(renderer)), (label.get_text(), other.get_title())
+            assert box.x0 >= 0  # not cut off at the figure's left edge
+    assert labelled == 2 * len(queries)  # one labelled panel per row of heads

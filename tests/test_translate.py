@@ -133,24 +133,26 @@ def test_real_data_run_bleu_equals_sacrebleu_on_the_written_files(tmp_path):
     pairs = int(re.search(r"multi30k de->en: (\d+) training pairs", out.stdout).group(1))
     assert 240 <= pairs <= 256 and "test BLEU" in out.stdout  # the first 256, minus those over 64 subwords
     step = pairs // 64
-    final = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()][-1]
+    final, test = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()][-2:]
     assert final["event"] == "eval" and final["step"] == step
-    assert final["test_bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
-    for prefix, split, n in (("", "validation", 1014), ("test_", "test", 1000)):
+    assert test["event"] == "test" and test["step"] == step and test["selected_step"] == step  # one checkpoint
+    assert test["test_bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    for prefix, split, n, record in (("", "validation", 1014, final), ("test_", "test", 1000, test)):
         hyp, ref = w / "translations" / f"{split}-step{step}.en", w / "translations" / f"{split}.ref.en"
-        assert final[f"{prefix}translations"] == str(hyp)
+        assert record[f"{prefix}translations"] == str(hyp)
         assert len(hyp.read_text(encoding="utf-8").splitlines()) == n == len(ref.read_text().splitlines())
         cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b"],
                              capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stderr
-        assert float(cli.stdout.strip()) == pytest.approx(final[f"{prefix}bleu"], abs=0.006)
-    # References are the raw test sentences in record order (pairs matched by record, not raw line).
+        assert float(cli.stdout.strip()) == pytest.approx(record[f"{prefix}bleu"], abs=0.006)
+    # References are the test sentences in the official raw files' order (TFDS's hash order undone).
     import tensorflow_datasets as tfds
 
-    from flax_attention.data import multi30k  # noqa: F401  registers the builder
+    from flax_attention.data import multi30k
 
     targets = [r["en"].decode() for r in tfds.data_source("multi30k", split="test", data_dir=str(REAL_DATA))]
-    assert (w / "translations" / "test.ref.en").read_text(encoding="utf-8").splitlines() == targets
+    assert (w / "translations" / "test.ref.en").read_text(encoding="utf-8").splitlines() == \
+        multi30k.in_raw_order(targets, "test")
     assert (w / "spm.model").exists()
     scalars = read_scalars(w / "tensorboard")
     assert {"train/loss", "train/learning_rate", "eval/bleu", "eval/test_loss"} <= set(scalars)

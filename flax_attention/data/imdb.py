@@ -140,11 +140,17 @@ class Vocabulary:
     def load(cls, path) -> "Vocabulary":
         try:
             payload = json.loads(Path(path).read_text())
+            if not isinstance(payload, dict) or not isinstance(payload.get("words"), list):
+                raise ValueError(f"expected a JSON object with a 'words' list, got {type(payload).__name__}")
             if payload.get("tokenizer") != TOKENIZER_VERSION:
                 raise ValueError(f"tokenizer version {payload.get('tokenizer')!r} != {TOKENIZER_VERSION!r}")
+            if not all(isinstance(w, str) for w in payload["words"]):
+                raise ValueError("its 'words' must all be strings")
             return cls(payload["words"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read vocabulary {path}: {e}; delete it to rebuild, or use a fresh --workdir.") from e
+            # Never deleted here: the workdir's checkpoints were trained with these ids.
+            raise ValueError(f"cannot read vocabulary {path} ({e}); restore it (the checkpoints in that workdir "
+                             "need its word ids), or use a fresh --workdir.") from None
 
 
 def kept_words(text, config: IMDBConfig) -> List[str]:

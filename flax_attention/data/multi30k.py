@@ -14,12 +14,18 @@ network is available, downloads the gzipped raw files from the public
 multi30k/dataset repository (pinned commit) and prepares them. Prepare with
 ``file_format="array_record"`` (what :func:`~flax_attention.data.tfds_source.read_records`
 asks for) and no TensorFlow is needed.
+
+Record order: TFDS stores a split's records sorted by a hash of their keys
+(here the raw file's line numbers), a fixed reshuffle of the official order.
+:func:`raw_line_numbers` recomputes that permutation with TFDS's own hasher,
+so evaluation splits can be read back in the order of the official files
+(what ``sacrebleu -t multi30k/2016`` and published scores use).
 """
 
 from __future__ import annotations
 
 import gzip
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple, TypeVar
 
 import tensorflow_datasets as tfds
 
@@ -55,6 +61,30 @@ def read_pairs(de_path, en_path) -> Iterator[Tuple[int, Dict[str, str]]]:
                          "the files must be line-aligned translations; re-download them.")
     for i, (d, e) in enumerate(zip(de_lines, en_lines)):
         yield i, {"de": d.strip(), "en": e.strip()}
+
+
+def raw_line_numbers(split: str, num_records: int) -> List[int]:
+    """Raw-file line number of each record of a prepared split, in TFDS record order.
+
+    TFDS's writer orders records by ``Hasher(salt=split).hash_key(key)``; this
+    builder's keys are the line numbers ``0..n-1``, so sorting them by the same
+    hash gives the stored order. Checked against the raw files by the tests.
+    """
+    from tensorflow_datasets.core import hashing
+
+    hasher = hashing.Hasher(salt=split)
+    return sorted(range(num_records), key=hasher.hash_key)
+
+
+T = TypeVar("T")
+
+
+def in_raw_order(records: Sequence[T], split: str) -> List[T]:
+    """A split's records re-ordered from TFDS record order to the raw files' line order."""
+    out: List[T] = [None] * len(records)  # type: ignore[list-item]
+    for record, line in zip(records, raw_line_numbers(split, len(records))):
+        out[line] = record
+    return out
 
 
 class Multi30k(tfds.core.GeneratorBasedBuilder):

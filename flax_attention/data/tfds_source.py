@@ -26,12 +26,28 @@ def missing_message(dataset: str, split: str, cause: BaseException) -> str:
         f"downloaded/prepared ({type(cause).__name__}: {detail}). "
         f"Fix: point TFDS_DATA_DIR at a directory holding a prepared {dataset.split('/')[0]} "
         "(e.g. export TFDS_DATA_DIR=../shared/tensorflow_datasets), or, with network access, "
-        "`pip install tensorflow` once so TFDS can download and prepare it."
+        + ("run the same command once: this project's builder downloads and prepares it (no TensorFlow needed)."
+           if dataset.split("/")[0] in NO_TENSORFLOW_NEEDED else
+           "`pip install tensorflow` once so TFDS can download and prepare it.")
     )
 
 
 # Builders of this project prepare ArrayRecord files without TensorFlow.
 NO_TENSORFLOW_NEEDED = ("multi30k",)
+# ... and the host their raw files come from: probed first, so an offline
+# machine fails in seconds instead of after minutes of download retries.
+DOWNLOAD_HOSTS = {"multi30k": "github.com"}
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def read_records(dataset: str, split: str) -> List[Dict[str, Any]]:
@@ -47,6 +63,10 @@ def read_records(dataset: str, split: str) -> List[Dict[str, Any]]:
             # after minutes of download retries on a machine without network.
             no_tf = ModuleNotFoundError("TensorFlow, which TFDS needs to prepare it, is not installed")
             raise DataUnavailableError(missing_message(dataset, split, no_tf)) from missing
+        host = DOWNLOAD_HOSTS.get(dataset.split("/")[0])
+        if host is not None and not host_reachable(host):
+            offline = ConnectionError(f"{host}:443, where its raw files come from, is unreachable")
+            raise DataUnavailableError(missing_message(dataset, split, offline)) from missing
         try:
             source = tfds.data_source(dataset, split=split, download=True,
                                       builder_kwargs={"file_format": "array_record"} if own_builder else None)

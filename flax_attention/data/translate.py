@@ -94,10 +94,20 @@ def _text(value) -> str:
 
 @functools.lru_cache(maxsize=8)
 def sentence_pairs(dataset: str, split: str, source_lang: str, target_lang: str) -> Tuple[List[str], List[str]]:
-    """``(sources, targets)`` text of one split, in record order (read once per process)."""
-    if dataset.split("/")[0] == "multi30k":
-        from flax_attention.data import multi30k  # noqa: F401  registers the builder with TFDS
+    """``(sources, targets)`` text of one split (read once per process).
+
+    Multi30k's evaluation splits (every split but ``train``) come in the line
+    order of the official raw files, so written translations and references
+    line up with ``sacrebleu -t multi30k/2016`` and the published references;
+    ``train`` keeps the TFDS record order (the data order of earlier runs).
+    Other datasets keep their TFDS record order.
+    """
+    own = dataset.split("/")[0] == "multi30k"
+    if own:
+        from flax_attention.data import multi30k  # registers the builder with TFDS
     records = read_records(dataset, split)
+    if own and split != "train":
+        records = multi30k.in_raw_order(records, split)
     if not records:
         raise ValueError(f"{dataset} split {split!r} is empty.")
     missing = [k for k in (source_lang, target_lang) if k not in records[0]]
@@ -134,7 +144,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        return cls(Path(path).read_bytes())
+        """A saved model; a damaged file is a ValueError naming it (never rewritten: checkpoints use its ids)."""
+        try:
+            return cls(Path(path).read_bytes())
+        except (RuntimeError, OSError, TypeError) as e:  # sentencepiece's parse failure is a RuntimeError
+            raise ValueError(f"cannot read the SentencePiece model {path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); restore it (the checkpoints in that "
+                             "workdir need its ids), or use a fresh --workdir.") from None
 
     def save(self, path) -> None:
         path = Path(path)

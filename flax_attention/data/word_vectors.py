@@ -118,8 +118,8 @@ def _is_header(fields) -> bool:
 
 
 def load_word_vectors(path, vocab: VocabLike, dim: Optional[int] = None,
-                      counts: Optional[np.ndarray] = None, lowercase_fallback: bool = True
-                      ) -> Tuple[np.ndarray, np.ndarray, Coverage]:
+                      counts: Optional[np.ndarray] = None, lowercase_fallback: bool = True,
+                      check_all: bool = False) -> Tuple[np.ndarray, np.ndarray, Coverage]:
     """Reads the vectors of ``vocab``'s words from a GloVe / word2vec text file.
 
     Args:
@@ -134,6 +134,8 @@ def load_word_vectors(path, vocab: VocabLike, dim: Optional[int] = None,
       lowercase_fallback: a vocabulary word absent from the file in exactly
         this form takes the vector of its first differently-cased occurrence
         (word2vec's GoogleNews vectors are cased, our vocabulary is lowercase).
+      check_all: also parse the numbers of lines whose word is not in
+        ``vocab`` (validates a whole file before a vocabulary exists).
 
     Returns:
       ``(rows float32 [V, D], found bool [V], coverage)``. Rows of ids not
@@ -188,6 +190,8 @@ def load_word_vectors(path, vocab: VocabLike, dim: Optional[int] = None,
             else:
                 word, nums = fields[0], fields[1:]
             n_vectors += 1
+            if check_all:
+                _parse(nums, path, line_no)
             w = word.decode("utf-8", errors="replace")
             i = ids.get(w)
             if i is None and lowercase_fallback:

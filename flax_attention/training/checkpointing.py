@@ -14,7 +14,10 @@ not).
 Crash safety: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and
 renames it when complete, so ``latest_step`` is always a complete checkpoint;
 temporary folders left by a killed run are deleted when the next run opens
-the workdir. ``config.json`` is replaced atomically, and ``train.py`` writes
+the workdir. A finished checkpoint damaged later (a truncated or missing
+file) is moved to ``workdir/checkpoints.damaged/<step>`` -- kept, never
+deleted -- and the run resumes from the newest intact one, saying so
+(:meth:`Checkpointer.restore_latest`). ``config.json`` is replaced atomically, and ``train.py`` writes
 it only after the requested run has been checked against the workdir (config
 and checkpoint shapes), so a refused run changes nothing.
 
@@ -31,6 +34,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -42,6 +47,43 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 class IncompatibleWorkdirError(ValueError):
     """The workdir holds a run whose configuration differs from the requested one."""
+
+
+class DamagedCheckpointError(IncompatibleWorkdirError):
+    """A finished checkpoint cannot be read back (a file truncated, missing or corrupt)."""
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """tensorstore's reply to a read that orbax's ``asyncio.run`` stopped waiting for.
+
+    When one read of a checkpoint fails, orbax's event loop raises that error
+    and closes; the other reads still in flight then complete into the closed
+    loop (``call_soon_threadsafe``), and each becomes an unraisable
+    ``RuntimeError('Event loop is closed')`` printed as a traceback -- pages of
+    them bury the one real error. They carry no information.
+    """
+    exc, tb = unraisable.exc_value, unraisable.exc_traceback
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Installs (once) an unraisable-exception hook dropping only :func:`_is_closed_loop_callback` errors."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[str] = (),
@@ -65,7 +107,7 @@ def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[s
     """
     path = Path(workdir) / "config.json"
     if path.exists():
-        saved = _with_added_fields(json.loads(path.read_text()), added_fields)
+        saved = _with_added_fields(read_config_file(path), added_fields)
         diffs = []
         for section in sorted(set(saved) | set(config)):
             a, b = saved.get(section), config.get(section)
@@ -98,7 +140,21 @@ def load_config(workdir, added_fields: Optional[Dict[str, Any]] = None) -> Dict[
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is --workdir a directory written by `train.py`?")
-    return _with_added_fields(json.loads(path.read_text()), added_fields)
+    return _with_added_fields(read_config_file(path), added_fields)
+
+
+def read_config_file(path) -> Dict[str, Any]:
+    """A ``config.json`` as a dict, or a ValueError naming the file (it is never rewritten here)."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); it records the settings the run was "
+                         "trained with: restore it from a backup (or write it by hand), or use a fresh "
+                         "--workdir.") from None
+    if not isinstance(saved, dict) or not all(isinstance(v, (dict, str)) for v in saved.values()):
+        raise ValueError(f"{path} is not a train.py config (a JSON object of sections); restore it, or use a "
+                         "fresh --workdir.")
+    return saved
 
 
 def _with_added_fields(saved: Dict[str, Any], added_fields: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -108,6 +164,11 @@ def _with_added_fields(saved: Dict[str, Any], added_fields: Optional[Dict[str, A
         if isinstance(saved.get(section), dict):
             saved[section].setdefault(key, value)
     return saved
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0][:300] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _path(keys) -> str:
@@ -133,6 +194,7 @@ class Checkpointer:
         # cleanup_tmp_directories: a run killed mid-save leaves a
         # ``<step>.orbax-checkpoint-tmp-*`` folder; it is never read (not a
         # finished step) and is deleted here.
+        quiet_closed_loop_callbacks()
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                                cleanup_tmp_directories=not read_only)
         directory = (Path(workdir) / "checkpoints").absolute()
@@ -186,11 +248,14 @@ class Checkpointer:
         try:
             saved = self.manager.item_metadata(step).state
         except Exception as e:
-            raise IncompatibleWorkdirError(f"checkpoint {step} in {self.manager.directory} is unreadable "
-                                           f"({type(e).__name__}); use a fresh --workdir.") from e
+            raise DamagedCheckpointError(f"checkpoint {step} in {self.manager.directory} is unreadable "
+                                         f"({_first_line(e)})") from None
         want = {_path(k): tuple(getattr(v, "shape", None) or np.shape(v))
                 for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
         have = {_path(k): tuple(getattr(v, "shape", ()) or ()) for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+        if not have:  # no array recorded at all: its index is lost, not a different model
+            raise DamagedCheckpointError(f"checkpoint {step} in {self.manager.directory} lists no arrays "
+                                         "(its metadata is missing or empty)")
         diffs = [f"{k}: checkpoint {have.get(k, 'missing')}, model {want.get(k, 'missing')}"
                  for k in sorted(set(want) | set(have), key=lambda k: (not k.startswith("params"), k))
                  if have.get(k) != want.get(k)]
@@ -211,9 +276,49 @@ class Checkpointer:
         self.check_compatible(step, abstract_state)
         target = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_get(x),
                                         abstract_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                 meta=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     meta=ocp.args.JsonRestore()))
+        except Exception as e:  # the shapes fit, so a read failed: a damaged file
+            raise DamagedCheckpointError(f"checkpoint {step} in {self.manager.directory} is damaged "
+                                         f"({_first_line(e)})") from None
+        if not isinstance(out.meta, dict):
+            raise DamagedCheckpointError(f"checkpoint {step} in {self.manager.directory} has no readable meta")
         return out.state, out.meta
+
+    def restore_latest(self, abstract_state, report=print) -> Tuple[Any, Dict[str, Any]]:
+        """Restores the newest checkpoint that reads back intact.
+
+        A damaged newer one is moved to ``<workdir>/checkpoints.damaged/<step>``
+        (kept for inspection; a resumed run would otherwise write over its
+        step) and ``report`` says so. A checkpoint that reads fine but does not
+        fit the model is not damaged: :class:`IncompatibleWorkdirError`.
+
+        Raises:
+          DamagedCheckpointError: no checkpoint is intact (all were moved aside).
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_state)
+            except DamagedCheckpointError as e:
+                aside = self.set_aside(step)
+                report(f"warning: {e}; moved it to {aside} and fell back to the previous checkpoint.")
+        raise DamagedCheckpointError(f"no intact checkpoint is left in {self.manager.directory} (the damaged "
+                                     "ones are in checkpoints.damaged/); use a fresh --workdir.")
+
+    def set_aside(self, step: int) -> Path:
+        """Moves a step's folder to ``checkpoints.damaged/`` (process 0) and makes orbax forget it."""
+        src = Path(self.manager.directory) / str(step)
+        dst = src.parent.with_name(src.parent.name + ".damaged") / str(step)
+        if jax.process_index() == 0 and src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            n = 0
+            while dst.exists():  # damaged twice at the same step: keep both
+                n += 1
+                dst = dst.with_name(f"{step}.{n}")
+            shutil.move(str(src), str(dst))
+        self.manager.reload()
+        return dst
 
     def all_steps(self):
         return self.manager.all_steps()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from typing import Any, Dict, Mapping, Tuple
 
@@ -43,6 +44,9 @@ class TrainConfig:
       keep_checkpoints: newest checkpoints kept (the best one is kept as well).
       log_every: fetch metrics / update the progress bar every N steps.
       eval_batch_size: global evaluation batch (0 = batch_size).
+      average_checkpoints: tasks with a final test (translation): report the
+        mean parameters of the newest K checkpoints instead of the best one
+        on validation (0 = off: the best one; needs --keep_checkpoints >= K).
     """
 
     learning_rate: float = 1e-3
@@ -59,19 +63,23 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     eval_batch_size: int = 0
+    average_checkpoints: int = 0
 
     # Fields that may change when resuming a workdir (they do not alter what
     # has been trained so far).
-    RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size")
+    RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_batch_size",
+                         "average_checkpoints")
     SCHEDULES = ("cosine", "constant", "rsqrt")
     # Fields added after workdirs were written -> the value those older runs used.
     ADDED_FIELDS = {"lr_schedule": "constant", "warmup_steps": 0, "cooldown_fraction": 0.0, "adam_b2": 0.999,
-                    "adam_eps": 1e-8, "clip_norm": 0.0}
+                    "adam_eps": 1e-8, "clip_norm": 0.0, "average_checkpoints": 0}
 
     def __post_init__(self):
         for name in ("batch_size", "num_epochs", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0 (it seeds NumPy's shuffles), got {self.seed}.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if self.lr_schedule not in self.SCHEDULES:
@@ -82,6 +90,13 @@ class TrainConfig:
             raise ValueError("--checkpoint_every, --eval_batch_size, --warmup_steps and --clip_norm must be >= 0.")
         if not 0.0 <= self.cooldown_fraction <= 1.0:
             raise ValueError(f"--cooldown_fraction must be in [0, 1], got {self.cooldown_fraction}.")
+        if not 0 <= self.average_checkpoints <= self.keep_checkpoints:
+            raise ValueError(f"--average_checkpoints {self.average_checkpoints} needs 0 <= K <= --keep_checkpoints "
+                             f"({self.keep_checkpoints}): only kept checkpoints can be averaged; raise "
+                             "--keep_checkpoints or lower K.")
+        if self.average_checkpoints > self.num_epochs and not self.checkpoint_every:
+            raise ValueError(f"--average_checkpoints {self.average_checkpoints} exceeds the {self.num_epochs} "
+                             "checkpoints the run writes (one per epoch); lower it or pass --checkpoint_every.")
         if not (0.0 <= self.adam_b2 < 1.0 and self.adam_eps > 0):
             raise ValueError(f"need 0 <= --adam_b2 < 1 and --adam_eps > 0, got {self.adam_b2}, {self.adam_eps}.")
 
@@ -144,7 +159,17 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: Mapping[str, typ
 
 
 def build_configs(sections: Mapping[str, type], args: argparse.Namespace) -> Dict[str, Any]:
-    """Frozen config dataclass per section, from parsed flags (shared names feed all)."""
+    """Frozen config dataclass per section, from parsed flags (shared names feed all).
+
+    Raises:
+      ValueError: a float flag is NaN or infinite (``float("nan")`` parses and
+        slips past every ``<``/``>`` check), or a section's own check fails.
+    """
+    for cls in sections.values():
+        for f in dataclasses.fields(cls):
+            value = getattr(args, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name} must be a finite number, got {value}.")
     return {s: cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}) for s, cls in sections.items()}
 
 
@@ -153,4 +178,9 @@ def configs_to_json(model: str, configs: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def configs_from_json(sections: Mapping[str, type], saved: Mapping[str, Any]) -> Dict[str, Any]:
-    return {s: cls(**saved[s]) for s, cls in sections.items()}
+    """Config dataclasses from a saved ``config.json``; a missing section or unknown field is a ValueError."""
+    try:
+        return {s: cls(**saved[s]) for s, cls in sections.items()}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"config.json does not match this version of train.py ({type(e).__name__}: {e}); "
+                         "restore the file, or use a fresh --workdir.") from None

@@ -27,7 +27,7 @@ def load_run_config(workdir):
     """``(task, configs)`` of a workdir; a workdir of the retired seq2seq trainer is refused clearly."""
     saved = load_config(workdir)
     check_not_legacy(saved, workdir)
-    task = get_task(saved["model_name"])
+    task = get_task(str(saved.get("model_name")))
     saved = load_config(workdir, {**TrainConfig.added_fields(), **task.added_fields})
     return task, configs_from_json(task.config_classes | {"train": TrainConfig}, saved)
 
@@ -153,12 +153,21 @@ def decode_with_heatmaps(workdir, texts: Sequence[str], out_dir=None, names: Opt
 
 def translate(workdir, texts: Sequence[str], out_dir=None) -> List[str]:
     """``train.py translate``: decodes each text and draws its attention (cross-attention included)."""
-    if not texts or any(not t.strip() for t in texts):
+    if not texts or all(not t.strip() for t in texts):
         raise ValueError('give at least one non-empty sentence, e.g. translate --workdir W "Ein Hund rennt."')
     task, _ = load_run_config(workdir)
     if task.predict is not None:
         raise ValueError(f"{workdir} holds a {task.name} classifier: use `train.py predict --workdir {workdir} TEXT`.")
-    return decode_with_heatmaps(workdir, texts, out_dir)[0]
+    # An empty line (e.g. from a file of sentences) translates to an empty line; the others are decoded.
+    real = [i for i, t in enumerate(texts) if t.strip()]
+    decoded = decode_with_heatmaps(workdir, [texts[i] for i in real], out_dir, names=[f"input_{i + 1}" for i in real])[0]
+    outputs = [""] * len(texts)
+    for i, text in zip(real, decoded):
+        outputs[i] = text
+    for i, t in enumerate(texts):
+        if not t.strip():
+            print(f"{t!r} -> ''   [input {i + 1} is empty: nothing to translate]")
+    return outputs
 
 
 def visualize(workdir, num_examples: int, seed: int, out: Optional[str]) -> Path:

@@ -13,6 +13,7 @@ everything model- and data-specific; the placement
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -25,6 +26,7 @@ from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, St
 from flax_attention.training.checkpointing import Checkpointer, check_or_write_config, load_config
 from flax_attention.training.config import TrainConfig, configs_to_json
 from flax_attention.training.placement import PmapPlacement, make_placement
+from flax_attention.training.selection import final_test
 from flax_attention.training.steps import (MetricAccumulator, create_train_state as _create_state,
                                            learning_rate_schedule, make_eval_step, make_train_step, summarize)
 
@@ -45,6 +47,28 @@ def create_train_state(task, configs, extras=None, steps_per_epoch: int = 1):
     frozen = task.frozen(configs) if task.frozen is not None else None
     return model, _create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
                                 total_steps=tcfg.num_epochs * steps_per_epoch, frozen=frozen)
+
+
+def check_inputs(task, configs, resuming: bool = False) -> None:
+    """Every check that needs no data, before anything is written: the model and the task's input files.
+
+    Builds the model and traces its initialisation abstractly (``jax.eval_shape``:
+    no arrays, no compute), so an impossible model (e.g. ``d_model`` not
+    divisible by ``num_heads``) fails before a workdir exists; then the task's
+    own ``preflight`` (e.g. the ``--embeddings`` file's format), which only a
+    fresh run needs (``resuming``: the files were read at step 0).
+    """
+    if configs["train"].average_checkpoints and task.test_eval is None:
+        raise ValueError(f"--average_checkpoints applies to models with a final test split (translate); "
+                         f"--model {task.name} evaluates every epoch on its own: leave it at 0.")
+    model = task.build_model(configs, None)
+    try:
+        jax.eval_shape(lambda k: model.init(k, *task.init_inputs(configs)), jax.random.PRNGKey(0))
+    except (TypeError, AssertionError) as e:  # flax/jax shape errors: name the problem, not a stack
+        raise ValueError(f"the model flags describe no buildable model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); check the model section of --help.") from None
+    if task.preflight is not None and not resuming:
+        task.preflight(configs)
 
 
 def train_step(task, configs):
@@ -109,12 +133,22 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir, mesh: Optional
         check_not_legacy(load_config(workdir), workdir)
     added = {**TrainConfig.added_fields(), **task.added_fields}
     check_or_write_config(workdir, config_json, resumable, write=False, added_fields=added)
+    resuming = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+    check_inputs(task, configs, resuming)  # flags and input files, before the workdir is created
     if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
+        created = not workdir.exists()
         check_writable_dir(workdir, "--workdir")
-        data = input_pipeline(task, configs, workdir)
+        try:
+            data = input_pipeline(task, configs, workdir)
+        except BaseException:
+            if created and not any(workdir.iterdir()):  # e.g. data unavailable: leave no empty workdir
+                workdir.rmdir()
+            raise
     distributed.barrier("flax_attention_data_ready")
     if not primary:
         data = input_pipeline(task, configs, workdir)
+    if data.steps_per_epoch(tcfg.batch_size) == 0:  # before config.json: a corrected rerun must be accepted
+        raise ValueError(f"--batch_size {tcfg.batch_size} exceeds the {len(data.train)} training examples.")
     model = task.build_model(configs, data.extras)
     frozen = task.frozen(configs) if task.frozen is not None else None
     state = placement.create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
@@ -144,8 +178,9 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
 
     tcfg, primary = configs["train"], distributed.is_primary()
     epoch, start = 0, 0
-    if ckpt.latest_step() is not None:  # the newest *complete* checkpoint; checks shapes first
-        rstate, meta = placement.restore(ckpt, ckpt.latest_step(), rstate)
+    if ckpt.latest_step() is not None:  # the newest complete and intact checkpoint; checks shapes first
+        rstate, meta = placement.restore_latest(ckpt, rstate,
+                                                report=lambda m: print(m, file=sys.stderr) if primary else None)
         epoch, start = int(meta["next_epoch"]), int(meta["next_step"])
         if primary:
             print(f"Resuming from step {placement.step(rstate)} (epoch {epoch + 1}, batch {start}) in {workdir}")
@@ -160,8 +195,6 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
     loss_fn = task.loss_fn(configs)
     p_train, p_eval = placement.train_step(loss_fn), placement.eval_step(loss_fn)
     spe = data.steps_per_epoch(tcfg.batch_size)
-    if spe == 0:
-        raise ValueError(f"--batch_size {tcfg.batch_size} exceeds the {len(data.train)} training examples.")
     lr = learning_rate_schedule(tcfg, tcfg.num_epochs * spe)
     if primary:
         what = getattr(data, "description", None) or f"{len(data.train)} train / {len(data.test)} test examples"
@@ -214,6 +247,8 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
         if not metrics:  # nothing left to train: evaluate the restored state
             step = placement.step(rstate)
             metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step, True, placement)
+        if task.test_eval is not None:  # the reported figure: the model chosen on validation
+            metrics.update(final_test(task, configs, model, ckpt, placement.host_template(rstate), data, workdir, log))
     finally:
         log.close()
     ckpt.wait()

@@ -135,10 +135,16 @@ class MeshPlacement:
         with self.context():
             return jax.jit(lambda k: init(k, False, tx), out_shardings=self.state_shardings)(rng)
 
-    def restore(self, ckpt, step: int, state) -> Tuple[Any, Dict[str, Any]]:
+    def restore_latest(self, ckpt, state, report=print) -> Tuple[Any, Dict[str, Any]]:
+        """The newest intact checkpoint, read straight into this mesh's shardings (whatever wrote it)."""
         target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                         state, self.state_shardings)
-        return ckpt.restore(step, target)
+        return ckpt.restore_latest(target, report=report)
+
+    def host_template(self, state):
+        """A restore target whose checkpoints come back as host NumPy arrays (e.g. for model selection)."""
+        template = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), state)
+        return template.replace(step=np.asarray(self.step(state), template.step.dtype))
 
     def params(self, state):
         """The parameters as host NumPy arrays (gathered from every process), as the decoding functions take them."""
@@ -218,26 +224,40 @@ def _train_step(loss_fn: Callable, state: TrainState, batch):
 def context_parallel_model(model):
     """``model`` (same parameters) with every attention layer context-parallel over the ``seq`` mesh axis.
 
+    The route (``implementation="context_parallel"``, see
+    :mod:`flax_attention.context_parallel`) takes key-padding masks and
+    ``is_causal`` only, so attention dropout, ALiBi biases, sliding windows and
+    ``cls`` pooling (one extra position) are refused here, before anything is written.
+
     Raises:
       ValueError: the model has no Transformer attention to split (the
-        BiGRU's recurrence runs along the sequence), or this version of the
-        package has no context-parallel attention.
+        BiGRU's recurrence runs along the sequence), or uses one of the above.
     """
     from flax_attention.layers import TransformerConfig
     from flax_attention.models.classifier import TransformerClassifier
 
-    import flax_attention
-    if not hasattr(flax_attention, "context_parallel_attention"):
-        raise ValueError("--mesh seq=S needs flax_attention.context_parallel_attention, which this version of "
-                         "the package lacks; leave seq out (seq=1).")
     if isinstance(model, TransformerClassifier):
-        return model.clone(attention_implementation=CONTEXT_PARALLEL)
-    config = getattr(model, "config", None)
-    if isinstance(config, TransformerConfig):
-        return model.clone(config=dataclasses.replace(config, attention_implementation=CONTEXT_PARALLEL))
-    raise ValueError(f"--mesh seq=S splits sequences inside Transformer attention, and {type(model).__name__} "
-                     "has none (the BiGRU's recurrence runs along the sequence); use --model transformer, "
-                     "seq2seq or translate, or leave seq out.")
+        config, problems = model.config.encoder_config(), []
+        if model.config.pooling == "cls":
+            problems.append("--pooling cls (its extra position breaks the even split; use mean or attention)")
+        adapted = model.clone(attention_implementation=CONTEXT_PARALLEL)
+    elif isinstance(getattr(model, "config", None), TransformerConfig):
+        config, problems = model.config, []
+        adapted = model.clone(config=dataclasses.replace(config, attention_implementation=CONTEXT_PARALLEL))
+    else:
+        raise ValueError(f"--mesh seq=S splits sequences inside Transformer attention, and {type(model).__name__} "
+                         "has none (the BiGRU's recurrence runs along the sequence); use --model transformer, "
+                         "seq2seq or translate, or leave seq out.")
+    if config.attention_dropout_rate > 0:
+        problems.append("--attention_dropout_rate > 0")
+    if config.position == "alibi":
+        problems.append("--position alibi (a logit bias)")
+    if config.attention_window is not None:
+        problems.append("an attention window")
+    if problems:
+        raise ValueError(f"--mesh seq=S runs context-parallel attention, which takes key-padding masks and causal "
+                         f"masking only; this model has {', '.join(problems)}. Change it, or leave seq out.")
+    return adapted
 
 
 def param_shardings(state) -> Any:

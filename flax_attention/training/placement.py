@@ -38,9 +38,14 @@ class PmapPlacement:
     def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, frozen=None):
         return replicate(create_train_state(model, init_inputs, config, rng, total_steps, frozen))
 
-    def restore(self, ckpt, step: int, state) -> Tuple[Any, Dict[str, Any]]:
-        restored, meta = ckpt.restore(step, unreplicate(state))
+    def restore_latest(self, ckpt, state, report=print) -> Tuple[Any, Dict[str, Any]]:
+        """``(state, meta)`` of the newest intact checkpoint (see :meth:`Checkpointer.restore_latest`)."""
+        restored, meta = ckpt.restore_latest(unreplicate(state), report=report)
         return replicate(restored), meta
+
+    def host_template(self, state):
+        """A restore target whose checkpoints come back as host arrays (e.g. for model selection)."""
+        return unreplicate(state)
 
     def train_step(self, loss_fn: Callable) -> Callable:
         return make_train_step(loss_fn)

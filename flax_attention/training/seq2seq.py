@@ -82,6 +82,8 @@ class DecodeConfig:
             raise ValueError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if min(self.beam_size, self.eval_beam_size, self.decode_batch) < 1:
             raise ValueError("--beam_size, --eval_beam_size and --decode_batch must be >= 1.")
+        if not self.alpha >= 0:  # beam search's early-stopping bound needs it; checked before any training
+            raise ValueError(f"--alpha must be >= 0 (GNMT length-penalty exponent; 0 = none), got {self.alpha}.")
 
 
 MODEL_ADDED_FIELDS = {"model.position": "sinusoidal"}  # workdirs written before the field existed
@@ -171,6 +173,8 @@ class SyntheticConfig:
     def __post_init__(self):
         if self.task == "translate":
             raise ValueError("translation is its own model now: use --model translate (Multi30k by default).")
+        if self.data_seed < 0:
+            raise ValueError(f"--data_seed must be >= 0 (it seeds NumPy's generators), got {self.data_seed}.")
         if min(self.steps_per_epoch, self.eval_examples, self.length_eval_per_length) < 1:
             raise ValueError("--steps_per_epoch, --eval_examples and --length_eval_per_length must be >= 1.")
         self.task_config()  # validates the task fields

@@ -66,7 +66,9 @@ class Task:
         e.g. ``vocab_size``, is one flag feeding both).
       prepare: ``(workdir, configs) -> Data``; caches side files in ``workdir``.
       load_extras: ``(workdir, configs) -> extras`` for prediction (no data read).
-      build_model: ``(configs, extras) -> flax Module``.
+      build_model: ``(configs, extras) -> flax Module``; ``extras`` is ``None``
+        when the flags are checked before any data is read (use the
+        configured sizes then).
       init_inputs: ``(configs) -> tuple`` of dummy model inputs for ``init``.
       loss_and_metrics: see :mod:`flax_attention.training`.
       predict: ``(model, params, configs, extras, texts) -> list of dicts``
@@ -90,6 +92,14 @@ class Task:
         that never change (by key path).
       added_fields: ``{"section.field": value}`` of fields added after
         workdirs were written, with the value older runs used.
+      test_eval: optional ``(model, params, configs, data, workdir,
+        selection) -> metrics``, run once after training on the *selected*
+        parameters (the best checkpoint by ``selection_metric``, or the
+        average of the newest ``--average_checkpoints``; ``selection`` says
+        which: ``selected_step`` or ``averaged_steps``): the reported figure.
+      preflight: optional ``(configs) -> None`` checking input files named by
+        flags (e.g. ``--embeddings``) before anything is written; raises
+        ValueError / FileNotFoundError.
     """
 
     name: str
@@ -110,7 +120,8 @@ class Task:
     init_params: Optional[Callable] = None
     frozen: Optional[Callable] = None
     added_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
+    test_eval: Optional[Callable] = None
+    preflight: Optional[Callable[[Configs], None]] = None
 
     def loss_fn(self, configs: Configs) -> Callable:
         return self.make_loss(configs) if self.make_loss is not None else self.loss_and_metrics
@@ -185,9 +196,7 @@ def pretrained_embeddings(params, configs: Configs, data: Data):
     path = configs["data"].embeddings
     if not path:
         return params, {}
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--embeddings {path}: no such file; give a word-vector text file, e.g. one "
-                                "written by `python train.py embed --out vectors.txt`.")
+    check_embeddings_file(configs)
     vocab, model = data.extras["vocab"], configs["model"]
     gru = hasattr(model, "embed_dim")  # the Transformer classifier's table is d_model wide
     rows, found, coverage = load_word_vectors(path, vocab, dim=model.embed_dim if gru else model.d_model,
@@ -197,6 +206,20 @@ def pretrained_embeddings(params, configs: Configs, data: Data):
     params = init_embedding(params, EMBEDDING_PATH, rows, found, match_std=not gru)
     return params, {"embedding_word_coverage": coverage.word_fraction,
                     "embedding_token_coverage": coverage.token_fraction}
+
+
+def check_embeddings_file(configs: Configs) -> None:
+    """The ``--embeddings`` file exists and is a well-formed vector file of the model's width (every line read)."""
+    from flax_attention.data.word_vectors import load_word_vectors
+
+    path, model = configs["data"].embeddings, configs["model"]
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--embeddings {path}: no such file; give a word-vector text file, e.g. one "
+                                "written by `python train.py embed --out vectors.txt`.")
+    dim = model.embed_dim if hasattr(model, "embed_dim") else model.d_model
+    load_word_vectors(path, [], dim=dim, check_all=True)  # no vocabulary yet: format and values only
 
 
 def frozen_embeddings(configs: Configs):
@@ -217,6 +240,7 @@ def imdb_classifier(name: str, config_cls, model_cls) -> Task:
         loss_and_metrics=binary_classification_loss,
         predict=classify_texts,
         init_params=pretrained_embeddings,
+        preflight=check_embeddings_file,
         frozen=frozen_embeddings,
         added_fields={"data.embeddings": "", "data.freeze_embeddings": False},
     )

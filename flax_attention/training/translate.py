@@ -3,12 +3,16 @@
 Data and vocabulary: :mod:`flax_attention.data.translate` (joint SentencePiece
 model learned from the training split, saved as ``WORKDIR/spm.model``).
 Every epoch ends with a teacher-forced evaluation of the validation split and
-its greedy translation, scored with sacreBLEU (picks the best checkpoint);
-the last epoch also translates the test split with beam search (the reported
-figure). Each decoding writes its hypotheses, one line per sentence in split
-order, to ``WORKDIR/translations/<split>-step<N>.<target_lang>`` and, once, the
-references to ``<split>.ref.<target_lang>``, so anyone can rescore with
-``sacrebleu REF < HYP``.
+its greedy translation, scored with sacreBLEU (picks the best checkpoint).
+After the last epoch the *selected* model -- the best checkpoint by
+validation BLEU, or with ``--average_checkpoints k`` the mean of the newest
+``k`` checkpoints -- translates the test split with beam search: the reported
+figure, cased sacreBLEU plus the literature's lowercased, Moses-tokenised BLEU
+(:mod:`flax_attention.training.bleu`). Each decoding writes its hypotheses, one
+line per sentence in the order of the official raw files (Multi30k), to
+``WORKDIR/translations/<split>-<tag>.<target_lang>`` (``tag`` ``step<N>`` or
+``avg<first>-<last>``) and, once, the references to
+``<split>.ref.<target_lang>``, so anyone can rescore with ``sacrebleu REF < HYP``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from flax_attention.data import translate as D
 from flax_attention.data.tasks import PAD_ID
 from flax_attention.training import distributed
+from flax_attention.training.bleu import bleu_score, literature_bleu
 from flax_attention.training.seq2seq import (DECODE_RESUMABLE, MODEL_ADDED_FIELDS, PAPER_OPTIMIZER, DecodeConfig, Seq2SeqModelConfig,
                                              build_transformer, decode_dataset, seq2seq_init_inputs, seq2seq_loss)
 from flax_attention.training.tasks import Task
@@ -78,7 +83,9 @@ def _load_extras(workdir, configs) -> Dict[str, Any]:
 
 
 def _model(configs, extras):
-    return build_transformer(configs["model"].transformer(extras["tokenizer"].vocab_size, MAX_POSITIONS))
+    # Without extras (flag checks before the vocabulary exists) the requested size stands in for the real one.
+    vocab = extras["tokenizer"].vocab_size if extras else configs["data"].vocab_size
+    return build_transformer(configs["model"].transformer(vocab, MAX_POSITIONS))
 
 
 def encode_sources(tok: D.Tokenizer, sentences: Sequence[str]) -> np.ndarray:
@@ -100,16 +107,6 @@ def translate_sentences(model, params, tok: D.Tokenizer, sentences: Sequence[str
     return tok.decode(pred)
 
 
-def bleu_score(hypotheses: Sequence[str], references: Sequence[str]) -> Dict[str, Any]:
-    """sacreBLEU corpus BLEU (default 13a tokenisation, cased) and its signature."""
-    from sacrebleu.metrics import BLEU
-
-    bleu = BLEU()
-    result = bleu.corpus_score(list(hypotheses), [list(references)])
-    return {"bleu": float(result.score), "bleu_signature": str(bleu.get_signature()),
-            "bleu_brevity_penalty": float(result.bp)}
-
-
 def _write_lines(path: Path, lines: Sequence[str]) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")
@@ -117,32 +114,50 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
 
 
 def evaluate_split(model, params, configs, extras, split: str, beam_size: int, workdir=None,
-                   step: int = 0) -> Dict[str, Any]:
-    """Translates a whole split, scores it with sacreBLEU and (``workdir``) writes hypotheses and references."""
+                   tag: str = "step0") -> Dict[str, Any]:
+    """Translates a whole split, scores it (cased sacreBLEU and the literature's lowercased, tokenised BLEU)
+    and (``workdir``) writes hypotheses and references."""
     cfg, dec = configs["data"], configs["decode"]
     sources, references = D.sentence_pairs(cfg.dataset, split, cfg.source_lang, cfg.target_lang)
     hyps = translate_sentences(model, params, extras["tokenizer"], sources, dec, beam_size)
-    out = bleu_score(hyps, references)
+    out = {**bleu_score(hyps, references), **literature_bleu(hyps, references, cfg.target_lang)}
     if workdir is not None and distributed.is_primary():
         folder = Path(workdir) / "translations"
         folder.mkdir(parents=True, exist_ok=True)
-        out["translations"] = str(folder / f"{split}-step{step}.{cfg.target_lang}")
+        out["translations"] = str(folder / f"{split}-{tag}.{cfg.target_lang}")
         _write_lines(Path(out["translations"]), hyps)
         ref = folder / f"{split}.ref.{cfg.target_lang}"
-        if not ref.exists():
-            _write_lines(ref, references)
+        if not ref.exists() or ref.read_text(encoding="utf-8").splitlines() != list(references):
+            _write_lines(ref, references)  # rewritten once by a workdir of the record-order era
     return out
 
 
 def _decode_eval(model, params, configs, data, workdir, step: int, final: bool) -> Dict[str, Any]:
     cfg, dec = configs["data"], configs["decode"]
-    out = evaluate_split(model, params, configs, data.extras, cfg.eval_split, dec.eval_beam_size, workdir, step)
-    if final:
-        test = evaluate_split(model, params, configs, data.extras, cfg.test_split, dec.beam_size, workdir, step)
-        out.update({f"test_{k}": v for k, v in test.items()})
-        print(f"{cfg.test_split} BLEU {test['bleu']:.2f} (beam {dec.beam_size}, alpha {dec.alpha}) on all "
-              f"{len(D.sentence_pairs(cfg.dataset, cfg.test_split, cfg.source_lang, cfg.target_lang)[0])} "
-              f"sentences: {test.get('translations', '')}\n  {test['bleu_signature']}")
+    return evaluate_split(model, params, configs, data.extras, cfg.eval_split, dec.eval_beam_size, workdir,
+                          f"step{step}")
+
+
+def _test_eval(model, params, configs, data, workdir, selection: Dict[str, Any]) -> Dict[str, Any]:
+    """The reported figure: the selected parameters (best or averaged checkpoint) on the test split."""
+    cfg, dec = configs["data"], configs["decode"]
+    out: Dict[str, Any] = {}
+    averaged = selection.get("averaged_steps")
+    if averaged:  # its validation score too: averaging is a recipe choice, made on validation
+        tag = f"avg{averaged[0]}-{averaged[-1]}"
+        val = evaluate_split(model, params, configs, data.extras, cfg.eval_split, dec.eval_beam_size, workdir, tag)
+        out.update({f"averaged_{k}": v for k, v in val.items()})
+        what = f"average of the {len(averaged)} newest checkpoints (steps {', '.join(map(str, averaged))}; " \
+               f"validation BLEU {val['bleu']:.2f})"
+    else:
+        tag = f"step{selection['selected_step']}"
+        what = f"best validation checkpoint, step {selection['selected_step']}"
+    test = evaluate_split(model, params, configs, data.extras, cfg.test_split, dec.beam_size, workdir, tag)
+    out.update({f"test_{k}": v for k, v in test.items()})
+    n = len(D.sentence_pairs(cfg.dataset, cfg.test_split, cfg.source_lang, cfg.target_lang)[0])
+    print(f"{cfg.test_split} BLEU {test['bleu']:.2f} (lowercased, tokenised: {test['bleu_lc_tok']:.2f}; beam "
+          f"{dec.beam_size}, alpha {dec.alpha}; {what}) on all {n} sentences: {test.get('translations', '')}\n"
+          f"  {test['bleu_signature']}")
     return out
 
 
@@ -163,6 +178,7 @@ TRANSLATE = Task(
     resumable=DECODE_RESUMABLE,
     added_fields=MODEL_ADDED_FIELDS,
     decode_eval=_decode_eval,
+    test_eval=_test_eval,
     summary=lambda m: f"loss {m['loss']:.4f} token acc {m['accuracy']:.4f} | BLEU {m.get('bleu', float('nan')):.2f}",
     eval_name="validation tokens",
 )

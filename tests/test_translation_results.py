@@ -1,0 +1,182 @@
+"""Translation evaluation anyone can reproduce (issue 19): official test2016 order, the committed
+hypotheses scored by the ``sacrebleu`` command against the raw references, the literature's
+lowercased tokenised BLEU, model selection and checkpoint averaging for the test decode."""
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "translate"
+SHARED = ROOT.parent / "shared"
+REAL_DATA = Path(os.environ.get("TFDS_DATA_DIR") or SHARED / "tensorflow_datasets")
+RAW = REAL_DATA.parent / "multi30k" / "raw"  # beside the TFDS copy (../shared/)
+HAS_MULTI30K = (REAL_DATA / "multi30k" / "1.0.0").is_dir()
+needs_raw = pytest.mark.skipif(not RAW.is_dir(), reason="raw Multi30k files not found")
+needs_multi30k = pytest.mark.skipif(not (HAS_MULTI30K and RAW.is_dir()), reason="prepared + raw multi30k needed")
+DIRECTIONS = {"de→en": ("de", "en"), "en→de": ("en", "de")}
+
+
+def _readme_figures():
+    """``{direction: (cased, literature)}`` from the README's test2016 table."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    out = {}
+    for name in DIRECTIONS:
+        m = re.search(rf"\| \*\*{name}, beam 4, α 0\.6 \(the final evaluation[^|]*\| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \|",
+                      text)
+        assert m, f"README table row for {name} not found"
+        out[name] = (m.group(1), m.group(2))
+    return out
+
+
+def _raw_lines(lang, stem="test_2016_flickr"):
+    with gzip.open(RAW / f"{stem}.{lang}.gz", "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("direction", sorted(DIRECTIONS))
+def test_committed_translations_score_the_readme_figures_with_the_sacrebleu_command(direction):
+    src, tgt = DIRECTIONS[direction]
+    hyp = RESULTS / f"multi30k_test2016_{src}-{tgt}.hyp.{tgt}"
+    ref = RESULTS / f"test_2016_flickr.{tgt}"
+    cased, literature = _readme_figures()[direction]
+    # No project code in the loop: the sacrebleu command line, default settings.
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b", "-w", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == cased
+    # The literature's figure: lowercase, Moses punctuation normalisation + tokenisation, multi-bleu-style.
+    from sacrebleu.metrics import BLEU
+    from sacremoses import MosesPunctNormalizer, MosesTokenizer
+
+    norm, tok = MosesPunctNormalizer(lang=tgt), MosesTokenizer(lang=tgt)
+
+    def lc_tok(path):
+        return [tok.tokenize(norm.normalize(line.lower()), escape=False, return_str=True)
+                for line in path.read_text(encoding="utf-8").splitlines()]
+
+    score = BLEU(tokenize="none", force=True).corpus_score(lc_tok(hyp), [lc_tok(ref)]).score
+    assert f"{score:.2f}" == literature
+
+
+@needs_raw
+@pytest.mark.parametrize("lang", ["de", "en"])
+def test_committed_references_are_the_official_raw_files(lang):
+    assert (RESULTS / f"test_2016_flickr.{lang}").read_text(encoding="utf-8") == _raw_lines(lang)
+
+
+def test_literature_bleu_matches_the_independent_computation():
+    from flax_attention.training.bleu import literature_bleu
+
+    hyp = (RESULTS / "multi30k_test2016_en-de.hyp.de").read_text(encoding="utf-8").splitlines()
+    ref = (RESULTS / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()
+    assert f"{literature_bleu(hyp, ref, 'de')['bleu_lc_tok']:.2f}" == _readme_figures()["en→de"][1]
+
+
+@needs_multi30k
+@pytest.mark.parametrize("split, stem", [("test", "test_2016_flickr"), ("validation", "val")])
+def test_evaluation_splits_are_read_in_the_official_order(split, stem, monkeypatch):
+    """TFDS's record order is a hash reshuffle; the trainer reads evaluation splits in raw-line order."""
+    import tensorflow_datasets as tfds
+
+    from flax_attention.data import multi30k
+    from flax_attention.data.translate import sentence_pairs
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(REAL_DATA))
+    raw = {lang: [x.strip() for x in _raw_lines(lang, stem).splitlines()] for lang in ("de", "en")}
+    sources, targets = sentence_pairs("multi30k", split, "de", "en")
+    assert sources == raw["de"] and targets == raw["en"]
+    assert sentence_pairs("multi30k", split, "en", "de") == (raw["en"], raw["de"])
+    # The hash permutation agrees with matching each record's sentence pair to its raw line.
+    records = tfds.data_source("multi30k", split=split, data_dir=str(REAL_DATA))
+    line = {pair: i for i, pair in enumerate(zip(raw["de"], raw["en"]))}
+    matched = [line[(records[i]["de"].decode(), records[i]["en"].decode())] for i in range(len(records))]
+    assert multi30k.raw_line_numbers(split, len(records)) == matched
+    assert matched[0] != 0  # the stored order really is a reshuffle (record 0 is raw line 164 in test)
+
+
+def test_checkpoint_averaging_is_the_mean_of_the_newest_k_and_selection_picks_the_best(tmp_path):
+    import flax.struct
+    import jax.numpy as jnp
+
+    from flax_attention.training.checkpointing import Checkpointer
+    from flax_attention.training.selection import select_params
+
+    @flax.struct.dataclass
+    class State:
+        step: jnp.ndarray
+        params: dict
+
+    ckpt = Checkpointer(tmp_path, keep=3)
+    scores = {1: 0.2, 2: 0.9, 3: 0.5, 4: 0.4}
+    for step, score in scores.items():
+        state = State(jnp.int32(step), {"w": jnp.full((2, 3), float(step)), "b": jnp.arange(3.0) * step})
+        ckpt.save(step, state, {"next_epoch": step, "next_step": 0, "accuracy": score}, metrics={"accuracy": score})
+    ckpt.wait()
+    template = State(jnp.int32(0), {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)})
+    params, chosen = select_params(ckpt, template, average=0)
+    assert chosen == {"selected_step": 2}  # the best on validation, not the last
+    np.testing.assert_array_equal(params["w"], np.full((2, 3), 2.0))
+    params, chosen = select_params(ckpt, template, average=3)
+    assert chosen == {"averaged_steps": [2, 3, 4]}
+    np.testing.assert_allclose(params["w"], np.full((2, 3), 3.0))
+    np.testing.assert_allclose(params["b"], np.arange(3.0) * 3.0)
+    assert params["w"].dtype == np.float32
+    ckpt.close()
+
+
+TINY = ["--model", "translate", "--train_examples", "256", "--vocab_size", "500", "--d_model", "16",
+        "--num_heads", "2", "--d_ff", "32", "--num_encoder_layers", "1", "--num_decoder_layers", "1",
+        "--batch_size", "64", "--warmup_steps", "2", "--num_epochs", "3", "--beam_size", "2",
+        "--decode_batch", "500", "--eval_batch_size", "500", "--learning_rate", "0.01"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MULTI30K, reason="prepared multi30k not found (set TFDS_DATA_DIR)")
+def test_test_split_is_decoded_with_the_selected_or_averaged_checkpoint(tmp_path):
+    w = tmp_path / "run"
+    env = {**os.environ, "TFDS_DATA_DIR": str(REAL_DATA), "JAX_PLATFORMS": "cpu"}
+
+    def run(*extra):
+        out = subprocess.run([sys.executable, "train.py", *TINY, "--workdir", str(w), *extra], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=1800)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+
+    records = run()
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) == 3 and not any("test_bleu" in r for r in evals)  # epochs never look at the test split
+    best = max((r["bleu"], r["step"]) for r in evals)[1]
+    test = records[-1]
+    assert test["event"] == "test" and test["selected_step"] == best
+    hyp = w / "translations" / f"test-step{best}.en"
+    assert test["test_translations"] == str(hyp) and len(hyp.read_text(encoding="utf-8").splitlines()) == 1000
+    assert test["test_bleu_lc_tok_signature"].startswith("lowercase+moses-norm+moses-tok(en)|")
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(w / "translations" / "test.ref.en"), "-i", str(hyp),
+                          "-b"], capture_output=True, text=True, timeout=120)
+    assert float(cli.stdout) == pytest.approx(test["test_bleu"], abs=0.006)
+    # The references are the official file, in its order.
+    if RAW.is_dir():
+        assert (w / "translations" / "test.ref.en").read_text(encoding="utf-8").splitlines() == \
+            [x.strip() for x in _raw_lines("en").splitlines()]
+
+    # Averaging may be switched on for a finished run: nothing is trained, the average is decoded.
+    records = run("--average_checkpoints", "2")
+    test = records[-1]
+    steps = sorted(r["step"] for r in evals)
+    assert test["event"] == "test" and test["averaged_steps"] == steps[-2:]
+    assert 0 <= test["averaged_bleu"] <= 100 and "test_bleu" in test
+    assert Path(test["test_translations"]).name == f"test-avg{steps[-2]}-{steps[-1]}.en"
+
+    # translate: an empty line among sentences is translated to an empty line, not refused.
+    tr = subprocess.run([sys.executable, "train.py", "translate", "--workdir", str(w), "Ein Hund rennt.", ""],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    assert "Ein Hund rennt. ->" in tr.stdout and "'' -> ''" in tr.stdout
