@@ -7,6 +7,7 @@ Dropout is off where the two paths are compared: the mesh path draws one
 dropout mask for the global batch, pmap one per device.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -170,10 +171,35 @@ def test_annotations_are_opt_in_and_unbox_to_the_plain_tree(index):
         np.testing.assert_array_equal(a, b)
 
 
+def test_context_parallel_model_keeps_parameters_and_refuses_what_the_route_cannot_take():
+    from flax_attention.layers import TransformerConfig
+    from flax_attention.models.bigru import BiGRUClassifier, BiGRUConfig
+    from flax_attention.models.classifier import TransformerClassifier, TransformerClassifierConfig
+    from flax_attention.training.mesh import context_parallel_model
+    from flax_attention.transformer import Transformer
+
+    base = TransformerConfig(vocab_size=40, d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
+                             num_decoder_layers=1)
+    adapted = context_parallel_model(Transformer(base))
+    assert adapted.config.attention_implementation == "context_parallel" and adapted.config.d_model == 16
+    classifier = TransformerClassifierConfig(vocab_size=40, d_model=16, num_heads=2, d_ff=32, num_layers=1)
+    assert context_parallel_model(TransformerClassifier(classifier)).attention_implementation == "context_parallel"
+    tokens = jnp.ones((2, 8), jnp.int32)
+    plain = Transformer(base).init(jax.random.PRNGKey(0), tokens, tokens)  # no mesh: the route runs locally
+    np.testing.assert_array_equal(adapted.apply(plain, tokens, tokens), Transformer(base).apply(plain, tokens, tokens))
+    for model, named in ((BiGRUClassifier(BiGRUConfig(vocab_size=40)), "recurrence"),
+                         (Transformer(dataclasses.replace(base, position="alibi")), "--position alibi"),
+                         (Transformer(dataclasses.replace(base, attention_dropout_rate=0.1)), "attention_dropout"),
+                         (TransformerClassifier(dataclasses.replace(classifier, pooling="cls")), "--pooling cls")):
+        with pytest.raises(ValueError, match=named):
+            context_parallel_model(model)
+
+
 @pytest.mark.parametrize("devices, args, expected", [
     (1, ["--mesh", "data=2"], "--mesh data=2,fsdp=1,seq=1 spans 2 devices but this run has 1"),
     (1, ["--mesh", "model=2"], "expected comma-separated AXIS=SIZE"),
     (8, ["--mesh", "data=2,fsdp=4", "--batch_size", "4"], "--batch_size 4 is not divisible by data x fsdp = 8"),
+    (2, ["--mesh", "seq=2"], "BiGRUClassifier has none (the BiGRU's recurrence runs along the sequence)"),
 ])
 def test_bad_mesh_flags_fail_with_one_line_before_writing(tmp_path, devices, args, expected):
     out = subprocess.run([sys.executable, "train.py", *BIGRU, *args, "--workdir", str(tmp_path / "w")], cwd=ROOT,
@@ -282,6 +308,51 @@ def test_transformer_models_on_the_mesh_reproduce_the_pmap_losses(tmp_path, args
         np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-5)
         assert b.get("exact_match") == a.get("exact_match")  # greedy decoding of the seq2seq task
     _assert_same_state(tmp_path / "pmap", tmp_path / "mesh")
+
+
+_SEQ_CHILD = """
+import json, jax, jax.numpy as jnp, numpy as np
+from flax_attention.layers import TransformerConfig
+from flax_attention.training.config import TrainConfig
+from flax_attention.training.mesh import MeshPlacement
+from flax_attention.training.seq2seq import seq2seq_loss
+from flax_attention.transformer import Transformer
+placement = MeshPlacement({"data": 2, "fsdp": 1, "seq": 4})
+model = Transformer(TransformerConfig(vocab_size=12, d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
+                                      num_decoder_layers=1, dropout_rate=0.0))
+state = placement.create_state(model, (np.ones((1, 2), np.int32),) * 2, TrainConfig(), jax.random.PRNGKey(0), 10)
+rng = np.random.default_rng(0)
+batch = placement.batch({k: rng.integers(1, 12, (4, 7)).astype(np.int32) for k in ("src", "tgt_in", "tgt_out")})
+step = jax.jit(lambda s, b: s.apply_fn({"params": s.params}, b["src"], b["tgt_in"]))
+with placement.context():
+    hlo = step.lower(state, batch).compile().as_text()
+print(json.dumps({"shape": batch["src"].shape, "spec": str(batch["src"].sharding.spec),
+                  "ppermute": "collective-permute" in hlo,
+                  "impl": state.apply_fn.__self__.config.attention_implementation}))
+"""
+
+
+@pytest.mark.slow
+def test_seq_axis_splits_tokens_and_runs_the_ring():
+    out = subprocess.run([sys.executable, "-c", _SEQ_CHILD], cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["shape"] == [4, 8]  # 7 tokens padded to a multiple of seq = 4
+    assert got["spec"] == "P(('data', 'fsdp'), 'seq')"
+    assert got["impl"] == "context_parallel" and got["ppermute"]  # K/V blocks travel around the ring
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, mock", [(SEQ2SEQ, False), (TRANSFORMER, True)], ids=["seq2seq", "transformer"])
+def test_sequence_parallel_mesh_reproduces_the_pmap_losses(tmp_path, args, mock):
+    """--mesh data=2,seq=4: batch over 2, every sequence over 4 with context-parallel attention."""
+    _run_all(_start(8, args, tmp_path / "pmap", mock),
+             _start(8, args + ["--mesh", "data=2,seq=4"], tmp_path / "seq", mock))
+    np.testing.assert_allclose(_losses(tmp_path / "seq"), _losses(tmp_path / "pmap"), rtol=1e-5)
+    for a, b in zip(_records(tmp_path / "pmap", "eval"), _records(tmp_path / "seq", "eval")):
+        np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-5)
+    _assert_same_state(tmp_path / "pmap", tmp_path / "seq")
 
 
 @pytest.mark.slow

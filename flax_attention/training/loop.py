@@ -135,6 +135,7 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir, mesh: Optional
     check_or_write_config(workdir, config_json, resumable, write=False, added_fields=added)
     resuming = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
     check_inputs(task, configs, resuming)  # flags and input files, before the workdir is created
+    placement.check_model(task.build_model(configs, None))  # e.g. seq=S needs Transformer attention
     if primary:  # process 0 writes and caches the vocabulary/data; the others then read its files
         created = not workdir.exists()
         check_writable_dir(workdir, "--workdir")

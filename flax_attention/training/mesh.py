@@ -95,6 +95,11 @@ class MeshPlacement:
             raise ValueError(f"{flag} {batch_size} is not divisible by data x fsdp = {rows} (the mesh axes "
                              f"that split the batch); use a multiple of {rows}.")
 
+    def check_model(self, model) -> None:
+        """A ``seq`` axis needs Transformer attention that the context-parallel route takes."""
+        if self.sizes["seq"] > 1:
+            context_parallel_model(model)
+
     def context(self):
         return jax.set_mesh(self.mesh)
 

@@ -35,6 +35,9 @@ class PmapPlacement:
     def check_batch(self, batch_size: int, flag: str) -> None:
         distributed.check_global_batch(batch_size, flag)
 
+    def check_model(self, model) -> None:
+        """Raises ValueError for a model this placement cannot train (every model fits pmap)."""
+
     def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, frozen=None):
         return replicate(create_train_state(model, init_inputs, config, rng, total_steps, frozen))
 
