@@ -10,6 +10,8 @@ library; the library never imports from here):
   SIGTERM, divergence stop, metrics.jsonl + TensorBoard);
 * :mod:`.tasks`: the :class:`Task` interface and the IMDB classifiers;
   :mod:`.seq2seq` the synthetic seq2seq tasks; :mod:`.translate` translation;
+* :mod:`.placement`: where state and batches live, ``pmap`` replicas (default)
+  or, with ``--mesh``, :mod:`.mesh`'s ``jax.jit`` + ``NamedSharding`` mesh;
 * :mod:`.checkpointing`, :mod:`.distributed`, :mod:`.bookkeeping`: orbax
   checkpoints, multi-process helpers, run bookkeeping;
 * :mod:`.inspect`: ``predict`` / ``translate`` / ``visualize`` on a workdir.

@@ -15,6 +15,10 @@ over all devices of all processes; ``D * F * S`` must equal the device count.
   global-batch mean, as in the pmap path, so both follow the same trajectory
   up to float rounding; only dropout masks differ (one key per step for the
   global batch instead of one per device).
+* Sequence (``seq > 1``, Transformer models): the state's ``apply_fn`` is
+  the model with ``attention_implementation="context_parallel"``
+  (:func:`context_parallel_model`); token arrays are right-padded with id 0
+  to a multiple of ``S``.
 * Checkpoints: the sharded global arrays (orbax writes each process's
   shards); they restore onto any mesh or device count, or onto the pmap path.
 """
