@@ -43,7 +43,7 @@ class AdditiveAttention(nnx.Module):
         ``mask``: boolean ``[..., S]``, ``True`` = real token; a row without
         one gives a zero context.
         """
-        return context_attention(hidden, self.w.value, self.b.value, self.u.value, mask=mask)
+        return context_attention(hidden, self.w[...], self.b[...], self.u[...], mask=mask)
 
 
 class BahdanauAttention(nnx.Module):
@@ -68,5 +68,5 @@ class BahdanauAttention(nnx.Module):
     def __call__(self, query: Array, key: Array, value: Optional[Array] = None,
                  mask: Optional[Array] = None) -> Tuple[Array, Array]:
         """Returns ``(context [..., T, D], weights [..., T, S])``; see :func:`~flax_attention.additive_attention`."""
-        return additive_attention(query, key, value, self.w_query.value, self.w_key.value,
-                                  self.v.value, mask=mask)
+        return additive_attention(query, key, value, self.w_query[...], self.w_key[...],
+                                  self.v[...], mask=mask)

@@ -30,8 +30,8 @@ def linen_variables(module: nnx.Module) -> Dict[str, Any]:
       ``{"params": ...}``, plus ``"cache"`` when the module holds a decoding
       cache (after ``init_cache``); pass it to the linen twin's ``apply``.
     """
-    out = {"params": nnx.state(module, nnx.Param).to_pure_dict()}
-    cache = nnx.state(module, nnx.Cache).to_pure_dict()
+    out = {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param))}
+    cache = nnx.to_pure_dict(nnx.state(module, nnx.Cache))
     if cache:
         out["cache"] = cache
     return out
@@ -65,7 +65,7 @@ def load_linen_variables(module: nnx.Module, variables: Mapping[str, Any]) -> nn
         if collection == "cache":
             incoming = _drop_linen_only(incoming)
         state = nnx.state(module, kind)
-        _check_match(collection, state.to_pure_dict(), incoming)
+        _check_match(collection, nnx.to_pure_dict(state), incoming)
         nnx.replace_by_pure_dict(state, incoming)
         nnx.update(module, state)
     return module
@@ -95,10 +95,14 @@ def _check_match(collection: str, expected: Dict[str, Any], incoming: Dict[str, 
     problems += [f"unexpected {p}" for p in sorted(set(got) - set(want))]
     for p in sorted(set(want) & set(got)):
         w, g = want[p], got[p]
-        if np.shape(w) != np.shape(g) or np.result_type(w) != np.result_type(g):
-            problems.append(f"{p}: expected {np.result_type(w)}{list(np.shape(w))}, "
-                            f"got {np.result_type(g)}{list(np.shape(g))}")
+        if np.shape(w) != np.shape(g) or _dtype(w) != _dtype(g):
+            problems.append(f"{p}: expected {_dtype(w)}{list(np.shape(w))}, "
+                            f"got {_dtype(g)}{list(np.shape(g))}")
     if problems:
         raise ValueError(f"linen '{collection}' do not fit this NNX module ({'; '.join(problems)}); "
                          "build the NNX module with the linen module's configuration (and call "
                          "init_cache with the cache's shape).")
+
+
+def _dtype(x) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype

@@ -61,12 +61,18 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
       length raises a ValueError when the index is concrete; under ``jit`` the
       cache is left intact and the output is NaN (flax's clamped write
       overwrites the last slots).
+    * ``is_causal`` with ``T != S`` aligns the diagonal bottom-right (flax:
+      top-left); ``causal_alignment="top_left"`` gives flax's.
 
     Extra constructor options (keyword-only):
       implementation: ``None`` (auto), ``"dense"``, ``"chunked"`` or a fused
         kernel, see :func:`~flax_attention.scaled_dot_product_attention`.
       window: sliding window ``w`` or ``(left, right)`` (also while decoding).
       scale: logit scale; ``None`` = ``1/√H``.
+      causal_alignment: where ``is_causal`` puts the diagonal when ``T != S``:
+        ``"bottom_right"`` (default: the queries are the last ``T`` positions,
+        as everywhere in this package) or ``"top_left"`` (flax's; query ``i``
+        sees keys ``<= i``). Ignored while decoding (positions are absolute).
       relative_position: ``None``, ``"rope"`` or ``"alibi"`` (self-attention).
       rope_base: RoPE frequency base.
       alibi_directional: keys right of the query use the slopes in reversed
@@ -87,8 +93,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                  attention_fn: Optional[Callable[..., Array]] = None,
                  broadcast_dropout: Optional[bool] = None,
                  implementation: Optional[str] = None, window: Any = None,
-                 scale: Optional[float] = None, relative_position: Optional[str] = None,
-                 rope_base: float = 10000.0, alibi_directional: bool = False, **kwargs):
+                 scale: Optional[float] = None, causal_alignment: str = "bottom_right",
+                 relative_position: Optional[str] = None, rope_base: float = 10000.0,
+                 alibi_directional: bool = False, **kwargs):
         if relative_position not in RELATIVE_POSITIONS:
             raise ValueError(f"relative_position must be one of {RELATIVE_POSITIONS}, "
                              f"got {relative_position!r}.")
@@ -105,6 +112,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         self.implementation = implementation
         self.window = tuple(window) if isinstance(window, list) else window
         self.scale = scale
+        self.causal_alignment = causal_alignment
         self.relative_position = relative_position
         self.rope_base = rope_base
         self.alibi_directional = alibi_directional
@@ -232,8 +240,8 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                                  "it (e.g. nnx.dot_product_attention).")
             out = scaled_dot_product_attention(
                 query, key, value, mask=mask, bias=bias, is_causal=is_causal, window=window,
-                scale=self.scale, implementation=self.implementation, return_weights=sow_weights,
-                **common)
+                scale=self.scale, causal_alignment=self.causal_alignment,
+                implementation=self.implementation, return_weights=sow_weights, **common)
             if sow_weights:
                 out, weights = out
                 self.sow(nnx.Intermediate, "attention_weights", weights)
@@ -263,7 +271,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         if t > length:
             raise ValueError(f"decode step of T={t} positions cannot fit in a cache of length "
                              f"L={length}; call init_cache with the maximum total length.")
-        index = self.cache_index.value
+        index = self.cache_index[...]
         if lengths is not None and index.ndim == 0:
             raise ValueError("lengths (ragged prompts) needs a per-example cache index: call "
                              "init_cache(input_shape, per_example_index=True).")
@@ -280,20 +288,20 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         batch, t = key.shape[:-3], key.shape[-3]
         start = jnp.broadcast_to(jnp.asarray(index, jnp.int32), batch)
         count = jnp.broadcast_to(jnp.asarray(t if lengths is None else lengths, jnp.int32), batch)
-        self.cached_key.value, overflow = kv_cache.write_cache(self.cached_key.value, key, start, count)
-        self.cached_value.value, _ = kv_cache.write_cache(self.cached_value.value, value, start, count)
+        new_key, overflow = kv_cache.write_cache(self.cached_key[...], key, start, count)
+        new_value, _ = kv_cache.write_cache(self.cached_value[...], value, start, count)
+        self.cached_key[...], self.cached_value[...] = new_key, new_value
         # A scalar index (flax's layout) advances by T; a per-example one by each example's length.
-        self.cache_index.value = (index + t if jnp.ndim(index) == 0 else start + count).astype(jnp.int32)
+        self.cache_index[...] = (index + t if jnp.ndim(index) == 0 else start + count).astype(jnp.int32)
         # The cache is storage: one allocated in another dtype must not make attention mixed-dtype.
-        return (self.cached_key.value.astype(key.dtype), self.cached_value.value.astype(value.dtype),
-                overflow)
+        return new_key.astype(key.dtype), new_value.astype(value.dtype), overflow
 
     def _memory(self):
         """The cross-attention memory stored by an earlier ``static_kv`` call."""
         if self.cached_key is None or self.cached_value is None:
             raise ValueError("static_kv decoding without inputs_k needs an earlier call that passed "
                              "inputs_k (it stores the projected memory in cached_key/cached_value).")
-        return self.cached_key.value, self.cached_value.value
+        return self.cached_key[...], self.cached_value[...]
 
 
 def _first(*values):
