@@ -58,6 +58,7 @@ def load_linen_variables(module: nnx.Module, variables: Mapping[str, Any]) -> nn
     if unknown:
         raise ValueError(f"cannot load linen collections {sorted(unknown)} into an NNX module; "
                          "pass only 'params' (and 'cache').")
+    updates = []
     for collection, kind in (("params", nnx.Param), ("cache", nnx.Cache)):
         if collection not in variables:
             continue
@@ -66,6 +67,8 @@ def load_linen_variables(module: nnx.Module, variables: Mapping[str, Any]) -> nn
             incoming = _drop_linen_only(incoming)
         state = nnx.state(module, kind)
         _check_match(collection, nnx.to_pure_dict(state), incoming)
+        updates.append((state, incoming))
+    for state, incoming in updates:  # all checked first: an error leaves the module untouched
         nnx.replace_by_pure_dict(state, incoming)
         nnx.update(module, state)
     return module
