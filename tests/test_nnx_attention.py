@@ -179,7 +179,8 @@ def test_cache_steps_match_flax_decode():
     x = _x((B, 3, E), 1)
     for m in (ours, ref):
         m.init_cache(x.shape)
-    step = nnx.jit(lambda a, b, x: (a(x), b(x)))
+    # Decoding is causal by position; flax's is_causal=True would hide all but key 0 here.
+    step = nnx.jit(lambda a, b, x: (a(x, is_causal=True), b(x)))
     for i in range(3):
         np.testing.assert_allclose(*step(ours, ref, x[:, i:i + 1]), rtol=1e-5, atol=1e-5)
     jax.tree.map(np.testing.assert_allclose, nnx.to_pure_dict(nnx.state(ours, nnx.Cache)),
