@@ -9,14 +9,36 @@ convention: see :mod:`flax_attention`.
 
 from flax_attention.nnx.additive import AdditiveAttention, BahdanauAttention
 from flax_attention.nnx.convert import linen_variables, load_linen_variables
-from flax_attention.nnx.layers import PositionwiseFeedForward
+from flax_attention.nnx.layers import (
+    PositionwiseFeedForward,
+    TransformerDecoderLayer,
+    TransformerEncoderLayer,
+)
 from flax_attention.nnx.multihead import MultiHeadAttention
+from flax_attention.nnx.transformer import (
+    SinusoidalPositionalEncoding,
+    Transformer,
+    TransformerDecoder,
+    TransformerEncoder,
+    beam_search,
+    greedy_decode,
+    linen_twin,
+)
 
 __all__ = [
     "AdditiveAttention",
     "BahdanauAttention",
     "MultiHeadAttention",
     "PositionwiseFeedForward",
+    "SinusoidalPositionalEncoding",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "beam_search",
+    "greedy_decode",
+    "linen_twin",
     "linen_variables",
     "load_linen_variables",
 ]
