@@ -298,3 +298,12 @@ def test_scan_and_vmap_over_stacked_layers():
         nnx.update(layer, jax.tree.map(lambda p: p[i], nnx.state(stacked, nnx.Param)))
         want = want + layer(want, is_causal=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients():
+    m = fnnx.MultiHeadAttention(N, E, num_kv_heads=2, rngs=nnx.Rngs(0))
+    x = _x((B, T, E), 1)
+    loss = lambda m: jnp.sum(m(x, is_causal=True) ** 2)  # noqa: E731
+    remat_loss = lambda m: jnp.sum(nnx.remat(lambda m, x: m(x, is_causal=True))(m, x) ** 2)  # noqa: E731
+    plain, remat = nnx.jit(lambda m: (nnx.grad(loss)(m), nnx.grad(remat_loss)(m)))(m)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), plain, remat)
