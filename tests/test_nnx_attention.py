@@ -307,3 +307,21 @@ def test_remat_gives_the_same_gradients():
     remat_loss = lambda m: jnp.sum(nnx.remat(lambda m, x: m(x, is_causal=True))(m, x) ** 2)  # noqa: E731
     plain, remat = nnx.jit(lambda m: (nnx.grad(loss)(m), nnx.grad(remat_loss)(m)))(m)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), plain, remat)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16])  # float16: flax's own module fails under jit on CPU
+def test_low_precision_compute_dtype(dtype):
+    """flax's consistency test runs a low-precision dtype; we keep the dtype and decode in it."""
+    ours, ref = _pair(dtype=dtype, num_kv_heads=2)
+    x = _x((B, T, E), 1)
+    ours.init_cache(x.shape, dtype)
+
+    @nnx.jit
+    def run(a, b):
+        steps = [a(x[:, i:i + 1], decode=True) for i in range(T)]
+        return jnp.concatenate(steps, 1), a(x, is_causal=True), b(x, is_causal=True, decode=False)
+
+    cached, full, theirs = run(ours, ref)
+    assert cached.dtype == full.dtype == dtype
+    np.testing.assert_allclose(cached.astype(jnp.float32), full.astype(jnp.float32), atol=2e-2)
+    np.testing.assert_allclose(full.astype(jnp.float32), theirs.astype(jnp.float32), atol=3e-2)
