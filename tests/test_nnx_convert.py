@@ -82,6 +82,17 @@ def test_decoding_cache_moves_both_ways():
     np.testing.assert_allclose(step(ours, x[:, 4:5]), want, rtol=1e-6, atol=1e-6)
 
 
+def test_partitioned_linen_parameters_are_unboxed():
+    import flax.linen as nn
+
+    x = _x((B, T, E), 0)
+    linen = fa.MultiHeadAttention(num_heads=N)
+    variables = jinit(linen, x, seed=1)
+    boxed = jax.tree.map(lambda p: nn.LogicallyPartitioned(p, (None,) * p.ndim), variables)
+    ours = fnnx.load_linen_variables(fnnx.MultiHeadAttention(N, E, rngs=nnx.Rngs(0)), boxed)
+    jax.tree.map(np.testing.assert_array_equal, fnnx.linen_variables(ours), variables)
+
+
 def test_load_errors_name_the_problem():
     x = _x((B, T, E), 0)
     variables = jinit(fa.MultiHeadAttention(num_heads=N), x)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping
 import jax
 import numpy as np
 from flax import nnx
-from flax.core import unfreeze
+from flax.core import meta, unfreeze
 
 # Linen-only bookkeeping with no NNX counterpart: dropped when it carries no information.
 _LINEN_ONLY_CACHE = ("cache_overflow",)
@@ -44,7 +44,8 @@ def load_linen_variables(module: nnx.Module, variables: Mapping[str, Any]) -> nn
       module: an NNX module of :mod:`flax_attention.nnx` built with the same
         configuration as the linen one (for a cache: after ``init_cache`` with
         the cache's shape).
-      variables: ``{"params": ...}`` and optionally ``{"cache": ...}``.
+      variables: ``{"params": ...}`` and optionally ``{"cache": ...}``; boxed
+        (``nn.with_logical_partitioning``) leaves are unboxed.
 
     Returns:
       ``module`` (for chaining).
@@ -62,7 +63,8 @@ def load_linen_variables(module: nnx.Module, variables: Mapping[str, Any]) -> nn
     for collection, kind in (("params", nnx.Param), ("cache", nnx.Cache)):
         if collection not in variables:
             continue
-        incoming = unfreeze(variables[collection])
+        # Linen parameters annotated with (logical) partitioning come boxed; the values are what moves.
+        incoming = meta.unbox(unfreeze(variables[collection]))
         if collection == "cache":
             incoming = _drop_linen_only(incoming)
         state = nnx.state(module, kind)
