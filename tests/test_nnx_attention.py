@@ -187,23 +187,27 @@ def test_cache_steps_match_flax_decode():
                  nnx.to_pure_dict(nnx.state(ref, nnx.Cache)))
 
 
-def test_ragged_prefill_with_per_example_index():
+def test_ragged_prefill_keeps_per_example_lengths():
     m = fnnx.MultiHeadAttention(N, E, rngs=nnx.Rngs(0))
     x = _x((B, T, E), 1)
     lengths = jnp.array([2, 4])
-    m.init_cache(x.shape, per_example_index=True)
+    m.init_cache(x.shape)
 
     @nnx.jit
     def run(m):
         m(x[:, :4], decode=True, lengths=lengths)  # right-padded prompts of lengths 2 and 4
-        index = m.cache_index[...]
+        levels = m.cache_index[...], m.cache_lengths[...]
         step = m(x[:, 4:5], decode=True)  # the next token lands at positions 2 and 4
         full = [m(jnp.concatenate([x[b:b + 1, :n], x[b:b + 1, 4:5]], axis=1), is_causal=True)
                 for b, n in enumerate([2, 4])]
-        return index, step, full
+        return levels, step, full
 
-    index, step, full = run(m)
-    np.testing.assert_array_equal(index, lengths)
+    (index, per_example), step, full = run(m)
+    assert index.shape == () and int(index) == 4  # flax's scalar: the high-water mark
+    np.testing.assert_array_equal(per_example, lengths)
+    np.testing.assert_array_equal(m.cache_lengths[...], lengths + 1)
+    m.init_cache(x.shape)
+    assert m.cache_lengths is None  # a fresh cache is flax's three variables again
     for b in range(B):
         np.testing.assert_allclose(step[b], full[b][0, -1:], rtol=1e-5, atol=1e-5)
 
@@ -229,8 +233,8 @@ def test_cache_errors_and_overflow():
     with pytest.raises(ValueError, match="init_cache"):
         m(x, decode=True)
     m.init_cache(x.shape)
-    with pytest.raises(ValueError, match="per_example_index"):
-        m(x, decode=True, lengths=jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, T=3\]"):
+        m(x, decode=True, lengths=jnp.array([1, 4]))
     m(x[:, :2], decode=True)
     with pytest.raises(ValueError, match="past the cache"):
         m(x[:, :2], decode=True)

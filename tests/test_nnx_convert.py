@@ -70,8 +70,8 @@ def test_decoding_cache_moves_both_ways():
     prefill = jax.jit(lambda v, x: linen.apply(v, x, decode=True, mutable=["cache"]))
     _, cache = prefill(variables, x[:, :3])
     ours = fnnx.MultiHeadAttention(N, E, num_kv_heads=2, rngs=nnx.Rngs(0))
-    # The linen cache index is a scalar (flax's layout) or per example; the NNX cache takes either.
-    ours.init_cache(x.shape, per_example_index=jnp.ndim(cache["cache"]["cache_index"]) > 0)
+    # flax's scalar cache_index, or an older linen cache's per-example one: both load.
+    ours.init_cache(x.shape)
     fnnx.load_linen_variables(ours, {"params": variables["params"], **cache})
     step = nnx.jit(lambda m, x: m(x, decode=True))
     got = step(ours, x[:, 3:4])
@@ -80,6 +80,35 @@ def test_decoding_cache_moves_both_ways():
     back = fnnx.linen_variables(ours)  # NNX -> linen after the step: the next step agrees again
     want, _ = prefill(back, x[:, 4:5])
     np.testing.assert_allclose(step(ours, x[:, 4:5]), want, rtol=1e-6, atol=1e-6)
+
+
+def test_ragged_linen_cache_loads_with_per_example_lengths():
+    x = _x((B, T, E), 0)
+    lengths = jnp.array([2, 3])
+    linen = fa.MultiHeadAttention(num_heads=N)
+    variables = jinit(linen, x, decode=True, seed=1)
+    prefill = jax.jit(lambda v, x, n: linen.apply(v, x, decode=True, lengths=n, mutable=["cache"]))
+    _, cache = prefill(variables, x[:, :3], lengths)  # right-padded prompts of lengths 2 and 3
+    ours = fnnx.MultiHeadAttention(N, E, rngs=nnx.Rngs(0))
+    ours.init_cache(x.shape)
+    fnnx.load_linen_variables(ours, {"params": variables["params"], **cache})
+    np.testing.assert_array_equal(ours.cache_lengths[...], lengths)
+    assert int(ours.cache_index[...]) == 3
+    exported = fnnx.linen_variables(ours)["cache"]  # the layout flax's scalar index + lengths
+    assert exported.keys() == {"cached_key", "cached_value", "cache_index", "cache_lengths"}
+    got = nnx.jit(lambda m, x: m(x, decode=True))(ours, x[:, 3:4])
+    want, _ = jax.jit(lambda v, x: linen.apply(v, x, decode=True, mutable=["cache"]))(
+        {"params": variables["params"], **cache}, x[:, 3:4])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    ours.init_cache(x.shape)  # and a non-ragged cache drops the lengths again
+    ours.cache_lengths = nnx.Cache(lengths)
+    fnnx.load_linen_variables(ours, {"cache": jax.tree.map(lambda a: a, _fresh_cache(ours))})
+    assert ours.cache_lengths is None
+
+
+def _fresh_cache(m):
+    c = fnnx.linen_variables(m)["cache"]
+    return {k: v for k, v in c.items() if k != "cache_lengths"}
 
 
 def test_partitioned_linen_parameters_are_unboxed():
@@ -107,7 +136,7 @@ def test_load_errors_name_the_problem():
     with pytest.raises(ValueError, match="intermediates"):
         fnnx.load_linen_variables(wrong, {"intermediates": {}})
     ours = fnnx.MultiHeadAttention(N, E, rngs=nnx.Rngs(0))
-    ours.init_cache(x.shape, per_example_index=True)
+    ours.init_cache(x.shape)
     cache = jax.tree.map(np.asarray, fnnx.linen_variables(ours)["cache"])
     cache["cache_overflow"] = np.array([False, True])
     with pytest.raises(ValueError, match="overflow"):

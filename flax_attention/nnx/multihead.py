@@ -5,7 +5,9 @@
 (``query``/``key``/``value``/``out`` :class:`~flax.nnx.LinearGeneral` with
 ``kernel``/``bias``, ``query_ln``/``key_ln`` with ``normalize_qk``), the same
 ``init_cache`` and cache variables (``cached_key``/``cached_value [..., L, K,
-H]``, scalar int32 ``cache_index``) and ``nnx.view``/``set_view``. Only the
+H]``, scalar int32 ``cache_index``; after a ragged prefill also the linen
+module's per-example ``cache_lengths``, see :mod:`flax_attention.nnx._cache`)
+and ``nnx.view``/``set_view``. Only the
 attention itself differs: it is :func:`flax_attention.scaled_dot_product_attention`
 (or a custom ``attention_fn``), RoPE/ALiBi come from
 :mod:`flax_attention.positions` and the cache writes from
@@ -26,6 +28,7 @@ from flax_attention import kv_cache
 from flax_attention.attention import scaled_dot_product_attention
 from flax_attention.custom_attention import call_attention_fn
 from flax_attention.masks import combine_masks
+from flax_attention.nnx import _cache
 from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
 
 Array = jax.Array
@@ -81,7 +84,8 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     Extra call arguments: ``bias`` (float logit bias ``[..., N, T, S]``),
     ``positions`` (int ``[..., T]``, RoPE/ALiBi positions without decode),
     ``lengths`` (int ``[...]``, real tokens per example of a right-padded
-    prefill; needs ``init_cache(..., per_example_index=True)``) and
+    prefill: adds the per-example ``cache_lengths [...]`` that positions are
+    read from afterwards, as the linen module does) and
     ``static_kv`` (with ``decode``: cross-attention memory projected once, kept
     in ``cached_key``/``cached_value [..., S, K, H]`` and reused by calls
     that pass ``inputs_k=None``).
@@ -116,20 +120,16 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         self.relative_position = relative_position
         self.rope_base = rope_base
         self.alibi_directional = alibi_directional
+        self.cache_lengths = nnx.data(None)  # per-example fill levels, after a ragged prefill
 
-    def init_cache(self, input_shape, dtype: Any = jnp.float32, *, per_example_index: bool = False):
-        """Allocates the decoding cache for inputs of shape ``[..., L, E]`` (flax's layout).
+    def init_cache(self, input_shape, dtype: Any = jnp.float32):
+        """Allocates an empty decoding cache for inputs ``[..., L, E]`` (flax's: ``L`` is its length).
 
-        Args:
-          input_shape: ``(*batch, L, E)``; ``L`` is the cache length.
-          dtype: dtype of ``cached_key``/``cached_value``.
-          per_example_index: make ``cache_index`` int32 ``[*batch]`` instead of
-            flax's scalar, so right-padded prompts of different lengths can be
-            prefilled together (``lengths`` call argument).
+        ``cached_key``/``cached_value`` ``[..., L, K, H]`` in ``dtype`` and a
+        scalar int32 ``cache_index``; any earlier ``cache_lengths`` is dropped.
         """
         super().init_cache(input_shape, dtype)
-        if per_example_index:
-            self.cache_index = nnx.Cache(jnp.zeros(tuple(input_shape[:-2]), jnp.int32))
+        self.cache_lengths = nnx.data(None)
 
     def __call__(self, inputs_q: Array, inputs_k: Optional[Array] = None,
                  inputs_v: Optional[Array] = None, *, mask: Optional[Array] = None,
@@ -189,8 +189,10 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
 
         t, window, overflow = query.shape[-3], self.window, None
         if append:
-            index = self._check_decode(inputs_q, inputs_k, inputs_v, lengths)
-            q_pos = kv_cache.query_positions(index, t)  # absolute: cache offset + arange(T)
+            lengths, start = self._check_decode(inputs_q, inputs_k, inputs_v, lengths)
+            # Absolute positions: the fill level plus arange(T); [T] with flax's scalar index.
+            level = start if lengths is not None or _cache.ragged(self) else self.cache_index[...]
+            q_pos = kv_cache.query_positions(level, t)
             k_pos = jnp.arange(self.cached_key.shape[-3], dtype=jnp.int32)
         else:
             q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
@@ -199,7 +201,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             query = apply_rotary(query, q_pos, self.rope_base)
             key = apply_rotary(key, q_pos if append else k_pos, self.rope_base)
         if append:
-            key, value, overflow = self._write(key, value, index, lengths)
+            key, value, overflow = self._write(key, value, start, lengths)
             mask = combine_masks(mask, kv_cache.position_mask(q_pos, k_pos, window=window))
             is_causal, window = False, None
         elif decode and static_kv and not reuse_kv:
@@ -253,8 +255,12 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             window=window, scale=self.scale, implementation=self.implementation, dtype=self.dtype,
             module=self if sow_weights else None, **common)
 
-    def _check_decode(self, inputs_q, inputs_k, inputs_v, lengths) -> Array:
-        """Raises a ValueError for a decode call that cannot be right; returns ``cache_index``."""
+    def _check_decode(self, inputs_q, inputs_k, inputs_v, lengths):
+        """Raises a ValueError for a decode call that cannot be right.
+
+        Returns ``(lengths, start)``: the validated lengths (int32 ``[...]`` or
+        ``None``) and each example's fill level ``[...]``.
+        """
         if self.cached_key is None or self.cached_value is None or self.cache_index is None:
             raise ValueError("Autoregressive cache not initialized: call init_cache(input_shape) "
                              "with the maximum length first (or decode=False).")
@@ -271,28 +277,24 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         if t > length:
             raise ValueError(f"decode step of T={t} positions cannot fit in a cache of length "
                              f"L={length}; call init_cache with the maximum total length.")
-        index = self.cache_index[...]
-        if lengths is not None and index.ndim == 0:
-            raise ValueError("lengths (ragged prompts) needs a per-example cache index: call "
-                             "init_cache(input_shape, per_example_index=True).")
+        lengths = _cache.check_lengths(lengths, tuple(batch), t)
+        start = _cache.fill_levels(self, tuple(batch))
         count = t if lengths is None else lengths
-        if not isinstance(index, jax.core.Tracer) and not isinstance(count, jax.core.Tracer):
-            last = np.max(np.asarray(index) + np.asarray(count))
+        if not isinstance(start, jax.core.Tracer) and not isinstance(count, jax.core.Tracer):
+            last = int(np.max(np.asarray(start) + np.asarray(count), initial=0))
             if last > length:
                 raise ValueError(f"decode step writes up to position {last - 1}, past the cache "
                                  f"length L={length}; call init_cache with a longer input_shape.")
-        return index
+        return lengths, start
 
-    def _write(self, key, value, index, lengths):
-        """Writes the new keys/values; returns the whole cache and the overflow flags ``[...]``."""
-        batch, t = key.shape[:-3], key.shape[-3]
-        start = jnp.broadcast_to(jnp.asarray(index, jnp.int32), batch)
-        count = jnp.broadcast_to(jnp.asarray(t if lengths is None else lengths, jnp.int32), batch)
-        new_key, overflow = kv_cache.write_cache(self.cached_key[...], key, start, count)
+    def _write(self, key, value, start, lengths):
+        """Writes the new keys/values at each example's ``start``; returns the whole cache and
+        the overflow flags ``[...]``."""
+        count, overflow = _cache.advance(self, start, lengths, key.shape[-3],
+                                         limit=self.cached_key.shape[-3])
+        new_key, _ = kv_cache.write_cache(self.cached_key[...], key, start, count)
         new_value, _ = kv_cache.write_cache(self.cached_value[...], value, start, count)
         self.cached_key[...], self.cached_value[...] = new_key, new_value
-        # A scalar index (flax's layout) advances by T; a per-example one by each example's length.
-        self.cache_index[...] = (index + t if jnp.ndim(index) == 0 else start + count).astype(jnp.int32)
         # The cache is storage: one allocated in another dtype must not make attention mixed-dtype.
         return new_key.astype(key.dtype), new_value.astype(value.dtype), overflow
 

@@ -21,6 +21,7 @@ from flax.nnx.nn import initializers
 from flax_attention import decoding
 from flax_attention.layers import TransformerConfig
 from flax_attention.masks import key_mask
+from flax_attention.nnx import _cache
 from flax_attention.nnx.convert import linen_variables
 from flax_attention.nnx.layers import TransformerDecoderLayer, TransformerEncoderLayer, layer_norm
 from flax_attention.positions import sinusoidal_encoding
@@ -30,14 +31,21 @@ Array = jax.Array
 
 
 class SinusoidalPositionalEncoding(nnx.Module):
-    """Adds sinusoidal encodings (§3.5) to ``x [..., T, E]``; with ``decode`` continues from
-    ``position_index [...]`` (int32, an :class:`~flax.nnx.Cache` made by :meth:`init_cache`)."""
+    """Adds sinusoidal encodings (§3.5) to ``x [..., T, E]``.
+
+    With ``decode`` positions continue from a scalar int32 ``position_index``
+    (made by :meth:`init_cache`), and from the per-example
+    ``position_lengths [...]`` once a call passes ``lengths``: the linen
+    module's layout (see :mod:`flax_attention.nnx._cache`).
+    """
 
     def __init__(self):
         self.position_index = nnx.data(None)
+        self.position_lengths = nnx.data(None)
 
-    def init_cache(self, batch_shape) -> None:
-        self.position_index = nnx.Cache(jnp.zeros(tuple(batch_shape), jnp.int32))
+    def init_cache(self) -> None:
+        self.position_index = nnx.Cache(jnp.array(0, jnp.int32))
+        self.position_lengths = nnx.data(None)
 
     def __call__(self, x: Array, *, decode: bool = False, lengths: Optional[Array] = None) -> Array:
         t, e = x.shape[-2:]
@@ -45,10 +53,11 @@ class SinusoidalPositionalEncoding(nnx.Module):
         if decode:
             if self.position_index is None:
                 raise ValueError("decode=True needs the cache: call model.init_cache(batch_size) first.")
-            start = jnp.broadcast_to(self.position_index[...], x.shape[:-2])
+            batch = x.shape[:-2]
+            lengths = _cache.check_lengths(lengths, batch, t)
+            start = _cache.fill_levels(self, batch, index="position_index")
             positions = start[..., None] + positions
-            count = jnp.broadcast_to(jnp.asarray(t if lengths is None else lengths, jnp.int32), start.shape)
-            self.position_index[...] = start + count
+            _cache.advance(self, start, lengths, t, index="position_index")
         return (x + sinusoidal_encoding(positions, e)).astype(x.dtype)
 
 
@@ -168,23 +177,19 @@ class Transformer(nnx.Module):
         encoded = self.encode(src_tokens, deterministic=deterministic)
         return self.decode(tgt_in, encoded, src_tokens, deterministic=deterministic)
 
-    def init_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=jnp.float32, *,
-                   per_example_index: bool = False) -> None:
-        """Allocates every decoder self-attention cache (``[B, L, K, H]``, index 0) and the
-        position index; forgets any cached cross-attention memory.
-
-        ``per_example_index``: per-example attention indices (needed for ``lengths``).
-        """
+    def init_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=jnp.float32) -> None:
+        """Allocates every decoder self-attention cache (``[B, L, K, H]``, scalar index 0) and the
+        position index, as :func:`flax_attention.init_cache` does for the linen model; forgets
+        any cached cross-attention memory. ``max_len`` defaults to ``config.max_len``."""
         max_len = self.config.max_len if max_len is None else int(max_len)
         if batch_size <= 0 or max_len <= 0:
             raise ValueError(f"batch_size ({batch_size}) and max_len ({max_len}) must be positive.")
         for layer in self.decoder.layers():
-            layer.self_attention.init_cache((batch_size, max_len, self.config.d_model), dtype,
-                                            per_example_index=per_example_index)
+            layer.self_attention.init_cache((batch_size, max_len, self.config.d_model), dtype)
             layer.cross_attention.cached_key = nnx.data(None)
             layer.cross_attention.cached_value = nnx.data(None)
         if self.config.position == "sinusoidal":
-            self.positions.init_cache((batch_size,))
+            self.positions.init_cache()
 
 
 def linen_twin(model: Transformer) -> LinenTransformer:
