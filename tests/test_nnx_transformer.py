@@ -64,6 +64,35 @@ def test_cached_decoding_equals_teacher_forcing(name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_ragged_prefill_then_step_matches_linen():
+    linen, variables, model = _loaded(_config())
+    prompt, lengths = jnp.array([[1, 4, 5], [1, 7, 0]]), jnp.array([3, 2])  # right-padded prompts
+    nxt = jnp.array([[6], [3]])
+    model.init_cache(2, 6)
+
+    @nnx.jit
+    def run(m):
+        encoded = m.encode(SRC)
+        m.decode(prompt, encoded, SRC, decode=True, lengths=lengths)
+        return m.decode(nxt, None, SRC, decode=True)
+
+    got = run(model)
+    assert model.positions.position_index[...].shape == ()
+    np.testing.assert_array_equal(model.positions.position_lengths[...], lengths + 1)
+
+    @jax.jit
+    def linen_run(params):
+        encoded = linen.apply({"params": params}, SRC, method=linen.encode)
+        cache = fa.init_cache(linen, 2, 6)
+        decode = lambda c, t, e, **kw: linen.apply(  # noqa: E731
+            {"params": params, "cache": c}, t, e, SRC, decode=True, mutable=["cache"],
+            method=linen.decode, **kw)
+        _, state = decode(cache, prompt, encoded, lengths=lengths)
+        return decode(state["cache"], nxt, None)[0]
+
+    np.testing.assert_allclose(got, linen_run(variables["params"]), rtol=1e-6, atol=1e-6)
+
+
 def test_greedy_and_beam_search_match_linen():
     linen, variables, model = _loaded(_config(**CONFIGS["pre_ln_untied_rope_gqa"]))
     np.testing.assert_array_equal(fnnx.greedy_decode(model, SRC, max_len=6),
