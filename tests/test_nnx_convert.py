@@ -102,7 +102,7 @@ def test_ragged_linen_cache_loads_with_per_example_lengths():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     ours.init_cache(x.shape)  # and a non-ragged cache drops the lengths again
     ours.cache_lengths = nnx.Cache(lengths)
-    fnnx.load_linen_variables(ours, {"cache": jax.tree.map(lambda a: a, _fresh_cache(ours))})
+    fnnx.load_linen_variables(ours, {"cache": _fresh_cache(ours)})
     assert ours.cache_lengths is None
 
 

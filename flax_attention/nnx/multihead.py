@@ -7,8 +7,8 @@
 ``init_cache`` and cache variables (``cached_key``/``cached_value [..., L, K,
 H]``, scalar int32 ``cache_index``; after a ragged prefill also the linen
 module's per-example ``cache_lengths``, see :mod:`flax_attention.nnx._cache`)
-and ``nnx.view``/``set_view``. Only the
-attention itself differs: it is :func:`flax_attention.scaled_dot_product_attention`
+and ``nnx.view``/``set_view``. Only the attention itself differs: it is
+:func:`flax_attention.scaled_dot_product_attention`
 (or a custom ``attention_fn``), RoPE/ALiBi come from
 :mod:`flax_attention.positions` and the cache writes from
 :mod:`flax_attention.kv_cache`, as in the linen
@@ -62,8 +62,8 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
       always causal (flax passes ``is_causal`` on, which with ``T=1`` against
       the cache hides every key but the first), and a write past the cache
       length raises a ValueError when the index is concrete; under ``jit`` the
-      cache is left intact and the output is NaN (flax's clamped write
-      overwrites the last slots).
+      cache is left intact and that example's output is NaN, on this step and
+      every later one (flax's clamped write overwrites the last slot).
     * ``is_causal`` with ``T != S`` aligns the diagonal bottom-right (flax:
       top-left); ``causal_alignment="top_left"`` gives flax's.
 
