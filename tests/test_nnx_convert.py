@@ -96,10 +96,14 @@ def test_ragged_linen_cache_loads_with_per_example_lengths():
     assert int(ours.cache_index[...]) == 3
     exported = fnnx.linen_variables(ours)["cache"]  # the layout flax's scalar index + lengths
     assert exported.keys() == {"cached_key", "cached_value", "cache_index", "cache_lengths"}
-    got = nnx.jit(lambda m, x: m(x, decode=True))(ours, x[:, 3:4])
-    want, _ = jax.jit(lambda v, x: linen.apply(v, x, decode=True, mutable=["cache"]))(
-        {"params": variables["params"], **cache}, x[:, 3:4])
+    step = nnx.jit(lambda m, x: m(x, decode=True))
+    linen_step = jax.jit(lambda v, x: linen.apply(v, x, decode=True, mutable=["cache"]))
+    got = step(ours, x[:, 3:4])
+    want, _ = linen_step({"params": variables["params"], **cache}, x[:, 3:4])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    if "cache_lengths" in cache["cache"]:  # a linen module with this layout reads the way back too
+        want, _ = linen_step(fnnx.linen_variables(ours), x[:, 4:5])
+        np.testing.assert_allclose(step(ours, x[:, 4:5]), want, rtol=1e-6, atol=1e-6)
     ours.init_cache(x.shape)  # and a non-ragged cache drops the lengths again
     ours.cache_lengths = nnx.Cache(lengths)
     fnnx.load_linen_variables(ours, {"cache": _fresh_cache(ours)})
