@@ -2,7 +2,8 @@
 
 The maths lives in pure, jit-compatible functions (:mod:`flax_attention.masks`,
 :mod:`flax_attention.attention`, :mod:`flax_attention.additive`); the Flax linen
-modules only hold parameters and call them.
+modules only hold parameters and call them, and so do their Flax NNX twins in
+:mod:`flax_attention.nnx` (imported on its own: ``import flax_attention.nnx``).
 
 Shape legend (used in every docstring and einsum string of this package):
 
