@@ -47,6 +47,7 @@ from flax_attention.attention import (
 )
 from flax_attention.flash import chunked_attention
 from flax_attention.ring import ring_attention
+from flax_attention.ulysses import ulysses_attention
 from flax_attention.context_parallel import (
     context_parallel_attention,
     from_layout,
@@ -109,6 +110,7 @@ __all__ = [
     "layout_positions",
     "ring_attention",
     "ring_work",
+    "ulysses_attention",
     "shard_from_layout",
     "shard_to_layout",
     "to_layout",
