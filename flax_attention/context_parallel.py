@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_attention._blocks import block_sizes, computed_blocks
+from flax_attention.attention import scaled_dot_product_attention
 from flax_attention.ring import LAYOUTS, chunk_ids, ring_attention
 from flax_attention.ulysses import ulysses_attention
 
@@ -324,3 +325,18 @@ def from_attention_call(implementation: str, query, key, value, mask, bias, scal
     return context_parallel_attention(query, key, value, mesh=mesh, axis=DEFAULT_AXIS, is_causal=is_causal,
                                       key_mask=key_mask, scale=scale, layout=layout, method=method,
                                       batch_axis=batch_axis, precision=precision)
+
+
+def routed_attention(query, key, value=None, *, implementation=None, **kwargs):
+    """:func:`~flax_attention.attention.scaled_dot_product_attention` that also takes the
+    context-parallel names (the modules' attention call; keyword arguments as there)."""
+    if implementation in IMPLEMENTATIONS:
+        dropout_active = kwargs.get("dropout_rate", 0.0) > 0.0 and not kwargs.get("deterministic", True)
+        out = from_attention_call(implementation, query, key, value, kwargs.get("mask"), kwargs.get("bias"),
+                                  kwargs.get("scale"), kwargs.get("is_causal", False), kwargs.get("window"),
+                                  kwargs.get("return_weights", False) or dropout_active,
+                                  kwargs.get("precision"))
+        if out is not None:
+            return out
+        implementation = None  # no "seq" mesh axis active: the local auto choice
+    return scaled_dot_product_attention(query, key, value, implementation=implementation, **kwargs)

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention import kv_cache
-from flax_attention.attention import scaled_dot_product_attention
-from flax_attention.context_parallel import IMPLEMENTATIONS as CONTEXT_PARALLEL, from_attention_call
+from flax_attention.context_parallel import routed_attention
 from flax_attention.custom_attention import call_attention_fn
 from flax_attention.masks import combine_masks
 from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
@@ -263,16 +262,9 @@ class MultiHeadAttention(nn.Module):
             if self.broadcast_dropout and self.dropout_rate > 0.0 and not det:
                 raise ValueError("broadcast_dropout=True needs a custom attention_fn that supports it "
                                  "(e.g. nn.dot_product_attention); the default draws one mask per weight.")
-            implementation = self.implementation
-            if implementation in CONTEXT_PARALLEL:  # the sequence split over the active mesh's "seq" axis
-                out = from_attention_call(implementation, query, key, value, mask, bias, self.scale, is_causal,
-                                          window, sow or (self.dropout_rate > 0.0 and not det), self.precision)
-                if out is not None:
-                    return out
-                implementation = None  # no "seq" mesh axis active: the local auto choice
-            out = scaled_dot_product_attention(
+            out = routed_attention(
                 query, key, value, mask=mask, bias=bias, is_causal=is_causal, window=window,
-                scale=self.scale, implementation=implementation, return_weights=sow, **common)
+                scale=self.scale, implementation=self.implementation, return_weights=sow, **common)
             if sow:
                 out, weights = out
                 self.sow("intermediates", "attention_weights", weights)

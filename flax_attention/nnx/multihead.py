@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from flax_attention import kv_cache
-from flax_attention.attention import scaled_dot_product_attention
+from flax_attention.context_parallel import routed_attention
 from flax_attention.custom_attention import call_attention_fn
 from flax_attention.masks import combine_masks
 from flax_attention.nnx import _cache
@@ -240,7 +240,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             if self.broadcast_dropout and not det:
                 raise ValueError("broadcast_dropout=True needs a custom attention_fn that supports "
                                  "it (e.g. nnx.dot_product_attention).")
-            out = scaled_dot_product_attention(
+            out = routed_attention(
                 query, key, value, mask=mask, bias=bias, is_causal=is_causal, window=window,
                 scale=self.scale, causal_alignment=self.causal_alignment,
                 implementation=self.implementation, return_weights=sow_weights, **common)
