@@ -2,7 +2,8 @@
 
 The maths lives in pure, jit-compatible functions (:mod:`flax_attention.masks`,
 :mod:`flax_attention.attention`, :mod:`flax_attention.additive`); the Flax linen
-modules only hold parameters and call them.
+modules only hold parameters and call them, and so do their Flax NNX twins in
+:mod:`flax_attention.nnx` (imported on its own: ``import flax_attention.nnx``).
 
 Shape legend (used in every docstring and einsum string of this package):
 
@@ -46,6 +47,7 @@ from flax_attention.attention import (
 )
 from flax_attention.flash import chunked_attention
 from flax_attention.ring import ring_attention
+from flax_attention.ulysses import ulysses_attention
 from flax_attention.context_parallel import (
     context_parallel_attention,
     from_layout,
@@ -108,6 +110,7 @@ __all__ = [
     "layout_positions",
     "ring_attention",
     "ring_work",
+    "ulysses_attention",
     "shard_from_layout",
     "shard_to_layout",
     "to_layout",

@@ -24,7 +24,6 @@ from flax_attention._validation import (
 )
 from flax_attention.backend_select import AUTO_CHUNKED_BYTES, AttentionCall, describe, resolve
 from flax_attention.backends import fused_attention
-from flax_attention.context_parallel import IMPLEMENTATIONS as CONTEXT_PARALLEL, from_attention_call
 from flax_attention.flash import _chunked
 from flax_attention.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
@@ -262,12 +261,6 @@ def scaled_dot_product_attention(
         raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}.")
     call = _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
                      dropout_rate > 0.0 and not deterministic, return_weights)
-    if implementation in CONTEXT_PARALLEL:
-        out = from_attention_call(implementation, query, key, value, mask, bias, scale, is_causal, window,
-                                  return_weights or call.dropout, precision)
-        if out is not None:
-            return out
-        implementation = None  # no "seq" mesh axis active: the local auto choice
     implementation, interpret = resolve(implementation, call, AUTO_CHUNKED_BYTES)
     if implementation not in ("dense", "chunked"):
         return fused_attention(implementation, query, key, value, mask, bias, bias_keep, scale, is_causal,

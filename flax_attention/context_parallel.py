@@ -26,9 +26,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_attention._blocks import block_sizes, computed_blocks
+from flax_attention.attention import scaled_dot_product_attention
 from flax_attention.ring import LAYOUTS, chunk_ids, ring_attention
+from flax_attention.ulysses import ulysses_attention
 
 Array = jnp.ndarray
+METHODS = ("ring", "ulysses")
 
 
 def _check_layout(length: int, size: int, layout: str) -> int:
@@ -153,6 +156,8 @@ def context_parallel_attention(
     key_mask: Optional[Array] = None,
     scale: Optional[float] = None,
     layout: str = "contiguous",
+    method: str = "ring",
+    implementation: Optional[str] = None,
     batch_axis=None,
     head_axis=None,
     block_q: Optional[int] = None,
@@ -178,7 +183,13 @@ def context_parallel_attention(
       key_mask: boolean ``[B, S]``, ``True`` = a real key (padding mask).
       scale: a Python float; defaults to ``1 / sqrt(H)``.
       layout: ``"contiguous"`` or ``"zigzag"`` (balances causal work; the
-        arrays are in natural order, permuted inside and back).
+        arrays are in natural order, permuted inside and back). Ring only.
+      method: ``"ring"`` (:func:`~flax_attention.ring.ring_attention`: K/V
+        blocks travel, any head count) or ``"ulysses"``
+        (:func:`~flax_attention.ulysses.ulysses_attention`: two all-to-alls
+        around a local kernel on whole sequences; ``N`` divisible by the axis).
+      implementation: the local kernel of ``method="ulysses"`` (e.g.
+        ``"cudnn"``); the ring always runs the chunked kernel.
       batch_axis: mesh axis (or tuple of axes) splitting ``B``, or ``None``.
       head_axis: mesh axis splitting the heads ``N`` and ``K`` (both must be
         divisible by its size), or ``None``.
@@ -222,7 +233,16 @@ def context_parallel_attention(
                              f"got {key_mask.dtype} {key_mask.shape}.")
     spec4, spec2 = _spec(batch_axis, axis, head_axis, 4), _spec(batch_axis, axis, head_axis, 2)
 
+    if method not in METHODS:
+        raise ValueError(f"context_parallel_attention: method must be one of {METHODS}, got {method!r}.")
+    if method == "ulysses" and (layout != "contiguous" or block_q or block_k):
+        raise ValueError("context_parallel_attention: method='ulysses' takes no layout or block sizes "
+                         "(it attends over whole sequences); drop them or use method='ring'.")
+
     def shard(q, k, v, km):
+        if method == "ulysses":
+            return ulysses_attention(q, k, v, axis_name=axis, is_causal=is_causal, key_mask=km, scale=scale,
+                                     implementation=implementation, precision=precision)
         # Natural-order shards in, natural-order shards out; a balanced layout
         # is entered and left with two ppermutes each way, inside the shard_map.
         q, k, v, km = (None if x is None else shard_to_layout(x, axis, layout) for x in (q, k, v, km))
@@ -253,7 +273,7 @@ def _reshard(x, mesh, spec):
 
 # ----------------------------------------------------------------------------- implementation= route
 
-IMPLEMENTATIONS = ("context_parallel", "context_parallel:zigzag")
+IMPLEMENTATIONS = ("context_parallel", "context_parallel:zigzag", "context_parallel:ulysses")
 DEFAULT_AXIS = "seq"
 
 
@@ -267,7 +287,7 @@ def active_axis_size(axis: str = DEFAULT_AXIS) -> int:
 
 def from_attention_call(implementation: str, query, key, value, mask, bias, scale, is_causal, window,
                         weights_or_dropout: bool, precision):
-    """``scaled_dot_product_attention(..., implementation="context_parallel[:zigzag]")``.
+    """The modules' ``implementation="context_parallel[:zigzag|:ulysses]"``.
 
     Splits the sequence over the ``"seq"`` axis of the mesh set with
     :func:`jax.set_mesh`, and the batch over the mesh's other axes (of size
@@ -279,6 +299,7 @@ def from_attention_call(implementation: str, query, key, value, mask, bias, scal
     if active_axis_size() == 1:
         return None
     layout = "zigzag" if implementation.endswith(":zigzag") else "contiguous"
+    method = "ulysses" if implementation.endswith(":ulysses") else "ring"
     unsupported = [name for name, bad in (("bias", bias is not None), ("window", window is not None),
                                           ("dropout or return_weights", weights_or_dropout))
                    if bad]
@@ -302,5 +323,20 @@ def from_attention_call(implementation: str, query, key, value, mask, bias, scal
     width = int(np.prod([mesh.shape[a] for a in others])) if others else 1
     batch_axis = others if others and b % width == 0 else None
     return context_parallel_attention(query, key, value, mesh=mesh, axis=DEFAULT_AXIS, is_causal=is_causal,
-                                      key_mask=key_mask, scale=scale, layout=layout, batch_axis=batch_axis,
-                                      precision=precision)
+                                      key_mask=key_mask, scale=scale, layout=layout, method=method,
+                                      batch_axis=batch_axis, precision=precision)
+
+
+def routed_attention(query, key, value=None, *, implementation=None, **kwargs):
+    """:func:`~flax_attention.attention.scaled_dot_product_attention` that also takes the
+    context-parallel names (the modules' attention call; keyword arguments as there)."""
+    if implementation in IMPLEMENTATIONS:
+        dropout_active = kwargs.get("dropout_rate", 0.0) > 0.0 and not kwargs.get("deterministic", True)
+        out = from_attention_call(implementation, query, key, value, kwargs.get("mask"), kwargs.get("bias"),
+                                  kwargs.get("scale"), kwargs.get("is_causal", False), kwargs.get("window"),
+                                  kwargs.get("return_weights", False) or dropout_active,
+                                  kwargs.get("precision"))
+        if out is not None:
+            return out
+        implementation = None  # no "seq" mesh axis active: the local auto choice
+    return scaled_dot_product_attention(query, key, value, implementation=implementation, **kwargs)

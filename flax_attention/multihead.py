@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention import kv_cache
-from flax_attention.attention import scaled_dot_product_attention
+from flax_attention.context_parallel import routed_attention
 from flax_attention.custom_attention import call_attention_fn
 from flax_attention.masks import combine_masks
 from flax_attention.partitioning import logical
@@ -263,7 +263,7 @@ class MultiHeadAttention(nn.Module):
             if self.broadcast_dropout and self.dropout_rate > 0.0 and not det:
                 raise ValueError("broadcast_dropout=True needs a custom attention_fn that supports it "
                                  "(e.g. nn.dot_product_attention); the default draws one mask per weight.")
-            out = scaled_dot_product_attention(
+            out = routed_attention(
                 query, key, value, mask=mask, bias=bias, is_causal=is_causal, window=window,
                 scale=self.scale, implementation=self.implementation, return_weights=sow, **common)
             if sow:

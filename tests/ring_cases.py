@@ -50,7 +50,8 @@ def inputs(b, t, s, n, kh, h, d, dtype, seed=0):
 
 
 def global_case(mesh, *, b=2, t=64, s=None, n=4, kh=2, h=8, d=6, dtype=jnp.float32, causal=True,
-                layout="contiguous", lengths=None, batch_axis="data", head_axis=None, block=None):
+                layout="contiguous", lengths=None, batch_axis="data", head_axis=None, block=None,
+                method="ring"):
     s = t if s is None else s
     q, k, v, key = inputs(b, t, s, n, kh, h, d, dtype)
     km = None if lengths is None else jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]
@@ -58,7 +59,7 @@ def global_case(mesh, *, b=2, t=64, s=None, n=4, kh=2, h=8, d=6, dtype=jnp.float
     def f(q, k, v):
         return context_parallel_attention(q, k, v, mesh=mesh, axis="seq", batch_axis=batch_axis,
                                           head_axis=head_axis, is_causal=causal, key_mask=km, layout=layout,
-                                          block_q=block, block_k=block)
+                                          block_q=block, block_k=block, method=method)
     out, vjp = jax.vjp(jax.jit(f), q, k, v)
     ct = jax.device_put(jax.random.normal(key, out.shape, jnp.float32).astype(dtype), out.sharding)
     grads = vjp(ct)
@@ -104,20 +105,21 @@ def errors(mesh):
     q2, k2, v2, _ = inputs(1, 64, 64, 2, 2, 8, 8, jnp.float32)
     catch("unbound_axis", lambda: ring_attention(q2, k2, v2, axis_name="seq"))
     catch("bad_layout", lambda: context_parallel_attention(q2, k2, v2, mesh=mesh, layout="striped"))
+    catch("ulysses_heads", lambda: context_parallel_attention(q2, k2, v2, mesh=mesh, method="ulysses"))
     catch("causal_cross", lambda: context_parallel_attention(q2, k2[:, :32], v2[:, :32], mesh=mesh,
                                                              is_causal=True))
     return out
 
 
 def module_case(mesh):
-    """MultiHeadAttention(implementation="context_parallel[:zigzag]") under jax.set_mesh == dense."""
+    """MultiHeadAttention(implementation="context_parallel[:zigzag|:ulysses]") under jax.set_mesh == dense."""
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 16), jnp.float32)
     msk = key_mask_4d(jnp.arange(32)[None] < jnp.array([32, 17, 5, 0])[:, None])
     dense = MultiHeadAttention(num_heads=4, implementation="dense")
     params = dense.init(jax.random.PRNGKey(4), x)
     ref = dense.apply(params, x, mask=msk, is_causal=True)
     res = {}
-    for impl in ("context_parallel", "context_parallel:zigzag"):
+    for impl in ("context_parallel", "context_parallel:zigzag", "context_parallel:ulysses"):
         layer = MultiHeadAttention(num_heads=4, implementation=impl)
         with jax.set_mesh(mesh):
             out = jax.jit(lambda p: layer.apply(p, x, mask=msk, is_causal=True))(params)
@@ -165,6 +167,9 @@ def main():
         res["cross_full"] = global_case(auto, t=32, s=64, causal=False, lengths=[50, 64])
         res["mqa"] = global_case(auto, n=4, kh=1, d=8, causal=True)
         res["gqa_heads_split"] = global_case(auto, n=4, kh=2, causal=True, batch_axis=None, head_axis="data")
+        res["ulysses_causal"] = global_case(auto, n=4, kh=4, d=8, causal=True, lengths=[40, 0], method="ulysses")
+        res["ulysses_gqa_repeat"] = global_case(auto, n=8, kh=2, causal=False, lengths=[64, 30],
+                                                method="ulysses")
         res["shard_map"] = shard_map_case(jax.make_mesh((8,), ("seq",), axis_types=(AxisType.Auto,)))
     if "errors" in which:
         res["errors"] = errors(auto)

@@ -30,7 +30,7 @@ def cases():
 
 VALUE_CASES = ["f32_contiguous_full", "f32_contiguous_causal", "f32_zigzag_full", "f32_zigzag_causal",
                "odd_blocks", "zigzag_odd_blocks", "cross_full", "mqa", "gqa_heads_split",
-               "explicit_mesh_zigzag"]
+               "explicit_mesh_zigzag", "ulysses_causal", "ulysses_gqa_repeat"]
 
 
 @pytest.mark.slow
@@ -70,12 +70,13 @@ def test_clear_errors(cases):
     assert "shard_map" in e["unbound_axis"]
     assert "'striped'" in e["bad_layout"]
     assert "is_causal=False" in e["causal_cross"]
+    assert "2 query heads" in e["ulysses_heads"] and "method='ring'" in e["ulysses_heads"]
 
 
 @pytest.mark.slow
 def test_module_route_under_set_mesh(cases):
     m = cases["module"]
-    for impl in ("context_parallel", "context_parallel:zigzag"):
+    for impl in ("context_parallel", "context_parallel:zigzag", "context_parallel:ulysses"):
         assert m[impl]["err"] < 2e-6 and m[impl]["spec"] == ["data", "seq"]
     assert m["no_mesh"] < 1e-6  # without a "seq" mesh axis the call runs locally
 
