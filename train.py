@@ -94,7 +94,8 @@ def parse_args(argv: Sequence[str]):
     g.add_argument("--process_id", type=int, default=None, help="this process, 0..n-1 (or $JAX_PROCESS_ID)")
     g.add_argument("--mesh", default=None, help="train with jax.jit on a device mesh instead of pmap, e.g. "
                    "data=2,fsdp=4 or data=2,seq=4 (sizes multiply to the device count): batch over data x fsdp, "
-                   "parameters and optimizer state over fsdp, sequences over seq (see "
+                   "parameters and optimizer state over fsdp, sequences over seq (seq=4:zigzag or "
+                   "seq=4:ulysses pick the context-parallel method; default ring; see "
                    "flax_attention.training.mesh); checkpoints resume on either path")
     add_config_flags(p, sections, task.flag_defaults)
     args = p.parse_args(argv)

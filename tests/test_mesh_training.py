@@ -25,7 +25,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from flax_attention.partitioning import logical_axis_annotations, mesh_axes
-from flax_attention.training.mesh import parse_mesh
+from flax_attention.training.mesh import parse_mesh, parse_seq_method
 
 ROOT = Path(__file__).parents[1]
 _MOCK_MAIN = ("import sys, tensorflow_datasets as tfds, train\n"
@@ -119,6 +119,12 @@ def test_parse_mesh_reads_sizes_and_rejects_bad_text():
     for bad in ("data=2,data=2", "model=2", "data=0", "data=two", "data=2;fsdp=4", ""):
         with pytest.raises(ValueError, match="AXIS=SIZE"):
             parse_mesh(bad)
+    assert parse_mesh("data=2,seq=4:zigzag") == {"data": 2, "fsdp": 1, "seq": 4}
+    assert parse_seq_method("data=2,seq=4:zigzag") == "context_parallel:zigzag"
+    assert parse_seq_method("seq=4:ulysses") == "context_parallel:ulysses"
+    assert parse_seq_method("data=2,seq=4") == "context_parallel"
+    with pytest.raises(ValueError, match="not :striped"):
+        parse_mesh("seq=4:striped")
 
 
 def test_rules_shard_over_fsdp_and_fall_back_when_it_does_not_divide():
@@ -344,11 +350,13 @@ def test_seq_axis_splits_tokens_and_runs_the_ring():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, mock", [(SEQ2SEQ, False), (TRANSFORMER, True)], ids=["seq2seq", "transformer"])
-def test_sequence_parallel_mesh_reproduces_the_pmap_losses(tmp_path, args, mock):
+@pytest.mark.parametrize("args, mock, mesh", [(SEQ2SEQ, False, "data=2,seq=4"), (TRANSFORMER, True, "data=2,seq=4"),
+                                              (TRANSFORMER, True, "data=2,seq=4:zigzag")],
+                         ids=["seq2seq", "transformer", "transformer-zigzag"])
+def test_sequence_parallel_mesh_reproduces_the_pmap_losses(tmp_path, args, mock, mesh):
     """--mesh data=2,seq=4: batch over 2, every sequence over 4 with context-parallel attention."""
     _run_all(_start(8, args, tmp_path / "pmap", mock),
-             _start(8, args + ["--mesh", "data=2,seq=4"], tmp_path / "seq", mock))
+             _start(8, args + ["--mesh", mesh], tmp_path / "seq", mock))
     np.testing.assert_allclose(_losses(tmp_path / "seq"), _losses(tmp_path / "pmap"), rtol=1e-5)
     for a, b in zip(_records(tmp_path / "pmap", "eval"), _records(tmp_path / "seq", "eval")):
         np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-5)

@@ -46,15 +46,35 @@ TOKEN_KEYS = ("tokens", "src", "tgt_in", "tgt_out")  # [B, T] arrays whose T may
 CONTEXT_PARALLEL = "context_parallel"  # the attention implementation that splits T over "seq"
 
 
+SEQ_METHODS = {"ring": CONTEXT_PARALLEL, "zigzag": CONTEXT_PARALLEL + ":zigzag",
+               "ulysses": CONTEXT_PARALLEL + ":ulysses"}
+
+
+def parse_seq_method(text: str) -> str:
+    """The attention implementation that ``seq=S[:METHOD]`` in the ``--mesh`` text asks for.
+
+    ``ring`` (default: contiguous chunks), ``zigzag`` (ring with the causal
+    load-balanced layout) or ``ulysses`` (all-to-all; heads divisible by S).
+    """
+    m = re.search(r"seq\s*=\s*\d+\s*:\s*(\w+)", text)
+    method = m.group(1) if m else "ring"
+    if method not in SEQ_METHODS:
+        raise ValueError(f"--mesh {text!r}: the seq axis takes :{', :'.join(SEQ_METHODS)} after its size "
+                         f"(e.g. seq=4:zigzag), not :{method}.")
+    return SEQ_METHODS[method]
+
+
 def parse_mesh(text: str) -> Dict[str, int]:
-    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4, "seq": 1}``.
+    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4, "seq": 1}`` (a ``:METHOD`` after seq's size is
+    read by :func:`parse_seq_method`).
 
     Raises:
       ValueError: unknown axis, repeated axis, or a size that is not a positive integer.
     """
+    parse_seq_method(text)
     sizes: Dict[str, int] = {}
     for part in text.split(","):
-        m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", part)
+        m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*(?::\s*\w+\s*)?", part)
         if not m or m.group(1) not in AXES or m.group(1) in sizes or int(m.group(2)) < 1:
             raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS among "
                              f"{', '.join(AXES)} (each once) and SIZE >= 1, e.g. --mesh data=2,fsdp=4.")
@@ -84,8 +104,8 @@ class MeshPlacement:
 
     sharded_checkpoints = True
 
-    def __init__(self, sizes: Dict[str, int], rules=LOGICAL_AXIS_RULES):
-        self.sizes, self.rules = dict(sizes), rules
+    def __init__(self, sizes: Dict[str, int], rules=LOGICAL_AXIS_RULES, seq_method: str = CONTEXT_PARALLEL):
+        self.sizes, self.rules, self.seq_method = dict(sizes), rules, seq_method
         self.mesh = make_mesh(self.sizes)
         self.replicated = NamedSharding(self.mesh, P())
         self.state_shardings = None  # set by create_state
@@ -102,7 +122,7 @@ class MeshPlacement:
     def check_model(self, model) -> None:
         """A ``seq`` axis needs Transformer attention that the context-parallel route takes."""
         if self.sizes["seq"] > 1:
-            context_parallel_model(model)
+            context_parallel_model(model, self.seq_method)
 
     def context(self):
         return jax.set_mesh(self.mesh)
@@ -116,7 +136,7 @@ class MeshPlacement:
         context-parallel attention (:func:`context_parallel_model`); its
         parameters are the model's own, initialised by the plain model.
         """
-        apply_fn = context_parallel_model(model).apply if self.sizes["seq"] > 1 else model.apply
+        apply_fn = context_parallel_model(model, self.seq_method).apply if self.sizes["seq"] > 1 else model.apply
 
         def init_params(key, annotated: bool):
             with logical_axis_annotations(annotated):
@@ -195,7 +215,8 @@ class MeshPlacement:
         in every task: masked as keys, weight 0 in the loss, after every real
         position) to a multiple of its size.
         """
-        seq = self.sizes["seq"]
+        # zigzag splits each shard into two chunks: pad to a multiple of 2·seq
+        seq = self.sizes["seq"] * (2 if self.seq_method.endswith(":zigzag") else 1)
         if seq > 1:
             batch = {k: np.pad(v, [(0, 0), (0, -v.shape[1] % seq)] + [(0, 0)] * (v.ndim - 2))
                      if k in TOKEN_KEYS and v.ndim >= 2 else v for k, v in batch.items()}
@@ -230,7 +251,7 @@ def _train_step(loss_fn: Callable, state: TrainState, batch):
     return state.apply_gradients(grads=grads), sums
 
 
-def context_parallel_model(model):
+def context_parallel_model(model, implementation: str = CONTEXT_PARALLEL):
     """``model`` (same parameters) with every attention layer context-parallel over the ``seq`` mesh axis.
 
     The route (``implementation="context_parallel"``, see
@@ -249,10 +270,10 @@ def context_parallel_model(model):
         config, problems = model.config.encoder_config(), []
         if model.config.pooling == "cls":
             problems.append("--pooling cls (its extra position breaks the even split; use mean or attention)")
-        adapted = model.clone(attention_implementation=CONTEXT_PARALLEL)
+        adapted = model.clone(attention_implementation=implementation)
     elif isinstance(getattr(model, "config", None), TransformerConfig):
         config, problems = model.config, []
-        adapted = model.clone(config=dataclasses.replace(config, attention_implementation=CONTEXT_PARALLEL))
+        adapted = model.clone(config=dataclasses.replace(config, attention_implementation=implementation))
     else:
         raise ValueError(f"--mesh seq=S splits sequences inside Transformer attention, and {type(model).__name__} "
                          "has none (the BiGRU's recurrence runs along the sequence); use --model transformer, "

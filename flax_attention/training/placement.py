@@ -86,6 +86,6 @@ def make_placement(mesh: Optional[str]):
     """:class:`PmapPlacement` for ``None``/``""``, else a mesh placement for the ``--mesh`` text."""
     if not mesh:
         return PmapPlacement()
-    from flax_attention.training.mesh import MeshPlacement, parse_mesh
+    from flax_attention.training.mesh import MeshPlacement, parse_mesh, parse_seq_method
 
-    return MeshPlacement(parse_mesh(mesh))
+    return MeshPlacement(parse_mesh(mesh), seq_method=parse_seq_method(mesh))
