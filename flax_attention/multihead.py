@@ -11,11 +11,11 @@ maths is :func:`flax_attention.scaled_dot_product_attention` (or a custom
 the cache arithmetic from :mod:`flax_attention.kv_cache`.
 
 Autoregressive decoding (``decode=True``, attribute or call argument) keeps
-``cached_key``/``cached_value [..., L, K, H]``, a per-example ``cache_index
-[...]`` (int32) and a per-example ``cache_overflow [...]`` flag in the
-``"cache"`` collection; see :mod:`flax_attention.kv_cache` for right-padded
-prompts of different lengths. Cross-attention (``static_kv=True``) caches its
-projected memory once instead.
+flax's cache exactly: ``cached_key``/``cached_value [..., L, K, H]`` and a
+scalar int32 ``cache_index`` in the ``"cache"`` collection; right-padded
+prompts of different lengths add a per-example ``cache_lengths [...]`` (see
+:mod:`flax_attention.kv_cache`, which holds the cache logic). Cross-attention
+(``static_kv=True``) caches its projected memory once instead.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from flax_attention import kv_cache
 from flax_attention.attention import scaled_dot_product_attention
-from flax_attention.custom_attention import call_attention_fn
+from flax_attention.custom_attention import call_attention_fn, einsum_attention
 from flax_attention.masks import combine_masks
 from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
 
@@ -44,6 +44,8 @@ class MultiHeadAttention(nn.Module):
       num_heads: ``N``, query heads.
       dtype, param_dtype: computation / parameter dtype (logits and softmax
         are float32 regardless, so ``force_fp32_for_softmax`` is always on).
+        With ``dtype=None`` queries, keys and values are promoted to one
+        dtype, as flax does (e.g. bfloat16 queries and a float32 memory).
       qkv_features: ``N * H``; defaults to the query's ``E``.
       out_features: output features; defaults to the query's ``E``.
       broadcast_dropout: share the dropout mask across batch dims. Only with a
@@ -61,6 +63,13 @@ class MultiHeadAttention(nn.Module):
       decode: autoregressive decoding with the ``"cache"`` collection.
       normalize_qk: LayerNorm on query and key heads (no bias), as flax.
       force_fp32_for_softmax: accepted for compatibility (always float32).
+      qkv_dot_general, out_dot_general, qkv_dot_general_cls,
+        out_dot_general_cls: the ``dot_general`` (or a factory of it, e.g.
+        AQT's) of the q/k/v and output projections, as in flax.
+      qk_attn_weights_einsum_cls, attn_weights_value_einsum_cls: factories of
+        the two attention einsums, as in flax: passed (instantiated) to an
+        ``attention_fn`` that takes them; with the default function they
+        select :func:`~flax_attention.custom_attention.einsum_attention`.
       num_kv_heads: ``K`` (``None`` = ``N``); ``N % K == 0``.
       head_dim: ``H``; overrides ``qkv_features // num_heads``.
       sow_weights: default of the ``sow_weights`` call argument.
@@ -103,6 +112,12 @@ class MultiHeadAttention(nn.Module):
     relative_position: Optional[str] = None
     rope_base: float = 10000.0
     alibi_directional: bool = False
+    qkv_dot_general: Optional[Callable[..., Array]] = None
+    out_dot_general: Optional[Callable[..., Array]] = None
+    qkv_dot_general_cls: Any = None
+    out_dot_general_cls: Any = None
+    qk_attn_weights_einsum_cls: Optional[Callable[..., Callable[..., Array]]] = None
+    attn_weights_value_einsum_cls: Optional[Callable[..., Callable[..., Array]]] = None
 
     def _dims(self, features: int):
         n = self.num_heads
@@ -141,6 +156,7 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         decode: Optional[bool] = None,
         positions: Optional[Array] = None,
+        key_positions: Optional[Array] = None,
         lengths: Optional[Array] = None,
         static_kv: bool = False,
     ) -> Array:
@@ -162,15 +178,19 @@ class MultiHeadAttention(nn.Module):
           bias: float logit bias, broadcastable to ``[..., N, T, S]``.
           is_causal: causal self-attention (implied by ``decode``).
           decode: overrides the ``decode`` attribute. The call inside ``init``
-            allocates an empty cache as long as the input (``L``); later calls
-            (``mutable=['cache']``) write their ``T`` new positions at each
-            example's ``cache_index``. A write past ``L`` raises a ValueError
-            when the index is concrete; under ``jit`` that example's cache is
-            left intact, its ``cache_overflow`` flag is set and its output is NaN.
-          positions: int ``[..., T]`` query (= key, for self-attention)
-            positions for RoPE/ALiBi without ``decode``; default ``arange``.
+            allocates flax's cache (see :mod:`flax_attention.kv_cache`) as long
+            as the input (``L``); later calls (``mutable=['cache']``) write
+            their ``T`` new positions at the cache index. A write past ``L``
+            raises a ValueError when the index is concrete; under ``jit`` the
+            cache is left intact and that example's output is NaN.
+          positions: int ``[..., T]`` query positions for RoPE/ALiBi without
+            ``decode``; default ``arange(T)``.
+          key_positions: int ``[..., S]`` key positions; default ``positions``
+            when the keys are the queries' sequence (``inputs_k`` omitted, or
+            ``S == T``), else ``arange(S)``.
           lengths: int ``[...]`` with ``decode``: how many of the ``T`` new
-            positions are real (right-padded prompts); default ``T``.
+            positions are real (right-padded prompts, in ``[0, T]``); adds the
+            per-example ``cache_lengths`` to the cache. Default ``T``.
           static_kv: with ``decode``, treat ``inputs_k``/``inputs_v`` as a fixed
             memory (cross-attention): projected on the call that passes them
             and stored as ``cached_key``/``cached_value [..., S, K, H]``; a call
@@ -179,34 +199,27 @@ class MultiHeadAttention(nn.Module):
         Returns:
           ``[..., T, out_features]``.
         """
-        if inputs_kv is not None:
-            if inputs_k is not None or inputs_v is not None:
-                raise ValueError("pass either inputs_kv (deprecated) or inputs_k/inputs_v, not both.")
-            inputs_k = inputs_v = inputs_kv
-        elif inputs_k is None and inputs_v is not None:
-            raise ValueError("inputs_k cannot be None when inputs_v is given.")
+        inputs_k, inputs_v, reuse = _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv, static_kv)
         if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
             mask = jnp.asarray(mask) != 0  # flax's reading of numeric masks
         decode = self.decode if decode is None else decode
-        reuse_kv = decode and static_kv and inputs_k is None
-        self_attention = inputs_k is None and not static_kv
-        inputs_k = inputs_q if inputs_k is None else inputs_k
-        inputs_v = inputs_k if inputs_v is None else inputs_v
+        reuse_kv = decode and reuse
         n, k, h = self._dims(inputs_q.shape[-1])
         append = decode and not static_kv
         if static_kv and self.relative_position is not None:
             raise ValueError("relative_position (RoPE/ALiBi) is for self-attention; construct the "
                              "static_kv (cross-attention) module without it.")
         if append:
-            self._check_decode(inputs_q, inputs_k, inputs_v, lengths)
+            lengths = kv_cache.check_decode(self, inputs_q, inputs_k, inputs_v, lengths)
 
         dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
             features=(heads, h), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-            bias_init=self.bias_init, precision=self.precision, name=name)
+            param_dtype=self.param_dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
+            precision=self.precision, dot_general=self.qkv_dot_general,
+            dot_general_cls=self.qkv_dot_general_cls, name=name)
         query = dense(n, "query")(inputs_q)  # [..., T, N, H]
         if reuse_kv:
-            key, value = self._static_cache(None, None)
+            key, value = kv_cache.static_memory(self, None, None)
         else:
             key, value = dense(k, "key")(inputs_k), dense(k, "value")(inputs_v)  # [..., S, K, H]
         if self.normalize_qk:
@@ -214,25 +227,26 @@ class MultiHeadAttention(nn.Module):
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
             query = ln("query_ln")(query)
             key = key if reuse_kv else ln("key_ln")(key)
+        # Mixed precision as in flax: promote (e.g. bf16 queries, float32 memory -> float32).
+        query, key, value = promote_dtype(query, key, value, dtype=self.dtype)
 
         t, window, overflow = query.shape[-3], self.window, None
-        if append:
-            # Positions are absolute: the cache offset plus arange(T), per example.
-            q_pos = kv_cache.query_positions(self._index(inputs_q), t)
+        if append:  # absolute positions: each example's fill level plus arange(T)
+            start = kv_cache.fill_levels(self, query.shape[:-3])
+            q_pos = kv_cache.query_positions(start, t)
             k_pos = jnp.arange(self.get_variable("cache", "cached_key").shape[-3], dtype=jnp.int32) \
                 if self.has_variable("cache", "cached_key") else q_pos
         else:
-            q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
-            k_pos = q_pos if self_attention else jnp.arange(key.shape[-3], dtype=jnp.int32)
+            q_pos, k_pos = _positions(positions, key_positions, t, key.shape[-3], inputs_k is inputs_q)
         if self.relative_position == "rope":  # RoFormer Eq. 34, before caching the keys
             query = apply_rotary(query, q_pos, self.rope_base)
             key = apply_rotary(key, q_pos if append else k_pos, self.rope_base)
         if append:
-            key, value, overflow = self._update_cache(key, value, lengths)
+            key, value, overflow = kv_cache.update(self, key, value, start, lengths)
             mask = combine_masks(mask, kv_cache.position_mask(q_pos, k_pos, window=window))
             is_causal, window = False, None
         elif static_kv and decode and not reuse_kv and not self.is_initializing():
-            self._static_cache(key, value)  # init_cache allocates none: S is unknown there
+            kv_cache.static_memory(self, key, value)  # init_cache allocates none: S is unknown there
         if self.relative_position == "alibi":  # Press et al. 2022, §3
             slopes = alibi_slopes(n)
             right = slopes[::-1] if self.alibi_directional else None
@@ -246,19 +260,27 @@ class MultiHeadAttention(nn.Module):
                 dropout_rng = self.make_rng("dropout")
         out = self._attend(query, key, value, mask, bias, is_causal, window, det, dropout_rng, sow)
         if overflow is not None:
-            out = jnp.where(overflow[..., None, None, None], jnp.nan, out).astype(out.dtype)
+            out = kv_cache.poison(out, overflow)
         return nn.DenseGeneral(
             features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=self.out_kernel_init or self.kernel_init,
-            bias_init=self.out_bias_init or self.bias_init,
-            precision=self.precision, name="out")(out)
+            bias_init=self.out_bias_init or self.bias_init, precision=self.precision,
+            dot_general=self.out_dot_general, dot_general_cls=self.out_dot_general_cls, name="out")(out)
 
     def _attend(self, query, key, value, mask, bias, is_causal, window, det, rng, sow):
         """Runs the default or custom attention function; sows the weights if asked."""
         common = dict(dropout_rate=self.dropout_rate, deterministic=det, dropout_rng=rng,
                       precision=self.precision)
-        if self.attention_fn is None:
+        einsums = dict(qk_attn_weights_einsum=_make(self.qk_attn_weights_einsum_cls),
+                       attn_weights_value_einsum=_make(self.attn_weights_value_einsum_cls))
+        if (einsums["qk_attn_weights_einsum"] is None) != (einsums["attn_weights_value_einsum"] is None):
+            raise ValueError("qk_attn_weights_einsum_cls and attn_weights_value_einsum_cls must be "
+                             "given together (as in flax); set both or neither.")
+        fn = self.attention_fn
+        if fn is None and einsums["qk_attn_weights_einsum"] is not None:
+            fn = einsum_attention  # the einsum classes replace the default path's einsums (flax: AQT)
+        if fn is None:
             if self.broadcast_dropout and self.dropout_rate > 0.0 and not det:
                 raise ValueError("broadcast_dropout=True needs a custom attention_fn that supports it "
                                  "(e.g. nn.dot_product_attention); the default draws one mask per weight.")
@@ -270,82 +292,39 @@ class MultiHeadAttention(nn.Module):
                 self.sow("intermediates", "attention_weights", weights)
             return out
         return call_attention_fn(
-            self.attention_fn, query, key, value, mask=mask, bias=bias, is_causal=is_causal,
+            fn, query, key, value, mask=mask, bias=bias, is_causal=is_causal,
             window=window, scale=self.scale, implementation=self.implementation,
-            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype,
-            module=self if sow else None, **common)
+            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype, module=self if sow else None, **einsums, **common)
 
-    def _index(self, inputs_q):
-        """The per-example cache index ``[...]`` (int32); a scalar (older caches) is broadcast."""
-        batch = inputs_q.shape[:-2]
-        if not self.has_variable("cache", "cache_index"):
-            return jnp.zeros(batch, jnp.int32)
-        index = self.get_variable("cache", "cache_index")
-        return jnp.broadcast_to(jnp.asarray(index, jnp.int32), batch)
 
-    def _check_decode(self, inputs_q, inputs_k, inputs_v, lengths):
-        """Raises a ValueError for a decode call that cannot be right (trace-time facts)."""
-        if inputs_k.shape[:-1] != inputs_q.shape[:-1] or inputs_v.shape[:-1] != inputs_q.shape[:-1]:
-            raise ValueError(
-                "decode=True caches self-attention keys, so inputs_k/inputs_v must have the query's "
-                f"[..., T] shape; got inputs_q {inputs_q.shape} and inputs_k {inputs_k.shape}. "
-                "Call cross-attention with decode=False or static_kv=True.")
-        if not self.has_variable("cache", "cached_key"):
-            if self.is_initializing():
-                return  # the allocation call
-            raise ValueError(
-                "decode=True found no 'cache' collection: create it with model.init(..., decode=True) "
-                "on inputs of the maximum length (or flax_attention.init_cache) and pass it with "
-                "mutable=['cache'].")
-        cache_shape = self.get_variable("cache", "cached_key").shape
-        *batch, length, _, _ = cache_shape
-        t = inputs_q.shape[-2]
-        if inputs_q.shape[:-2] != tuple(batch):
-            raise ValueError(f"decode inputs {inputs_q.shape} do not match the cache {cache_shape} "
-                             "([..., L, K, H]) in batch dims; re-create the cache for this batch shape.")
-        if t > length:
-            raise ValueError(f"decode step of T={t} positions cannot fit in a cache of length L={length}; "
-                             "initialise the cache with a longer input (the maximum total length).")
-        index = self.get_variable("cache", "cache_index")
-        count = t if lengths is None else lengths
-        if not isinstance(index, jax.core.Tracer) and not isinstance(count, jax.core.Tracer):
-            last = np.max(np.asarray(index) + np.asarray(count))
-            if last > length:
-                raise ValueError(f"decode step writes up to position {last - 1}, past the cache length "
-                                 f"L={length}; initialise the cache with a longer input.")
+def _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv, static_kv):
+    """flax's input rules: ``(inputs_k, inputs_v, reuse)``; ``reuse``: static_kv with no new memory."""
+    if inputs_kv is not None:
+        if inputs_k is not None or inputs_v is not None:
+            raise ValueError("pass either inputs_kv (deprecated) or inputs_k/inputs_v, not both.")
+        inputs_k = inputs_v = inputs_kv
+    elif inputs_k is None and inputs_v is not None:
+        raise ValueError("inputs_k cannot be None when inputs_v is given.")
+    reuse = static_kv and inputs_k is None
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    return inputs_k, inputs_k if inputs_v is None else inputs_v, reuse
 
-    def _update_cache(self, key, value, lengths):
-        """Writes the new keys/values per example; returns the full cache and the overflow flags."""
-        initialized = self.has_variable("cache", "cached_key")
-        batch = key.shape[:-3]
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.zeros(batch, jnp.int32))
-        flag = self.variable("cache", "cache_overflow", lambda: jnp.zeros(batch, bool))
-        if not initialized:
-            # Allocation call (flax pattern): the input fixes L; nothing is written.
-            return key, value, jnp.zeros(batch, bool)
-        t = key.shape[-3]
-        start = jnp.broadcast_to(jnp.asarray(index.value, jnp.int32), batch)
-        count = jnp.broadcast_to(jnp.asarray(t if lengths is None else lengths, jnp.int32), batch)
-        cached_key.value, overflow = kv_cache.write_cache(cached_key.value, key, start, count)
-        cached_value.value, _ = kv_cache.write_cache(cached_value.value, value, start, count)
-        index.value = start + count
-        flag.value = jnp.broadcast_to(flag.value, batch) | overflow
-        # The cache is storage: a cache allocated in another dtype (e.g. from a float64
-        # dummy input under jax_enable_x64) must not turn this step into mixed-dtype attention.
-        return cached_key.value.astype(key.dtype), cached_value.value.astype(value.dtype), overflow
 
-    def _static_cache(self, key, value):
-        """Stores (``key`` given) or returns (``key=None``) the cross-attention memory."""
-        if key is not None:
-            self.put_variable("cache", "cached_key", key)
-            self.put_variable("cache", "cached_value", value)
-            return key, value
-        if not self.has_variable("cache", "cached_key"):
-            raise ValueError("static_kv decoding without inputs_k needs an earlier call that passed "
-                             "inputs_k (it stores the projected memory in the 'cache').")
-        return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+def _positions(positions, key_positions, t: int, s: int, same_inputs: bool):
+    """Query ``[..., T]`` and key ``[..., S]`` positions for RoPE/ALiBi outside decoding."""
+    q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else jnp.asarray(positions)
+    if key_positions is not None:
+        return q_pos, jnp.asarray(key_positions)
+    if positions is not None and (same_inputs or s == t):
+        return q_pos, q_pos  # the keys are the queries' sequence (e.g. layer(x, x, positions=p))
+    if positions is not None:
+        raise ValueError(f"positions were given for T={t} queries but the S={s} keys have none; "
+                         "pass key_positions [..., S] as well.")
+    return q_pos, jnp.arange(s, dtype=jnp.int32)
+
+
+def _make(cls):
+    return None if cls is None else cls()
 
 
 def _add(a: Optional[Array], b: Array) -> Array:
