@@ -109,3 +109,13 @@ def einsum_attention(query: Array, key: Array, value: Array, bias: Optional[Arra
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return av("...hqk,...khd->...qhd", weights.astype(value.dtype), value).astype(query.dtype)
+
+
+def make_einsums(qk_cls, av_cls) -> dict:
+    """flax's ``*_einsum_cls`` attributes instantiated as ``attention_fn`` keywords (``{}`` if unset)."""
+    if (qk_cls is None) != (av_cls is None):
+        raise ValueError("qk_attn_weights_einsum_cls and attn_weights_value_einsum_cls must be "
+                         "given together (as in flax); set both or neither.")
+    if qk_cls is None:
+        return {}
+    return dict(qk_attn_weights_einsum=qk_cls(), attn_weights_value_einsum=av_cls())

@@ -113,7 +113,8 @@ def check_lengths(lengths, batch: tuple, t: int) -> Optional[Array]:
     if not isinstance(arr, jax.core.Tracer):
         bad = np.asarray(arr)[(np.asarray(arr) < 0) | (np.asarray(arr) > t)]
         if bad.size:
-            raise ValueError(f"lengths must be in [0, T={t}] (the new positions of this call), got {bad.tolist()}.")
+            raise ValueError(f"lengths must be in [0, T={t}] (the new positions of this call), "
+                             f"got {bad.tolist()}.")
     return jnp.broadcast_to(arr.astype(jnp.int32), batch)
 
 
@@ -131,6 +132,18 @@ def fill_levels(module, batch: tuple, index: str = INDEX, lengths: str = LENGTHS
         if module.has_variable("cache", name):
             return jnp.broadcast_to(jnp.asarray(module.get_variable("cache", name), jnp.int32), batch)
     return jnp.zeros(batch, jnp.int32)
+
+
+def decode_positions(module, batch: tuple, t: int) -> Tuple[Array, Array, Array]:
+    """``(start [*batch], query positions [*batch, T], key positions [L])`` of a decode call.
+
+    Before the cache exists (the allocation call) the keys are the queries.
+    """
+    start = fill_levels(module, batch)
+    q_pos = query_positions(start, t)
+    if not module.has_variable("cache", "cached_key"):
+        return start, q_pos, q_pos
+    return start, q_pos, jnp.arange(module.get_variable("cache", "cached_key").shape[-3], dtype=jnp.int32)
 
 
 def advance(module, start: Array, count: Optional[Array], t: int, limit: Optional[int] = None,

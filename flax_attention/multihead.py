@@ -29,9 +29,9 @@ from flax.linen.dtypes import promote_dtype
 
 from flax_attention import kv_cache
 from flax_attention.attention import scaled_dot_product_attention
-from flax_attention.custom_attention import call_attention_fn, einsum_attention
+from flax_attention.custom_attention import call_attention_fn, einsum_attention, make_einsums
 from flax_attention.masks import combine_masks
-from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
+from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary, relative_positions
 
 Array = jnp.ndarray
 RELATIVE_POSITIONS = (None, "rope", "alibi")
@@ -48,9 +48,8 @@ class MultiHeadAttention(nn.Module):
         dtype, as flax does (e.g. bfloat16 queries and a float32 memory).
       qkv_features: ``N * H``; defaults to the query's ``E``.
       out_features: output features; defaults to the query's ``E``.
-      broadcast_dropout: share the dropout mask across batch dims. Only with a
-        custom ``attention_fn`` that accepts it (e.g. ``nn.dot_product_attention``):
-        the default function draws one mask element per weight, hence default False.
+      broadcast_dropout: share the dropout mask across batch dims; only with an
+        ``attention_fn`` that takes it (the default draws one mask per weight).
       dropout_rate: dropout on the attention weights.
       deterministic: as in flax: when ``dropout_rate > 0`` exactly one of this
         attribute and the call argument must be set (``nn.merge_param``).
@@ -67,22 +66,18 @@ class MultiHeadAttention(nn.Module):
         out_dot_general_cls: the ``dot_general`` (or a factory of it, e.g.
         AQT's) of the q/k/v and output projections, as in flax.
       qk_attn_weights_einsum_cls, attn_weights_value_einsum_cls: factories of
-        the two attention einsums, as in flax: passed (instantiated) to an
-        ``attention_fn`` that takes them; with the default function they
-        select :func:`~flax_attention.custom_attention.einsum_attention`.
+        the two attention einsums (both or neither), as in flax; with the
+        default function they select
+        :func:`~flax_attention.custom_attention.einsum_attention`.
       num_kv_heads: ``K`` (``None`` = ``N``); ``N % K == 0``.
       head_dim: ``H``; overrides ``qkv_features // num_heads``.
       sow_weights: default of the ``sow_weights`` call argument.
       window, implementation, scale: passed to the attention function (see
         :func:`scaled_dot_product_attention`).
-      relative_position: ``None``, ``"rope"`` (rotate q/k by their positions)
-        or ``"alibi"`` (add ``-m_n |i - j|`` to the logits); see
-        :mod:`flax_attention.positions`.
-      rope_base: RoPE frequency base.
-      alibi_directional: ALiBi keys to the right of the query (``j > i``) use
-        the slopes in reversed head order, so bidirectional attention can tell
-        left from right (the symmetric form is mirror-invariant); no effect on
-        causal attention.
+      relative_position: ``None``, ``"rope"`` or ``"alibi"`` (see
+        :mod:`flax_attention.positions`). rope_base: RoPE frequency base.
+      alibi_directional: keys right of the query use the slopes in reversed
+        head order (the symmetric form is mirror-invariant); no causal effect.
     """
 
     num_heads: int
@@ -119,7 +114,7 @@ class MultiHeadAttention(nn.Module):
     qk_attn_weights_einsum_cls: Optional[Callable[..., Callable[..., Array]]] = None
     attn_weights_value_einsum_cls: Optional[Callable[..., Callable[..., Array]]] = None
 
-    def _dims(self, features: int):
+    def _dims(self, features: int, static_kv: bool):
         n = self.num_heads
         k = n if self.num_kv_heads is None else self.num_kv_heads
         if n <= 0 or k <= 0 or n % k:
@@ -129,6 +124,9 @@ class MultiHeadAttention(nn.Module):
         if self.relative_position not in RELATIVE_POSITIONS:
             raise ValueError(f"relative_position must be one of {RELATIVE_POSITIONS}, "
                              f"got {self.relative_position!r}.")
+        if static_kv and self.relative_position is not None:
+            raise ValueError("relative_position (RoPE/ALiBi) is for self-attention; construct the "
+                             "static_kv (cross-attention) module without it.")
         if self.head_dim is not None:
             if self.qkv_features is not None and self.qkv_features != n * self.head_dim:
                 raise ValueError(f"qkv_features={self.qkv_features} != num_heads * head_dim = "
@@ -167,22 +165,20 @@ class MultiHeadAttention(nn.Module):
           inputs_k: ``[..., S, E_k]``; ``None`` means ``inputs_q`` (self-attention).
           inputs_v: ``[..., S, E_v]``; ``None`` means ``inputs_k``.
           inputs_kv: deprecated flax alias setting both ``inputs_k`` and ``inputs_v``.
-          mask: boolean, broadcastable to ``[..., N, T, S]``; ``True`` = attend.
-            With ``decode``, ``S`` is the cache length ``L``. As in flax, a
-            numeric mask (``nn.make_attention_mask`` gives float 0/1) is read as
-            ``mask != 0``; it is not an additive bias (use ``bias`` for that).
+          mask: boolean, broadcastable to ``[..., N, T, S]`` (``S = L`` with
+            ``decode``); ``True`` = attend. A numeric mask (flax's float 0/1)
+            is read as ``mask != 0``, as flax does (``bias`` is additive).
           deterministic: disables dropout; see the attribute.
           dropout_rng: dropout key; default ``self.make_rng('dropout')``.
           sow_weights: sow the ``[..., N, T, S]`` weights into
             ``'intermediates'/'attention_weights'``; ``None`` = the attribute.
           bias: float logit bias, broadcastable to ``[..., N, T, S]``.
           is_causal: causal self-attention (implied by ``decode``).
-          decode: overrides the ``decode`` attribute. The call inside ``init``
-            allocates flax's cache (see :mod:`flax_attention.kv_cache`) as long
-            as the input (``L``); later calls (``mutable=['cache']``) write
-            their ``T`` new positions at the cache index. A write past ``L``
-            raises a ValueError when the index is concrete; under ``jit`` the
-            cache is left intact and that example's output is NaN.
+          decode: overrides the ``decode`` attribute. ``init`` allocates flax's
+            cache as long as its input (``L``); later calls (``mutable=['cache']``)
+            write their ``T`` positions at the cache index; a write past ``L``
+            raises, or under ``jit`` is skipped with a NaN output (see
+            :mod:`flax_attention.kv_cache`).
           positions: int ``[..., T]`` query positions for RoPE/ALiBi without
             ``decode``; default ``arange(T)``.
           key_positions: int ``[..., S]`` key positions; default ``positions``
@@ -204,11 +200,8 @@ class MultiHeadAttention(nn.Module):
             mask = jnp.asarray(mask) != 0  # flax's reading of numeric masks
         decode = self.decode if decode is None else decode
         reuse_kv = decode and reuse
-        n, k, h = self._dims(inputs_q.shape[-1])
+        n, k, h = self._dims(inputs_q.shape[-1], static_kv)
         append = decode and not static_kv
-        if static_kv and self.relative_position is not None:
-            raise ValueError("relative_position (RoPE/ALiBi) is for self-attention; construct the "
-                             "static_kv (cross-attention) module without it.")
         if append:
             lengths = kv_cache.check_decode(self, inputs_q, inputs_k, inputs_v, lengths)
 
@@ -232,12 +225,9 @@ class MultiHeadAttention(nn.Module):
 
         t, window, overflow = query.shape[-3], self.window, None
         if append:  # absolute positions: each example's fill level plus arange(T)
-            start = kv_cache.fill_levels(self, query.shape[:-3])
-            q_pos = kv_cache.query_positions(start, t)
-            k_pos = jnp.arange(self.get_variable("cache", "cached_key").shape[-3], dtype=jnp.int32) \
-                if self.has_variable("cache", "cached_key") else q_pos
+            start, q_pos, k_pos = kv_cache.decode_positions(self, query.shape[:-3], t)
         else:
-            q_pos, k_pos = _positions(positions, key_positions, t, key.shape[-3], inputs_k is inputs_q)
+            q_pos, k_pos = relative_positions(positions, key_positions, t, key.shape[-3], inputs_k is inputs_q)
         if self.relative_position == "rope":  # RoFormer Eq. 34, before caching the keys
             query = apply_rotary(query, q_pos, self.rope_base)
             key = apply_rotary(key, q_pos if append else k_pos, self.rope_base)
@@ -250,7 +240,8 @@ class MultiHeadAttention(nn.Module):
         if self.relative_position == "alibi":  # Press et al. 2022, §3
             slopes = alibi_slopes(n)
             right = slopes[::-1] if self.alibi_directional else None
-            bias = _add(bias, alibi_bias(slopes, q_pos, k_pos, right))
+            alibi = alibi_bias(slopes, q_pos, k_pos, right)
+            bias = alibi if bias is None else bias + alibi
 
         sow = self.sow_weights if sow_weights is None else sow_weights
         det = True
@@ -272,13 +263,9 @@ class MultiHeadAttention(nn.Module):
         """Runs the default or custom attention function; sows the weights if asked."""
         common = dict(dropout_rate=self.dropout_rate, deterministic=det, dropout_rng=rng,
                       precision=self.precision)
-        einsums = dict(qk_attn_weights_einsum=_make(self.qk_attn_weights_einsum_cls),
-                       attn_weights_value_einsum=_make(self.attn_weights_value_einsum_cls))
-        if (einsums["qk_attn_weights_einsum"] is None) != (einsums["attn_weights_value_einsum"] is None):
-            raise ValueError("qk_attn_weights_einsum_cls and attn_weights_value_einsum_cls must be "
-                             "given together (as in flax); set both or neither.")
+        einsums = make_einsums(self.qk_attn_weights_einsum_cls, self.attn_weights_value_einsum_cls)
         fn = self.attention_fn
-        if fn is None and einsums["qk_attn_weights_einsum"] is not None:
+        if fn is None and einsums:
             fn = einsum_attention  # the einsum classes replace the default path's einsums (flax: AQT)
         if fn is None:
             if self.broadcast_dropout and self.dropout_rate > 0.0 and not det:
@@ -294,7 +281,8 @@ class MultiHeadAttention(nn.Module):
         return call_attention_fn(
             fn, query, key, value, mask=mask, bias=bias, is_causal=is_causal,
             window=window, scale=self.scale, implementation=self.implementation,
-            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype, module=self if sow else None, **einsums, **common)
+            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype,
+            module=self if sow else None, **einsums, **common)
 
 
 def _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv, static_kv):
@@ -309,23 +297,3 @@ def _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv, static_kv):
     inputs_k = inputs_q if inputs_k is None else inputs_k
     return inputs_k, inputs_k if inputs_v is None else inputs_v, reuse
 
-
-def _positions(positions, key_positions, t: int, s: int, same_inputs: bool):
-    """Query ``[..., T]`` and key ``[..., S]`` positions for RoPE/ALiBi outside decoding."""
-    q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else jnp.asarray(positions)
-    if key_positions is not None:
-        return q_pos, jnp.asarray(key_positions)
-    if positions is not None and (same_inputs or s == t):
-        return q_pos, q_pos  # the keys are the queries' sequence (e.g. layer(x, x, positions=p))
-    if positions is not None:
-        raise ValueError(f"positions were given for T={t} queries but the S={s} keys have none; "
-                         "pass key_positions [..., S] as well.")
-    return q_pos, jnp.arange(s, dtype=jnp.int32)
-
-
-def _make(cls):
-    return None if cls is None else cls()
-
-
-def _add(a: Optional[Array], b: Array) -> Array:
-    return b if a is None else a + b

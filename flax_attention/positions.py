@@ -20,7 +20,7 @@ offset), so the same code serves teacher forcing and cached decoding.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -106,6 +106,25 @@ class SinusoidalPositionalEncoding(nn.Module):
         elif decode:
             raise ValueError("pass either explicit positions or decode=True, not both.")
         return (x + sinusoidal_encoding(positions, e)).astype(x.dtype)
+
+def relative_positions(positions: Optional[Array], key_positions: Optional[Array], t: int, s: int,
+                       same_inputs: bool) -> Tuple[Array, Array]:
+    """Query ``[..., T]`` and key ``[..., S]`` positions for RoPE/ALiBi (outside decoding).
+
+    Defaults: ``arange``. Explicit query ``positions`` place the keys too when
+    the keys are the queries' sequence (``same_inputs``, or ``S == T`` as in
+    flax's ``layer(x, x)``); keys of another length need ``key_positions``.
+    """
+    q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else jnp.asarray(positions)
+    if key_positions is not None:
+        return q_pos, jnp.asarray(key_positions)
+    if positions is not None and (same_inputs or s == t):
+        return q_pos, q_pos
+    if positions is not None:
+        raise ValueError(f"positions were given for T={t} queries but the S={s} keys have none; "
+                         "pass key_positions [..., S] as well.")
+    return q_pos, jnp.arange(s, dtype=jnp.int32)
+
 
 def rotary_angles(positions: Array, head_dim: int, base: float = 10000.0) -> Array:
     """Rotation angles ``m · θ_i`` with ``θ_i = base^(-2i/H)`` (Eq. 15 of the paper).

@@ -252,3 +252,13 @@ def test_config_passes_attention_options_to_every_layer(fx):
     np.testing.assert_allclose(run(attention_scale=0.1, attention_fn=nn.dot_product_attention), scaled,
                                rtol=1e-4, atol=1e-4)
     assert CFG.replace(attention_window=[2, 0]).attention_window == (2, 0)  # hashable after JSON
+
+
+def test_config_rejects_a_bad_attention_implementation_at_construction():
+    # It passed TransformerConfig and failed only at the model's first call.
+    with pytest.raises(ValueError, match=r"TransformerConfig: attention_implementation.*'chunkd'"):
+        TransformerConfig(attention_implementation="chunkd")
+    with pytest.raises(ValueError, match="attention_scale must be a number"):
+        TransformerConfig(attention_scale=(0.5, 0.5))
+    for name in (None, "dense", "chunked", "pallas_tpu:interpret"):
+        TransformerConfig(attention_implementation=name)
