@@ -210,7 +210,7 @@ def check_scale(scale) -> None:
     if shape != ():
         raise ValueError(f"scale must be a scalar (a float or a 0-d array), got shape {shape}; "
                          "for a per-head temperature scale the query heads instead.")
-    dtype = getattr(scale, "dtype", np.asarray(scale).dtype)
+    dtype = scale.dtype if hasattr(scale, "dtype") else np.asarray(scale).dtype
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"scale must be a real number, got dtype {dtype}.")
 

@@ -107,6 +107,7 @@ class SinusoidalPositionalEncoding(nn.Module):
             raise ValueError("pass either explicit positions or decode=True, not both.")
         return (x + sinusoidal_encoding(positions, e)).astype(x.dtype)
 
+
 def relative_positions(positions: Optional[Array], key_positions: Optional[Array], t: int, s: int,
                        same_inputs: bool) -> Tuple[Array, Array]:
     """Query ``[..., T]`` and key ``[..., S]`` positions for RoPE/ALiBi (outside decoding).

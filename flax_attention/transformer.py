@@ -9,8 +9,8 @@
   float32 logits; causal self-attention, source padding masked in
   cross-attention. With ``decode=True`` the ``"cache"`` collection is read and
   updated (apply with ``mutable=['cache']``) and positions continue from the
-  cache index (each example's, after a ragged prefill): prefill a (right-padded) prompt with its ``lengths``,
-  then feed one token at a time. The first decode call passes ``encoded`` and
+  cache index (each example's, after a ragged prefill): prefill a
+  (right-padded) prompt with its ``lengths``, then feed one token at a time. The first decode call passes ``encoded`` and
   caches every cross-attention's keys/values; later calls may pass
   ``encoded=None`` to reuse them (passing it again recomputes them). Jit such
   a step with ``donate_argnums`` on the cache: the unchanged memory is then
