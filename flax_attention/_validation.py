@@ -88,26 +88,61 @@ def static_int(value, name: str, minimum: int = 0) -> int:
     return result
 
 
+def _enclosing_traces() -> list:
+    """The current trace and its parents, innermost first (``jax._src`` internals; ``[]`` if they move)."""
+    try:
+        from jax._src import core
+
+        trace, out = core.trace_ctx.trace, []
+        while trace is not None and len(out) < 1000:
+            out.append(trace)
+            trace = getattr(trace, "parent_trace", None)
+        return out
+    except (ImportError, AttributeError):
+        return []
+
+
 def forward_mode_active() -> bool:
     """Whether a forward-mode autodiff trace (``jax.jvp``, ``jacfwd``, ``hessian``) encloses this call.
 
     The chunked path's ``custom_vjp`` has no forward-mode rule, so auto
     dispatch must pick the dense path then. Reverse mode (``grad``/``vjp``)
-    uses a linearize trace, which ``custom_vjp`` supports. Walks the current
-    trace stack (``jax._src`` internals; if they move, assume reverse mode).
+    uses a linearize trace, which ``custom_vjp`` supports (if the internals
+    move, assume reverse mode).
     """
     try:
-        from jax._src import core
         from jax._src.interpreters import ad
-
-        trace = core.trace_ctx.trace
-        while trace is not None:
-            if isinstance(trace, ad.JVPTrace):
-                return True
-            trace = getattr(trace, "parent_trace", None)
-    except (ImportError, AttributeError):
+    except ImportError:
         return False
-    return False
+    return any(isinstance(trace, ad.JVPTrace) for trace in _enclosing_traces())
+
+
+def nested_reverse_mode_active() -> bool:
+    """Whether two or more reverse-mode traces enclose this call (a gradient of a gradient).
+
+    A ``custom_vjp`` kernel is differentiable once: its backward pass (loops
+    with traced bounds) cannot itself be reverse-differentiated, so auto
+    dispatch takes the dense path here too.
+    """
+    try:
+        from jax._src.interpreters import ad
+    except ImportError:
+        return False
+    return sum(isinstance(trace, ad.LinearizeTrace) for trace in _enclosing_traces()) >= 2
+
+
+def vmapped_size() -> int:
+    """Product of the sizes of the ``jax.vmap`` axes enclosing this call (1 outside ``vmap``).
+
+    Inside ``vmap`` a function sees per-example shapes; the computation runs
+    on the whole batch, so memory-based choices must multiply it back in.
+    """
+    size = 1
+    for trace in _enclosing_traces():
+        axis = getattr(trace, "axis_data", None)
+        if type(trace).__name__ == "BatchTrace" and isinstance(getattr(axis, "size", None), int):
+            size *= axis.size
+    return size
 
 
 def check_inputs(query, key, value, mask, bias):
@@ -167,7 +202,20 @@ def check_inputs(query, key, value, mask, bias):
             ) from None
 
 
-def prepare(query, key, value, mask, bias):
+def check_scale(scale) -> None:
+    """A logit scale must be a scalar (a number or a 0-d, possibly traced, array)."""
+    if scale is None:
+        return
+    shape = np.shape(scale)
+    if shape != ():
+        raise ValueError(f"scale must be a scalar (a float or a 0-d array), got shape {shape}; "
+                         "for a per-head temperature scale the query heads instead.")
+    dtype = scale.dtype if hasattr(scale, "dtype") else np.asarray(scale).dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"scale must be a real number, got dtype {dtype}.")
+
+
+def prepare(query, key, value, mask, bias, scale=None):
     """Converts and validates the attention operands; ``value=None`` means key = value.
 
     Returns ``(query, key, value, mask, bias, bias_keep)``. ``-inf`` bias
@@ -184,6 +232,7 @@ def prepare(query, key, value, mask, bias):
     mask = None if mask is None else as_array(mask, "mask")
     bias = None if bias is None else as_array(bias, "bias")
     check_inputs(query, key, value, mask, bias)
+    check_scale(scale)
     bias_keep = None
     if bias is not None:
         if not jnp.issubdtype(bias.dtype, jnp.floating):

@@ -19,8 +19,10 @@ from flax_attention._validation import (
     compute_dtype,
     forward_mode_active,
     mask_fill,
+    nested_reverse_mode_active,
     not_neg_inf,
     prepare,
+    vmapped_size,
 )
 from flax_attention.backend_select import AUTO_CHUNKED_BYTES, AttentionCall, describe, resolve
 from flax_attention.backends import fused_attention
@@ -121,7 +123,7 @@ def attention_weights(
       ``[..., N, T, S]`` in the compute dtype (float32, or float64 for float64
       inputs); fully-masked rows are all zeros.
     """
-    query, key, _, mask, bias, bias_keep = prepare(query, key, None, mask, bias)
+    query, key, _, mask, bias, bias_keep = prepare(query, key, None, mask, bias, scale)
     mask = combine_masks(mask, bias_keep)
     return _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, precision)
 
@@ -155,12 +157,20 @@ def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, p
 
 def _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
               dropout_active, return_weights) -> AttentionCall:
-    """The static facts about a call that implementation choice depends on."""
+    """The static facts about a call that implementation choice depends on.
+
+    Sizes are logical: under ``jax.vmap`` the enclosing vmapped axes count
+    as batch. Forward-mode and gradient-of-gradient autodiff both need the
+    dense path (``forward_mode``): every other path is a once-differentiable
+    ``custom_vjp``.
+    """
+    vmapped = (vmapped_size(),)
     return describe(
-        query.shape, key.shape, value.shape, query.dtype,
+        vmapped + query.shape, vmapped + key.shape, vmapped + value.shape, query.dtype,
         platform=jax.default_backend(), has_mask=mask is not None, has_bias=bias is not None,
         is_causal=bool(is_causal), alignment=causal_alignment, has_window=window is not None,
-        dropout=dropout_active, return_weights=bool(return_weights), forward_mode=forward_mode_active(),
+        dropout=dropout_active, return_weights=bool(return_weights),
+        forward_mode=forward_mode_active() or nested_reverse_mode_active(),
         static_scale=scale is None or isinstance(scale, (int, float, np.integer, np.floating)))
 
 
@@ -221,11 +231,15 @@ def scaled_dot_product_attention(
         float32 logits would exceed ``AUTO_CHUNKED_BYTES`` (256 MiB, i.e.
         ``4·B·N·T·S`` bytes) or, on CPU, where it is measured faster (``T``
         and ``S`` >= ``CPU_CHUNKED_MIN_LENGTH`` = 512), unless dropout,
-        ``return_weights`` or forward-mode autodiff (``jax.jvp``, ``jacfwd``,
-        ``hessian``) needs the dense path; so auto never changes what works,
-        only speed and memory. (One exception: ``jax.linearize`` looks like
-        ``jax.grad`` at trace time, so where auto would pick ``"chunked"``
-        or ``"cudnn"`` pass ``implementation="dense"`` to it.)
+        ``return_weights``, forward-mode autodiff (``jax.jvp``, ``jacfwd``,
+        ``hessian``) or a gradient of a gradient needs the dense path; so
+        auto never changes what works, only speed and memory. Under
+        ``jax.vmap`` sizes count the vmapped axes (the logical batch), so the
+        choice is the one for the batched call. (Exceptions, as these are
+        read at trace time: ``jax.linearize`` looks like ``jax.grad``, and a
+        ``jit``-compiled function traced outside ``grad``/``vmap`` is reused
+        as traced; where auto would pick ``"chunked"`` or ``"cudnn"`` for those, pass
+        ``implementation="dense"``.)
         Fused kernels, opt-in (see :mod:`flax_attention.backends`):
         ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
         mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows
@@ -254,7 +268,7 @@ def scaled_dot_product_attention(
         bias, an unknown alignment, a dropout rate outside [0, 1), an unknown
         implementation, or one that cannot serve the call on this platform.
     """
-    query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias)
+    query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias, scale)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
     if causal_alignment not in _ALIGNMENTS:  # checked even when unused: a typo is a bug

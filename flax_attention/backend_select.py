@@ -78,7 +78,8 @@ class AttentionCall:
       has_window: a sliding window was given.
       dropout: attention dropout is active.
       return_weights: the weights must be returned.
-      forward_mode: inside ``jax.jvp``/``jacfwd``/``hessian``.
+      forward_mode: inside ``jax.jvp``/``jacfwd``/``hessian`` or a gradient of a
+        gradient: autodiff a once-differentiable ``custom_vjp`` cannot serve.
       static_scale: the scale is a Python number (kernels take it as a
         compile-time constant), not a traced array.
       interpret: run the Pallas kernel in interpret mode.

@@ -26,6 +26,7 @@ Which calls each kernel accepts is decided in
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Optional
 
@@ -161,41 +162,60 @@ def _pallas_triton(query, key, value, mask, bias, bias_keep, scale, is_causal, a
         else:
             dead = t - s
             q = q[:, dead:]
-    tq = q.shape[1]
-    blocks = gpu_attention.BlockSizes(
-        block_q=min(128, tq), block_k=min(128, s),
-        block_q_dkv=min(32, tq), block_kv_dkv=min(32, s), block_q_dq=min(32, tq), block_kv_dq=min(32, s))
-    out = gpu_attention.mha(
-        q, k, v, None, sm_scale=float(scale), causal=is_causal, block_sizes=blocks, interpret=interpret)
+
+    def mha(q, causal):
+        tq = q.shape[1]
+        blocks = gpu_attention.BlockSizes(
+            block_q=min(128, tq), block_k=min(128, s),
+            block_q_dkv=min(32, tq), block_kv_dkv=min(32, s), block_q_dq=min(32, tq), block_kv_dq=min(32, s))
+        return _x32(lambda q, k, v: gpu_attention.mha(
+            q, k, v, None, sm_scale=float(scale), causal=causal, block_sizes=blocks, interpret=interpret))(q, k, v)
+
+    if is_causal and q.shape[1] > s:
+        # Top-left with T > S: the kernel would read past the last key block (NaN rows);
+        # queries from S on see every key, so they need no causal mask at all.
+        out = jnp.concatenate([mha(q[:, :s], True), mha(q[:, s:], False)], axis=1)
+    else:
+        out = mha(q, is_causal)
     out = out[:, front:, :, :d]
     if dead:
         out = jnp.concatenate([jnp.zeros(out.shape[:1] + (dead,) + out.shape[2:], out.dtype), out], axis=1)
     return out.reshape(batch + (t, n, d)).astype(query.dtype)
 
 
-def _interpreted(fn, context):
-    """``fn`` with its forward and backward kernels both traced inside ``context()``.
+def _within(fn, *contexts):
+    """``fn`` with its forward and backward kernels both traced inside ``contexts``.
 
     The TPU kernel takes no ``interpret=`` flag, only JAX's contextual switch,
     and its backward pass is traced later, when ``jax.grad`` transposes: a
     plain ``with`` around the forward call would not cover it.
     """
 
+    def entered(f, *args):
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context())
+            return f(*args)
+
     @jax.custom_vjp
     def run(*args):
-        with context():
-            return fn(*args)
+        return entered(fn, *args)
 
     def fwd(*args):
-        with context():
-            return jax.vjp(fn, *args)  # the vjp function is a pytree: a valid residual
+        return entered(lambda *a: jax.vjp(fn, *a), *args)  # the vjp function is a pytree: a valid residual
 
     def bwd(vjp, cotangent):
-        with context():
-            return vjp(cotangent)
+        return entered(vjp, cotangent)
 
     run.defvjp(fwd, bwd)
     return run
+
+
+def _x32(fn):
+    """``fn`` traced with 64-bit mode off: the Pallas kernels mix int32 grid ids with
+    default-int constants, which become int64 under ``jax_enable_x64`` (a TypeError).
+    Their float operands are float32/bfloat16/float16 either way."""
+    return _within(fn, lambda: jax.enable_x64(False)) if jax.config.jax_enable_x64 else fn
 
 
 def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, precision,
@@ -219,7 +239,12 @@ def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alig
         # The kernel scales the biased logits, (q·k + ab) * scale: divide the bias
         # by the scale, and keep the masked value finite after the product.
         neg = _NEG / max(scale, 1.0)
-        ab = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32) / scale
+        ab = jnp.zeros((), jnp.float32)
+        if bias is not None:
+            # A finite bias stays finite: flax masks with finfo.min, and finfo.min / scale
+            # would overflow to -inf (a dead row instead of the dense path's uniform one).
+            # Half of `neg` keeps it far above the masked value, as on the dense path.
+            ab = jnp.maximum(bias.astype(jnp.float32) / scale, neg / 2)
         if keep is not None:
             ab = jnp.where(keep, ab, neg)
         ab = jnp.broadcast_to(ab, batch + (n, t, s)).reshape((-1, n, t, s))
@@ -236,7 +261,8 @@ def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alig
     def call(q, k, v, ab):
         return tpu_attention.flash_attention(q, k, v, ab, causal=native, sm_scale=float(scale), block_sizes=blocks)
 
-    out = (_interpreted(call, pltpu.force_tpu_interpret_mode) if interpret else call)(q, k, v, ab)
+    out = (_within(call, pltpu.force_tpu_interpret_mode) if interpret else call)
+    out = _x32(out)(q, k, v, ab)
     out = jnp.swapaxes(out[:, :, :t, :d], 1, 2)
     return _zero_dead(out.reshape(batch + (t, n, d)).astype(query.dtype), alive)
 

@@ -6,16 +6,22 @@ function may not know this package's options, so :func:`call_attention_fn`
 passes only the keyword arguments its signature names and expresses the rest
 with what it does take: causality and windows become a boolean mask, a logit
 scale is folded into the query, grouped kv heads are repeated to ``N``.
+:func:`einsum_attention` is the dense path with pluggable einsums (flax's
+``qk_attn_weights_einsum``/``attn_weights_value_einsum``, e.g. AQT's).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_attention._validation import compute_dtype
+from flax_attention.attention import masked_softmax
 from flax_attention.masks import causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
@@ -62,3 +68,54 @@ def call_attention_fn(fn: Callable[..., Array], query: Array, key: Array, value:
     if module is not None and "module" in accepted:
         kw["module"] = module
     return fn(query, key, value, **kw)
+
+
+def einsum_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
+                     mask: Optional[Array] = None, *, scale: Optional[float] = None,
+                     dropout_rng: Optional[jax.Array] = None, dropout_rate: float = 0.0,
+                     deterministic: bool = True, precision=None, module=None,
+                     qk_attn_weights_einsum: Optional[Callable[..., Array]] = None,
+                     attn_weights_value_einsum: Optional[Callable[..., Array]] = None) -> Array:
+    """Dense attention whose two einsums may be replaced, as in flax's ``dot_product_attention``.
+
+    Unlike flax's, a row with nothing to attend to gives zeros (the
+    package's :func:`~flax_attention.masked_softmax`).
+
+    Args:
+      query: ``[..., T, N, H]``; key: ``[..., S, N, H]``; value: ``[..., S, N, D]``.
+      bias: float, broadcastable to ``[..., N, T, S]``.
+      mask: boolean, broadcastable to ``[..., N, T, S]``; ``True`` = attend.
+      scale: logit scale; default ``1 / sqrt(H)``.
+      dropout_rng, dropout_rate, deterministic: dropout on the weights.
+      precision: for the default einsums.
+      module: sows ``attention_weights`` into it when given.
+      qk_attn_weights_einsum: ``einsum("...qhd,...khd->...hqk", q, k)`` replacement.
+      attn_weights_value_einsum: ``einsum("...hqk,...khd->...qhd", w, v)`` replacement.
+
+    Returns:
+      ``[..., T, N, D]`` in the query's dtype.
+    """
+    default = functools.partial(jnp.einsum, precision=precision)
+    qk, av = qk_attn_weights_einsum or default, attn_weights_value_einsum or default
+    cdt = compute_dtype(query.dtype)
+    scale = 1.0 / np.sqrt(query.shape[-1]) if scale is None else scale
+    logits = qk("...qhd,...khd->...hqk", query, key).astype(cdt) * jnp.asarray(scale, cdt)
+    if bias is not None:
+        logits = logits + jnp.asarray(bias, cdt)
+    weights = masked_softmax(logits, mask)
+    if module is not None:
+        module.sow("intermediates", "attention_weights", weights)
+    if dropout_rate > 0.0 and not deterministic:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return av("...hqk,...khd->...qhd", weights.astype(value.dtype), value).astype(query.dtype)
+
+
+def make_einsums(qk_cls, av_cls) -> dict:
+    """flax's ``*_einsum_cls`` attributes instantiated as ``attention_fn`` keywords (``{}`` if unset)."""
+    if (qk_cls is None) != (av_cls is None):
+        raise ValueError("qk_attn_weights_einsum_cls and attn_weights_value_einsum_cls must be "
+                         "given together (as in flax); set both or neither.")
+    if qk_cls is None:
+        return {}
+    return dict(qk_attn_weights_einsum=qk_cls(), attn_weights_value_einsum=av_cls())

@@ -146,8 +146,9 @@ def beam_search(
     Each step extends the ``W`` live hypotheses by every token, keeps the best
     ``2W`` extensions (so at least ``W`` of them do not end in EOS), moves the
     EOS-ending ones among the best ``W`` into the finished set (scored
-    ``log p / lp(n)``) and keeps the best ``W`` others alive; so ``W = 1`` is
-    greedy decoding, and a ``W`` at least the number of candidates is exact search. A batch element stops once its worst finished
+    ``log p / lp(n)``) and keeps the best ``W`` others alive; a ``W`` at least
+    the number of candidates is exact search. ``W = 1`` is greedy decoding
+    for every ``alpha`` (an element stops at its first EOS). A batch element stops once its worst finished
     score beats ``best live log p / lp(L)``: log-probabilities only fall and,
     for ``alpha >= 0``, ``lp(L)`` is the largest penalty, so that is an upper
     bound on anything still alive. The loop ends when every element stopped.
@@ -181,7 +182,10 @@ def beam_search(
     def cond(state):
         i, _, _, alive_lp, _, fin_score = state
         bound = jnp.max(alive_lp, axis=-1) / max_penalty
-        return (i < max_len) & ~jnp.all(fin_score[:, -1] >= bound)
+        stopped = fin_score[:, -1] >= bound
+        if w == 1:  # greedy: done at the first EOS
+            stopped = stopped | (fin_score[:, 0] > _NEG_INF / 2)
+        return (i < max_len) & ~jnp.all(stopped)
 
     def body(state, memory, encoded_or_none=None):
         i, cache, alive_seq, alive_lp, fin_seq, fin_score = state
@@ -207,10 +211,14 @@ def beam_search(
 
         # Finished set: merge old finished with the new EOS-ending extensions.
         # As in fairseq, an EOS extension is only finished if it ranks among the
-        # top W candidates; with W = 1 this makes beam search exactly greedy.
+        # top W candidates. With W = 1 an element is also frozen at its first
+        # finished hypothesis (greedy stops at its EOS): otherwise the runner-up
+        # kept alive could win later through the length penalty (alpha > 0).
         in_top_w = jnp.arange(2 * w) < w
-        new_score = jnp.where(is_eos & in_top_w & (cand_lp > _NEG_INF / 2),
-                              cand_lp / length_penalty(i + 1, alpha), _NEG_INF)
+        finishes = is_eos & in_top_w & (cand_lp > _NEG_INF / 2)
+        if w == 1:
+            finishes = finishes & (fin_score[:, :1] <= _NEG_INF / 2)
+        new_score = jnp.where(finishes, cand_lp / length_penalty(i + 1, alpha), _NEG_INF)
         all_score = jnp.concatenate([fin_score, new_score], axis=1)
         all_seq = jnp.concatenate([fin_seq, seqs], axis=1)
         fin_score, top = jax.lax.top_k(all_score, w)

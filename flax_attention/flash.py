@@ -171,7 +171,7 @@ def chunked_attention(
         ``hessian``: the ``custom_vjp`` defines reverse mode only; the dense
         path, which auto dispatch falls back to under forward mode, has both).
     """
-    query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias)
+    query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias, scale)
     return _chunked(query, key, value, mask, bias, bias_keep, scale, is_causal, causal_alignment,
                     window, block_q, block_k, precision)
 

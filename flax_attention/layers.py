@@ -16,7 +16,9 @@ from typing import Any, Callable, ClassVar, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
+from flax_attention.backend_select import parse_implementation
 from flax_attention.multihead import MultiHeadAttention
 from flax_attention.partitioning import logical
 from flax_attention.positions import (  # noqa: F401  (re-exported: their historical home)
@@ -134,6 +136,13 @@ class TransformerConfig:
             problems.append(f"activation={self.activation!r} must be one of {sorted(ACTIVATIONS)}")
         if min(self.vocab_size, self.d_model, self.d_ff, self.max_len) <= 0:
             problems.append("vocab_size, d_model, d_ff and max_len must be positive")
+        if self.attention_implementation is not None:
+            try:  # a typo must fail here, not at the first call
+                parse_implementation(self.attention_implementation)
+            except ValueError as err:
+                problems.append(f"attention_implementation: {err}".rstrip("."))
+        if self.attention_scale is not None and np.shape(self.attention_scale) != ():
+            problems.append(f"attention_scale must be a number, got shape {np.shape(self.attention_scale)}")
         if problems:
             raise ValueError("TransformerConfig: " + "; ".join(problems) + ".")
 

@@ -11,11 +11,11 @@ maths is :func:`flax_attention.scaled_dot_product_attention` (or a custom
 the cache arithmetic from :mod:`flax_attention.kv_cache`.
 
 Autoregressive decoding (``decode=True``, attribute or call argument) keeps
-``cached_key``/``cached_value [..., L, K, H]``, a per-example ``cache_index
-[...]`` (int32) and a per-example ``cache_overflow [...]`` flag in the
-``"cache"`` collection; see :mod:`flax_attention.kv_cache` for right-padded
-prompts of different lengths. Cross-attention (``static_kv=True``) caches its
-projected memory once instead.
+flax's cache exactly: ``cached_key``/``cached_value [..., L, K, H]`` and a
+scalar int32 ``cache_index`` in the ``"cache"`` collection; right-padded
+prompts of different lengths add a per-example ``cache_lengths [...]`` (see
+:mod:`flax_attention.kv_cache`, which holds the cache logic). Cross-attention
+(``static_kv=True``) caches its projected memory once instead.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from flax_attention import kv_cache
 from flax_attention.context_parallel import routed_attention
-from flax_attention.custom_attention import call_attention_fn
+from flax_attention.custom_attention import call_attention_fn, einsum_attention, make_einsums
 from flax_attention.masks import combine_masks
 from flax_attention.partitioning import logical
-from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
+from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary, relative_positions
 
 Array = jnp.ndarray
 RELATIVE_POSITIONS = (None, "rope", "alibi")
@@ -45,11 +45,12 @@ class MultiHeadAttention(nn.Module):
       num_heads: ``N``, query heads.
       dtype, param_dtype: computation / parameter dtype (logits and softmax
         are float32 regardless, so ``force_fp32_for_softmax`` is always on).
+        With ``dtype=None`` queries, keys and values are promoted to one
+        dtype, as flax does (e.g. bfloat16 queries and a float32 memory).
       qkv_features: ``N * H``; defaults to the query's ``E``.
       out_features: output features; defaults to the query's ``E``.
-      broadcast_dropout: share the dropout mask across batch dims. Only with a
-        custom ``attention_fn`` that accepts it (e.g. ``nn.dot_product_attention``):
-        the default function draws one mask element per weight, hence default False.
+      broadcast_dropout: share the dropout mask across batch dims; only with an
+        ``attention_fn`` that takes it (the default draws one mask per weight).
       dropout_rate: dropout on the attention weights.
       deterministic: as in flax: when ``dropout_rate > 0`` exactly one of this
         attribute and the call argument must be set (``nn.merge_param``).
@@ -62,19 +63,22 @@ class MultiHeadAttention(nn.Module):
       decode: autoregressive decoding with the ``"cache"`` collection.
       normalize_qk: LayerNorm on query and key heads (no bias), as flax.
       force_fp32_for_softmax: accepted for compatibility (always float32).
+      qkv_dot_general, out_dot_general, qkv_dot_general_cls,
+        out_dot_general_cls: the ``dot_general`` (or a factory of it, e.g.
+        AQT's) of the q/k/v and output projections, as in flax.
+      qk_attn_weights_einsum_cls, attn_weights_value_einsum_cls: factories of
+        the two attention einsums (both or neither), as in flax; with the
+        default function they select
+        :func:`~flax_attention.custom_attention.einsum_attention`.
       num_kv_heads: ``K`` (``None`` = ``N``); ``N % K == 0``.
       head_dim: ``H``; overrides ``qkv_features // num_heads``.
       sow_weights: default of the ``sow_weights`` call argument.
       window, implementation, scale: passed to the attention function (see
         :func:`scaled_dot_product_attention`).
-      relative_position: ``None``, ``"rope"`` (rotate q/k by their positions)
-        or ``"alibi"`` (add ``-m_n |i - j|`` to the logits); see
-        :mod:`flax_attention.positions`.
-      rope_base: RoPE frequency base.
-      alibi_directional: ALiBi keys to the right of the query (``j > i``) use
-        the slopes in reversed head order, so bidirectional attention can tell
-        left from right (the symmetric form is mirror-invariant); no effect on
-        causal attention.
+      relative_position: ``None``, ``"rope"`` or ``"alibi"`` (see
+        :mod:`flax_attention.positions`). rope_base: RoPE frequency base.
+      alibi_directional: keys right of the query use the slopes in reversed
+        head order (the symmetric form is mirror-invariant); no causal effect.
     """
 
     num_heads: int
@@ -104,8 +108,14 @@ class MultiHeadAttention(nn.Module):
     relative_position: Optional[str] = None
     rope_base: float = 10000.0
     alibi_directional: bool = False
+    qkv_dot_general: Optional[Callable[..., Array]] = None
+    out_dot_general: Optional[Callable[..., Array]] = None
+    qkv_dot_general_cls: Any = None
+    out_dot_general_cls: Any = None
+    qk_attn_weights_einsum_cls: Optional[Callable[..., Callable[..., Array]]] = None
+    attn_weights_value_einsum_cls: Optional[Callable[..., Callable[..., Array]]] = None
 
-    def _dims(self, features: int):
+    def _dims(self, features: int, static_kv: bool):
         n = self.num_heads
         k = n if self.num_kv_heads is None else self.num_kv_heads
         if n <= 0 or k <= 0 or n % k:
@@ -115,6 +125,9 @@ class MultiHeadAttention(nn.Module):
         if self.relative_position not in RELATIVE_POSITIONS:
             raise ValueError(f"relative_position must be one of {RELATIVE_POSITIONS}, "
                              f"got {self.relative_position!r}.")
+        if static_kv and self.relative_position is not None:
+            raise ValueError("relative_position (RoPE/ALiBi) is for self-attention; construct the "
+                             "static_kv (cross-attention) module without it.")
         if self.head_dim is not None:
             if self.qkv_features is not None and self.qkv_features != n * self.head_dim:
                 raise ValueError(f"qkv_features={self.qkv_features} != num_heads * head_dim = "
@@ -142,6 +155,7 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         decode: Optional[bool] = None,
         positions: Optional[Array] = None,
+        key_positions: Optional[Array] = None,
         lengths: Optional[Array] = None,
         static_kv: bool = False,
     ) -> Array:
@@ -152,26 +166,28 @@ class MultiHeadAttention(nn.Module):
           inputs_k: ``[..., S, E_k]``; ``None`` means ``inputs_q`` (self-attention).
           inputs_v: ``[..., S, E_v]``; ``None`` means ``inputs_k``.
           inputs_kv: deprecated flax alias setting both ``inputs_k`` and ``inputs_v``.
-          mask: boolean, broadcastable to ``[..., N, T, S]``; ``True`` = attend.
-            With ``decode``, ``S`` is the cache length ``L``. As in flax, a
-            numeric mask (``nn.make_attention_mask`` gives float 0/1) is read as
-            ``mask != 0``; it is not an additive bias (use ``bias`` for that).
+          mask: boolean, broadcastable to ``[..., N, T, S]`` (``S = L`` with
+            ``decode``); ``True`` = attend. A numeric mask (flax's float 0/1)
+            is read as ``mask != 0``, as flax does (``bias`` is additive).
           deterministic: disables dropout; see the attribute.
           dropout_rng: dropout key; default ``self.make_rng('dropout')``.
           sow_weights: sow the ``[..., N, T, S]`` weights into
             ``'intermediates'/'attention_weights'``; ``None`` = the attribute.
           bias: float logit bias, broadcastable to ``[..., N, T, S]``.
           is_causal: causal self-attention (implied by ``decode``).
-          decode: overrides the ``decode`` attribute. The call inside ``init``
-            allocates an empty cache as long as the input (``L``); later calls
-            (``mutable=['cache']``) write their ``T`` new positions at each
-            example's ``cache_index``. A write past ``L`` raises a ValueError
-            when the index is concrete; under ``jit`` that example's cache is
-            left intact, its ``cache_overflow`` flag is set and its output is NaN.
-          positions: int ``[..., T]`` query (= key, for self-attention)
-            positions for RoPE/ALiBi without ``decode``; default ``arange``.
+          decode: overrides the ``decode`` attribute. ``init`` allocates flax's
+            cache as long as its input (``L``); later calls (``mutable=['cache']``)
+            write their ``T`` positions at the cache index; a write past ``L``
+            raises, or under ``jit`` is skipped with a NaN output (see
+            :mod:`flax_attention.kv_cache`).
+          positions: int ``[..., T]`` query positions for RoPE/ALiBi without
+            ``decode``; default ``arange(T)``.
+          key_positions: int ``[..., S]`` key positions; default ``positions``
+            when the keys are the queries' sequence (``inputs_k`` omitted, or
+            ``S == T``), else ``arange(S)``.
           lengths: int ``[...]`` with ``decode``: how many of the ``T`` new
-            positions are real (right-padded prompts); default ``T``.
+            positions are real (right-padded prompts, in ``[0, T]``); adds the
+            per-example ``cache_lengths`` to the cache. Default ``T``.
           static_kv: with ``decode``, treat ``inputs_k``/``inputs_v`` as a fixed
             memory (cross-attention): projected on the call that passes them
             and stored as ``cached_key``/``cached_value [..., S, K, H]``; a call
@@ -180,34 +196,24 @@ class MultiHeadAttention(nn.Module):
         Returns:
           ``[..., T, out_features]``.
         """
-        if inputs_kv is not None:
-            if inputs_k is not None or inputs_v is not None:
-                raise ValueError("pass either inputs_kv (deprecated) or inputs_k/inputs_v, not both.")
-            inputs_k = inputs_v = inputs_kv
-        elif inputs_k is None and inputs_v is not None:
-            raise ValueError("inputs_k cannot be None when inputs_v is given.")
+        inputs_k, inputs_v, reuse = _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv, static_kv)
         if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
             mask = jnp.asarray(mask) != 0  # flax's reading of numeric masks
         decode = self.decode if decode is None else decode
-        reuse_kv = decode and static_kv and inputs_k is None
-        self_attention = inputs_k is None and not static_kv
-        inputs_k = inputs_q if inputs_k is None else inputs_k
-        inputs_v = inputs_k if inputs_v is None else inputs_v
-        n, k, h = self._dims(inputs_q.shape[-1])
+        reuse_kv = decode and reuse
+        n, k, h = self._dims(inputs_q.shape[-1], static_kv)
         append = decode and not static_kv
-        if static_kv and self.relative_position is not None:
-            raise ValueError("relative_position (RoPE/ALiBi) is for self-attention; construct the "
-                             "static_kv (cross-attention) module without it.")
         if append:
-            self._check_decode(inputs_q, inputs_k, inputs_v, lengths)
+            lengths = kv_cache.check_decode(self, inputs_q, inputs_k, inputs_v, lengths)
 
         dense = lambda heads, axis, name: nn.DenseGeneral(  # noqa: E731
             features=(heads, h), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=logical(self.kernel_init, ("embed", axis, "kv")),
-            bias_init=logical(self.bias_init, (axis, "kv")), precision=self.precision, name=name)
+            bias_init=logical(self.bias_init, (axis, "kv")), precision=self.precision,
+            dot_general=self.qkv_dot_general, dot_general_cls=self.qkv_dot_general_cls, name=name)
         query = dense(n, "heads", "query")(inputs_q)  # [..., T, N, H]
         if reuse_kv:
-            key, value = self._static_cache(None, None)
+            key, value = kv_cache.static_memory(self, None, None)
         else:  # [..., S, K, H]
             key, value = dense(k, "kv_heads", "key")(inputs_k), dense(k, "kv_heads", "value")(inputs_v)
         if self.normalize_qk:
@@ -215,29 +221,28 @@ class MultiHeadAttention(nn.Module):
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
             query = ln("query_ln")(query)
             key = key if reuse_kv else ln("key_ln")(key)
+        # Mixed precision as in flax: promote (e.g. bf16 queries, float32 memory -> float32).
+        query, key, value = promote_dtype(query, key, value, dtype=self.dtype)
 
         t, window, overflow = query.shape[-3], self.window, None
-        if append:
-            # Positions are absolute: the cache offset plus arange(T), per example.
-            q_pos = kv_cache.query_positions(self._index(inputs_q), t)
-            k_pos = jnp.arange(self.get_variable("cache", "cached_key").shape[-3], dtype=jnp.int32) \
-                if self.has_variable("cache", "cached_key") else q_pos
+        if append:  # absolute positions: each example's fill level plus arange(T)
+            start, q_pos, k_pos = kv_cache.decode_positions(self, query.shape[:-3], t)
         else:
-            q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
-            k_pos = q_pos if self_attention else jnp.arange(key.shape[-3], dtype=jnp.int32)
+            q_pos, k_pos = relative_positions(positions, key_positions, t, key.shape[-3], inputs_k is inputs_q)
         if self.relative_position == "rope":  # RoFormer Eq. 34, before caching the keys
             query = apply_rotary(query, q_pos, self.rope_base)
             key = apply_rotary(key, q_pos if append else k_pos, self.rope_base)
         if append:
-            key, value, overflow = self._update_cache(key, value, lengths)
+            key, value, overflow = kv_cache.update(self, key, value, start, lengths)
             mask = combine_masks(mask, kv_cache.position_mask(q_pos, k_pos, window=window))
             is_causal, window = False, None
         elif static_kv and decode and not reuse_kv and not self.is_initializing():
-            self._static_cache(key, value)  # init_cache allocates none: S is unknown there
+            kv_cache.static_memory(self, key, value)  # init_cache allocates none: S is unknown there
         if self.relative_position == "alibi":  # Press et al. 2022, §3
             slopes = alibi_slopes(n)
             right = slopes[::-1] if self.alibi_directional else None
-            bias = _add(bias, alibi_bias(slopes, q_pos, k_pos, right))
+            alibi = alibi_bias(slopes, q_pos, k_pos, right)
+            bias = alibi if bias is None else bias + alibi
 
         sow = self.sow_weights if sow_weights is None else sow_weights
         det = True
@@ -247,19 +252,23 @@ class MultiHeadAttention(nn.Module):
                 dropout_rng = self.make_rng("dropout")
         out = self._attend(query, key, value, mask, bias, is_causal, window, det, dropout_rng, sow)
         if overflow is not None:
-            out = jnp.where(overflow[..., None, None, None], jnp.nan, out).astype(out.dtype)
+            out = kv_cache.poison(out, overflow)
         return nn.DenseGeneral(
             features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=logical(self.out_kernel_init or self.kernel_init, ("heads", "kv", "embed")),
-            bias_init=logical(self.out_bias_init or self.bias_init, ("embed",)),
-            precision=self.precision, name="out")(out)
+            bias_init=logical(self.out_bias_init or self.bias_init, ("embed",)), precision=self.precision,
+            dot_general=self.out_dot_general, dot_general_cls=self.out_dot_general_cls, name="out")(out)
 
     def _attend(self, query, key, value, mask, bias, is_causal, window, det, rng, sow):
         """Runs the default or custom attention function; sows the weights if asked."""
         common = dict(dropout_rate=self.dropout_rate, deterministic=det, dropout_rng=rng,
                       precision=self.precision)
-        if self.attention_fn is None:
+        einsums = make_einsums(self.qk_attn_weights_einsum_cls, self.attn_weights_value_einsum_cls)
+        fn = self.attention_fn
+        if fn is None and einsums:
+            fn = einsum_attention  # the einsum classes replace the default path's einsums (flax: AQT)
+        if fn is None:
             if self.broadcast_dropout and self.dropout_rate > 0.0 and not det:
                 raise ValueError("broadcast_dropout=True needs a custom attention_fn that supports it "
                                  "(e.g. nn.dot_product_attention); the default draws one mask per weight.")
@@ -271,83 +280,21 @@ class MultiHeadAttention(nn.Module):
                 self.sow("intermediates", "attention_weights", weights)
             return out
         return call_attention_fn(
-            self.attention_fn, query, key, value, mask=mask, bias=bias, is_causal=is_causal,
+            fn, query, key, value, mask=mask, bias=bias, is_causal=is_causal,
             window=window, scale=self.scale, implementation=self.implementation,
             broadcast_dropout=self.broadcast_dropout, dtype=self.dtype,
-            module=self if sow else None, **common)
-
-    def _index(self, inputs_q):
-        """The per-example cache index ``[...]`` (int32); a scalar (older caches) is broadcast."""
-        batch = inputs_q.shape[:-2]
-        if not self.has_variable("cache", "cache_index"):
-            return jnp.zeros(batch, jnp.int32)
-        index = self.get_variable("cache", "cache_index")
-        return jnp.broadcast_to(jnp.asarray(index, jnp.int32), batch)
-
-    def _check_decode(self, inputs_q, inputs_k, inputs_v, lengths):
-        """Raises a ValueError for a decode call that cannot be right (trace-time facts)."""
-        if inputs_k.shape[:-1] != inputs_q.shape[:-1] or inputs_v.shape[:-1] != inputs_q.shape[:-1]:
-            raise ValueError(
-                "decode=True caches self-attention keys, so inputs_k/inputs_v must have the query's "
-                f"[..., T] shape; got inputs_q {inputs_q.shape} and inputs_k {inputs_k.shape}. "
-                "Call cross-attention with decode=False or static_kv=True.")
-        if not self.has_variable("cache", "cached_key"):
-            if self.is_initializing():
-                return  # the allocation call
-            raise ValueError(
-                "decode=True found no 'cache' collection: create it with model.init(..., decode=True) "
-                "on inputs of the maximum length (or flax_attention.init_cache) and pass it with "
-                "mutable=['cache'].")
-        cache_shape = self.get_variable("cache", "cached_key").shape
-        *batch, length, _, _ = cache_shape
-        t = inputs_q.shape[-2]
-        if inputs_q.shape[:-2] != tuple(batch):
-            raise ValueError(f"decode inputs {inputs_q.shape} do not match the cache {cache_shape} "
-                             "([..., L, K, H]) in batch dims; re-create the cache for this batch shape.")
-        if t > length:
-            raise ValueError(f"decode step of T={t} positions cannot fit in a cache of length L={length}; "
-                             "initialise the cache with a longer input (the maximum total length).")
-        index = self.get_variable("cache", "cache_index")
-        count = t if lengths is None else lengths
-        if not isinstance(index, jax.core.Tracer) and not isinstance(count, jax.core.Tracer):
-            last = np.max(np.asarray(index) + np.asarray(count))
-            if last > length:
-                raise ValueError(f"decode step writes up to position {last - 1}, past the cache length "
-                                 f"L={length}; initialise the cache with a longer input.")
-
-    def _update_cache(self, key, value, lengths):
-        """Writes the new keys/values per example; returns the full cache and the overflow flags."""
-        initialized = self.has_variable("cache", "cached_key")
-        batch = key.shape[:-3]
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.zeros(batch, jnp.int32))
-        flag = self.variable("cache", "cache_overflow", lambda: jnp.zeros(batch, bool))
-        if not initialized:
-            # Allocation call (flax pattern): the input fixes L; nothing is written.
-            return key, value, jnp.zeros(batch, bool)
-        t = key.shape[-3]
-        start = jnp.broadcast_to(jnp.asarray(index.value, jnp.int32), batch)
-        count = jnp.broadcast_to(jnp.asarray(t if lengths is None else lengths, jnp.int32), batch)
-        cached_key.value, overflow = kv_cache.write_cache(cached_key.value, key, start, count)
-        cached_value.value, _ = kv_cache.write_cache(cached_value.value, value, start, count)
-        index.value = start + count
-        flag.value = jnp.broadcast_to(flag.value, batch) | overflow
-        # The cache is storage: a cache allocated in another dtype (e.g. from a float64
-        # dummy input under jax_enable_x64) must not turn this step into mixed-dtype attention.
-        return cached_key.value.astype(key.dtype), cached_value.value.astype(value.dtype), overflow
-
-    def _static_cache(self, key, value):
-        """Stores (``key`` given) or returns (``key=None``) the cross-attention memory."""
-        if key is not None:
-            self.put_variable("cache", "cached_key", key)
-            self.put_variable("cache", "cached_value", value)
-            return key, value
-        if not self.has_variable("cache", "cached_key"):
-            raise ValueError("static_kv decoding without inputs_k needs an earlier call that passed "
-                             "inputs_k (it stores the projected memory in the 'cache').")
-        return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+            module=self if sow else None, **einsums, **common)
 
 
-def _add(a: Optional[Array], b: Array) -> Array:
-    return b if a is None else a + b
+def _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv, static_kv):
+    """flax's input rules: ``(inputs_k, inputs_v, reuse)``; ``reuse``: static_kv with no new memory."""
+    if inputs_kv is not None:
+        if inputs_k is not None or inputs_v is not None:
+            raise ValueError("pass either inputs_kv (deprecated) or inputs_k/inputs_v, not both.")
+        inputs_k = inputs_v = inputs_kv
+    elif inputs_k is None and inputs_v is not None:
+        raise ValueError("inputs_k cannot be None when inputs_v is given.")
+    reuse = static_kv and inputs_k is None
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    return inputs_k, inputs_k if inputs_v is None else inputs_v, reuse
+

@@ -20,11 +20,13 @@ offset), so the same code serves teacher forcing and cached decoding.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from flax_attention import kv_cache
 
 Array = jnp.ndarray
 
@@ -66,11 +68,13 @@ def sinusoidal_positions(length: int, features: int, *, offset: Any = 0) -> Arra
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds sinusoidal position encodings to ``x [..., T, E]`` (no parameters).
 
-    With ``decode=True`` each example's offset is kept in
-    ``'cache'/'position_index' [...]`` (int32) and advances by ``T`` per call
-    (or by its own ``lengths`` for right-padded prompts), so a prefill and the
-    following single-token steps get positions ``0, 1, 2, …``; like the
-    attention cache, it is allocated (not advanced) inside ``init``.
+    With ``decode=True`` the offset is kept as the attention cache keeps its
+    index (:mod:`flax_attention.kv_cache`): a scalar int32
+    ``'cache'/'position_index'`` advancing by ``T`` per call, plus a
+    per-example ``position_lengths [...]`` once a call passes ``lengths``
+    (right-padded prompts); so a prefill and the following single-token
+    steps get positions ``0, 1, 2, …``. Like the attention cache, it is
+    allocated (not advanced) inside ``init``.
     """
 
     @nn.compact
@@ -91,16 +95,37 @@ class SinusoidalPositionalEncoding(nn.Module):
         if positions is None:
             positions = jnp.arange(t, dtype=jnp.int32)
             if decode:
-                initialized = self.has_variable("cache", "position_index")
-                index = self.variable("cache", "position_index", lambda: jnp.zeros(batch, jnp.int32))
-                if initialized:
-                    start = jnp.broadcast_to(jnp.asarray(index.value, jnp.int32), batch)
+                lengths = kv_cache.check_lengths(lengths, batch, t)
+                names = dict(index="position_index", lengths="position_lengths")
+                if self.has_variable("cache", "position_index"):
+                    start = kv_cache.fill_levels(self, batch, **names)
                     positions = start[..., None] + positions
-                    count = t if lengths is None else lengths
-                    index.value = start + jnp.broadcast_to(jnp.asarray(count, jnp.int32), batch)
+                    kv_cache.advance(self, start, lengths, t, **names)
+                else:  # the allocation call, flax's pattern: nothing advances
+                    self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
         elif decode:
             raise ValueError("pass either explicit positions or decode=True, not both.")
         return (x + sinusoidal_encoding(positions, e)).astype(x.dtype)
+
+
+def relative_positions(positions: Optional[Array], key_positions: Optional[Array], t: int, s: int,
+                       same_inputs: bool) -> Tuple[Array, Array]:
+    """Query ``[..., T]`` and key ``[..., S]`` positions for RoPE/ALiBi (outside decoding).
+
+    Defaults: ``arange``. Explicit query ``positions`` place the keys too when
+    the keys are the queries' sequence (``same_inputs``, or ``S == T`` as in
+    flax's ``layer(x, x)``); keys of another length need ``key_positions``.
+    """
+    q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else jnp.asarray(positions)
+    if key_positions is not None:
+        return q_pos, jnp.asarray(key_positions)
+    if positions is not None and (same_inputs or s == t):
+        return q_pos, q_pos
+    if positions is not None:
+        raise ValueError(f"positions were given for T={t} queries but the S={s} keys have none; "
+                         "pass key_positions [..., S] as well.")
+    return q_pos, jnp.arange(s, dtype=jnp.int32)
+
 
 def rotary_angles(positions: Array, head_dim: int, base: float = 10000.0) -> Array:
     """Rotation angles ``m · θ_i`` with ``θ_i = base^(-2i/H)`` (Eq. 15 of the paper).

@@ -8,9 +8,9 @@
 * ``decode(tgt_in [B, T], encoded, src, decode=False) -> [B, T, V_out]``
   float32 logits; causal self-attention, source padding masked in
   cross-attention. With ``decode=True`` the ``"cache"`` collection is read and
-  updated (apply with ``mutable=['cache']``) and positions continue from each
-  example's cache index: prefill a (right-padded) prompt with its ``lengths``,
-  then feed one token at a time. The first decode call passes ``encoded`` and
+  updated (apply with ``mutable=['cache']``) and positions continue from the
+  cache index (each example's, after a ragged prefill): prefill a
+  (right-padded) prompt with its ``lengths``, then feed one token at a time. The first decode call passes ``encoded`` and
   caches every cross-attention's keys/values; later calls may pass
   ``encoded=None`` to reuse them (passing it again recomputes them). Jit such
   a step with ``donate_argnums`` on the cache: the unchanged memory is then
@@ -229,8 +229,11 @@ def init_cache(model: Transformer, batch_size: int, max_len: Optional[int] = Non
     Returns:
       The ``"cache"`` collection: pass ``{'params': params, 'cache': cache}`` to
       ``model.apply(..., decode=True, mutable=['cache'], method=Transformer.decode)``.
-      It holds the self-attention caches (``cache_index``/``cache_overflow``
-      per example) and, for sinusoidal positions, ``position_index [B]``; the
+      Every self-attention holds flax's cache (``cached_key``/``cached_value
+      [B, L, K, H]``, a scalar ``cache_index``) and, for sinusoidal
+      positions, ``positions`` holds a scalar ``position_index``; a decode
+      call with ``lengths`` adds the per-example ``cache_lengths`` /
+      ``position_lengths [B]`` (:mod:`flax_attention.kv_cache`). The
       cross-attention memory is added by the first decode call that passes
       ``encoded`` (its length ``S`` is not known here).
     """

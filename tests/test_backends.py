@@ -264,3 +264,38 @@ def test_module_passes_new_names_through():
     params = dense.init(jax.random.PRNGKey(0), x, x, mask=causal_mask(16))
     got = mha.apply(params, x, x, mask=causal_mask(16))
     np.testing.assert_allclose(got, dense.apply(params, x, x, mask=causal_mask(16)), atol=1e-5)
+
+
+def test_pallas_triton_top_left_causal_with_more_queries_than_keys():
+    # Every query sees key 0 at least; rows >= S see every key. It returned NaN everywhere.
+    q, k, v = _qkv(3, t=32, s=16)
+    _check(TRITON, q, k, v, is_causal=True, causal_alignment="top_left")
+
+
+def test_pallas_tpu_keeps_a_finite_finfo_min_bias_finite():
+    # flax's masking convention: a very negative finite bias. Dividing it by the
+    # scale made it -inf (a dead row of zeros); dense and chunked give the mean of the values.
+    q, k, v = _qkv(4, t=8, s=16)
+    bias = np.zeros((2, 4, 8, 16), np.float32)
+    bias[:, :, 2, :] = np.finfo(np.float32).min  # a whole row
+    bias[:, :, 5, 3:] = np.finfo(np.float32).min  # most of a row: keys 0-2 must win
+    mask = np.ones((2, 1, 8, 16), bool)
+    mask[:, :, 5, :2] = False  # masked keys stay below finfo.min-biased ones, as on the dense path
+    want = sdpa(q, k, v, bias=bias, mask=mask, implementation="dense")
+    np.testing.assert_allclose(sdpa(q, k, v, bias=bias, mask=mask, implementation=TPU), want, atol=2e-5)
+    np.testing.assert_allclose(want[:, 2], np.broadcast_to(v.mean(1).repeat(2, axis=1), want[:, 2].shape),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [TRITON, TPU])
+def test_pallas_kernels_run_in_64_bit_mode(impl):
+    # The kernels mixed int32 and int64 indices under jax_enable_x64 (a raw TypeError).
+    q, k, v = _qkv(5, t=16, s=16)
+    want, want_grads = _reference(q, k, v, is_causal=True)
+    with jax.enable_x64(True):
+        loss = lambda *a: (sdpa(*a, is_causal=True, implementation=impl) ** 2).sum()  # noqa: E731
+        out = sdpa(q, k, v, is_causal=True, implementation=impl)
+        grads = jax.grad(loss, (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=2e-4)

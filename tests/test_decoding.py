@@ -2,6 +2,7 @@
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +67,43 @@ def test_beam_width_one_equals_greedy(seed):
     greedy = np.asarray(greedy_decode(model, params, src, max_len=6))
     tokens, scores = beam_search(model, params, src, beam_size=1, max_len=6, alpha=0.0)
     np.testing.assert_array_equal(np.asarray(tokens)[:, 0], greedy)
+
+
+class BigramModel(nn.Module):
+    """A stand-in decoder whose next-token logits depend on the last token only (a fixed table)."""
+
+    config: TransformerConfig
+    table: tuple  # [V][V] logits, a tuple so the (static) model stays hashable
+
+    def encode(self, src, *, deterministic=True):
+        return jnp.zeros(src.shape + (1,), jnp.float32)
+
+    @nn.compact
+    def decode(self, tgt_in, encoded, src, *, deterministic=True, decode=False, lengths=None):
+        if decode:
+            self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        return jnp.asarray(self.table, jnp.float32)[tgt_in]
+
+    def __call__(self, src, tgt_in, *, deterministic=True, decode=False):
+        return self.decode(tgt_in, self.encode(src), src, decode=decode)
+
+
+def test_beam_width_one_equals_greedy_with_a_length_penalty():
+    # After BOS, EOS (p = .50) narrowly beats token 3 (p = .47), and 3 is followed by
+    # EOS (p = .99). Greedy says [EOS]; a width-1 beam that kept 3 alive after finishing
+    # [EOS] preferred [3, EOS] at alpha = 0.6 (-0.76 / lp(2) > -0.70 / lp(1)).
+    v = 5
+    table = np.full((v, v), np.log(1e-3))
+    table[BOS_ID, [EOS_ID, 3, 4]] = np.log([0.497, 0.472, 0.029])
+    table[3, EOS_ID], table[4, EOS_ID], table[EOS_ID, EOS_ID] = 0.0, 0.0, 0.0
+    model = BigramModel(TransformerConfig(vocab_size=v, max_len=6), tuple(map(tuple, table.tolist())))
+    src = jnp.full((2, 3), 3, jnp.int32)
+    greedy = np.asarray(greedy_decode(model, {}, src, max_len=6))
+    assert greedy[0].tolist() == [EOS_ID] + [PAD_ID] * 5
+    for alpha in (0.0, 0.6, 2.0):
+        tokens, scores = beam_search(model, {}, src, beam_size=1, max_len=6, alpha=alpha)
+        np.testing.assert_array_equal(np.asarray(tokens)[:, 0], greedy, err_msg=f"alpha={alpha}")
+        np.testing.assert_allclose(scores[:, 0], np.log(0.497), rtol=1e-4)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])

@@ -133,7 +133,7 @@ def _decode(m, params, x, mask, chunks):
         cache = state["cache"]
         outs.append(out)
         start += size
-    assert cache["cache_index"].shape == (B,) and np.all(cache["cache_index"] == start)
+    assert cache["cache_index"].shape == () and int(cache["cache_index"]) == start  # flax's layout
     return jnp.concatenate(outs, axis=1)
 
 
@@ -168,10 +168,13 @@ def test_cache_works_under_jit():
     full_cache = state["cache"]
     out, state = step(full_cache, x[:, 1:2])
     assert np.all(np.isnan(out))
-    # ... and the cache is not corrupted: no clamped write over slot 7, overflow flagged.
+    # ... and the cache is not corrupted: no clamped write over slot 7; the index
+    # moves past L, so every later step stays NaN (no extra flag variable).
     for name in ("cached_key", "cached_value"):
         np.testing.assert_array_equal(state["cache"][name], full_cache[name])
-    assert not np.any(full_cache["cache_overflow"]) and np.all(state["cache"]["cache_overflow"])
+    assert int(full_cache["cache_index"]) == L and int(state["cache"]["cache_index"]) > L
+    out, _ = step(state["cache"], x[:, 2:3])
+    assert np.all(np.isnan(out))
 
 
 def test_cache_errors():
@@ -181,7 +184,7 @@ def test_cache_errors():
     cache = m.init(jax.random.key(0), jnp.zeros((B, 4, E)), decode=True)["cache"]
     assert cache["cached_key"].shape == cache["cached_value"].shape == (B, 4, N, E // N)
     assert not np.any(cache["cache_index"]) and not np.any(cache["cached_key"])
-    assert cache["cache_index"].shape == cache["cache_overflow"].shape == (B,)
+    assert set(cache) == {"cached_key", "cached_value", "cache_index"} and cache["cache_index"].shape == ()
     # Eager calls: every check fires before any projection is computed.
     apply = lambda c, xs, kv=None: m.apply({"params": params, "cache": c}, xs, kv,  # noqa: E731
                                            decode=True, mutable=["cache"])
@@ -329,3 +332,48 @@ def test_cache_decoding_in_64_bit_mode():
     with jax.enable_x64(True):
         got = _decode(m, params, x, None, chunks=[3, 1, 1, 1, 1])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_precision_promotes_like_flax():
+    # bf16 parameters and queries, float32 memory: flax promotes and returns float32;
+    # the module raised "cast key to bfloat16" (the functions stay strict).
+    q, mem = _x((B, T, E), 0).astype(jnp.bfloat16), _x((B, S, E), 1)
+    ref, ours = _pair(param_dtype=jnp.bfloat16)
+    variables = jinit(ref, q, mem, seed=2)
+    want = japply(ref, variables, q, mem)
+    got = japply(ours, variables, q, mem)
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+def _doubling_dot_general(*args, **kwargs):
+    return 2.0 * jax.lax.dot_general(*args, **kwargs)
+
+
+def _halving_einsum(*args, **kwargs):
+    return 0.5 * jnp.einsum(*args, **kwargs)
+
+
+_HALVING = dict(qk_attn_weights_einsum_cls=lambda: _halving_einsum,
+                attn_weights_value_einsum_cls=lambda: _halving_einsum)
+
+
+@pytest.mark.parametrize("attributes", [
+    dict(qkv_dot_general=_doubling_dot_general),
+    dict(out_dot_general=_doubling_dot_general),
+    dict(qkv_dot_general_cls=lambda: _doubling_dot_general),
+    dict(out_dot_general_cls=lambda: _doubling_dot_general),
+    _HALVING,
+], ids=lambda a: "+".join(a))
+def test_flax_projection_and_einsum_attributes_take_effect(attributes):
+    # These six flax attributes raised TypeError; each must act as in flax.
+    q = _x((B, T, E), 0)
+    ref, ours = _pair(**attributes)
+    variables = jinit(ref, q, seed=3)
+    want, plain = japply(ref, variables, q), japply(MultiHeadAttention(num_heads=N), variables, q)
+    assert not np.allclose(want, plain, atol=1e-3)  # the attribute changes flax's output ...
+    np.testing.assert_allclose(japply(ours, variables, q), want, rtol=1e-5, atol=1e-5)  # ... and ours alike
+    if attributes is _HALVING:  # flax's rule: both einsums or neither
+        with pytest.raises(ValueError, match="together"):
+            MultiHeadAttention(num_heads=N, qk_attn_weights_einsum_cls=lambda: _halving_einsum).init(
+                jax.random.key(0), q)

@@ -128,8 +128,9 @@ def test_ragged_prompts_decode_like_each_examples_own_forward(position):
         n = lengths[b] + 3
         full = japply(model, v, SRC[b:b + 1], TGT[b:b + 1, :n])[0]
         np.testing.assert_allclose(np.stack(got[b]), full[lengths[b] - 1:n], rtol=1e-4, atol=1e-4)
-    index = cache["decoder"]["layers_0"]["self_attention"]["cache_index"]
-    np.testing.assert_array_equal(index, lengths + 3)
+    attention = cache["decoder"]["layers_0"]["self_attention"]
+    np.testing.assert_array_equal(attention["cache_lengths"], lengths + 3)  # added by the ragged prefill
+    assert int(attention["cache_index"]) == max(lengths) + 3  # flax's scalar: the high-water mark
 
 
 def test_position_schemes_differ_and_config_validates():
@@ -144,3 +145,22 @@ def test_position_schemes_differ_and_config_validates():
                 assert not np.allclose(outs[a], outs[b], atol=1e-3), (a, b)
     with pytest.raises(ValueError, match="position"):
         TransformerConfig(position="learned")
+
+
+@pytest.mark.parametrize("relative", ["rope", "alibi"])
+def test_explicit_positions_also_place_the_keys_of_passed_inputs(relative):
+    # layer(x, x, positions=p) is self-attention written flax's way: the keys are the
+    # same positions. They were placed at arange(S) instead (0.86 / 0.056 off).
+    x = _x((B, 6, E), 0)
+    p = jnp.array([[3, 4, 5, 6, 7, 8], [0, 2, 4, 6, 8, 10]], jnp.int32)
+    m = MultiHeadAttention(num_heads=N, relative_position=relative)
+    v = jinit(m, x, seed=1)
+    want = japply(m, v, x, positions=p, is_causal=True)
+    np.testing.assert_allclose(japply(m, v, x, x, positions=p, is_causal=True), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(japply(m, v, x, x, positions=p, key_positions=p, is_causal=True), want,
+                               rtol=1e-5, atol=1e-5)
+    # Keys of another length have positions of their own: they must be given.
+    with pytest.raises(ValueError, match="key_positions"):
+        m.apply(v, x, x[:, :4], positions=p)
+    shifted = japply(m, v, x, x, positions=p, key_positions=p + 1, is_causal=True)
+    assert not np.allclose(shifted, want, atol=1e-4)

@@ -65,10 +65,10 @@ def test_positional_encoding_module_shape_and_decode_offset():
     assert out.shape == (B, T, E)
     np.testing.assert_allclose(out - x, jnp.broadcast_to(sinusoidal_positions(T, E), x.shape), atol=1e-6)
     cache = m.init(jax.random.key(0), x, decode=True)["cache"]
-    assert cache["position_index"].shape == (B,) and not np.any(cache["position_index"])
+    assert cache["position_index"].shape == () and int(cache["position_index"]) == 0
     first, state = m.apply({"cache": cache}, x[:, :3], decode=True, mutable=["cache"])
     second, state = m.apply(state, x[:, 3:], decode=True, mutable=["cache"])
-    assert np.all(state["cache"]["position_index"] == T)
+    assert int(state["cache"]["position_index"]) == T
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), out, atol=1e-6)
 
 
@@ -179,9 +179,9 @@ def test_cached_decoding_equals_teacher_forcing(fx):
     for i in range(CFG.num_decoder_layers):
         layer = cache["decoder"][f"layers_{i}"]["self_attention"]
         assert layer["cached_key"].shape == layer["cached_value"].shape == (B, 8, CFG.num_heads, h)
-        assert layer["cache_index"].shape == (B,) and not np.any(layer["cache_index"])
-    assert cache["positions"]["position_index"].shape == (B,)
-    assert not np.any(cache["positions"]["position_index"])
+        assert set(layer) == {"cached_key", "cached_value", "cache_index"}  # flax's layout
+        assert layer["cache_index"].shape == () and int(layer["cache_index"]) == 0
+    assert set(cache["positions"]) == {"position_index"} and cache["positions"]["position_index"].shape == ()
     assert "encoder" not in cache  # the encoder keeps no cache
     assert "cross_attention" not in cache["decoder"]["layers_0"]  # filled by the first decode call
     step = jax.jit(lambda c, tok: model.apply({"params": v["params"], "cache": c}, tok, encoded, SRC,
@@ -252,3 +252,13 @@ def test_config_passes_attention_options_to_every_layer(fx):
     np.testing.assert_allclose(run(attention_scale=0.1, attention_fn=nn.dot_product_attention), scaled,
                                rtol=1e-4, atol=1e-4)
     assert CFG.replace(attention_window=[2, 0]).attention_window == (2, 0)  # hashable after JSON
+
+
+def test_config_rejects_a_bad_attention_implementation_at_construction():
+    # It passed TransformerConfig and failed only at the model's first call.
+    with pytest.raises(ValueError, match=r"TransformerConfig: attention_implementation.*'chunkd'"):
+        TransformerConfig(attention_implementation="chunkd")
+    with pytest.raises(ValueError, match="attention_scale must be a number"):
+        TransformerConfig(attention_scale=(0.5, 0.5))
+    for name in (None, "dense", "chunked", "pallas_tpu:interpret"):
+        TransformerConfig(attention_implementation=name)
