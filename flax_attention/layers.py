@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from flax_attention.context_parallel import IMPLEMENTATIONS as CONTEXT_PARALLEL
 from flax_attention.backend_select import parse_implementation
 from flax_attention.multihead import MultiHeadAttention
 from flax_attention.partitioning import logical
@@ -136,7 +137,7 @@ class TransformerConfig:
             problems.append(f"activation={self.activation!r} must be one of {sorted(ACTIVATIONS)}")
         if min(self.vocab_size, self.d_model, self.d_ff, self.max_len) <= 0:
             problems.append("vocab_size, d_model, d_ff and max_len must be positive")
-        if self.attention_implementation is not None:
+        if self.attention_implementation not in (None, *CONTEXT_PARALLEL):
             try:  # a typo must fail here, not at the first call
                 parse_implementation(self.attention_implementation)
             except ValueError as err:
