@@ -44,7 +44,7 @@ def test_vocabulary_roundtrip_and_bad_file(tmp_path):
     vocab.save(tmp_path / "vocab.json")
     assert imdb.Vocabulary.load(tmp_path / "vocab.json").words == ["good", "bad"]
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="delete it to rebuild"):
+    with pytest.raises(ValueError, match="restore it .* or use a fresh --workdir"):
         imdb.Vocabulary.load(tmp_path / "bad.json")
 
 
