@@ -192,17 +192,24 @@ def check_decode(module, inputs_q: Array, inputs_k: Array, inputs_v: Array, leng
     if batch != tuple(cache_batch):
         raise ValueError(f"decode inputs {inputs_q.shape} do not match the cache {cache_shape} "
                          "([..., L, K, H]) in batch dims; re-create the cache for this batch shape.")
+    check_fits(fill_levels(module, batch), lengths, t, length,
+               "initialise the cache with a longer input (the maximum total length)")
+    return lengths
+
+
+def check_fits(start, lengths, t: int, length: int, fix: str) -> None:
+    """Raises a ValueError (ending in ``fix``) when a decode step of ``T = t`` new positions
+    (``lengths`` of them per example, if given) written at fill levels ``start`` would pass the
+    cache length ``L``. Traced levels or lengths are checked only against ``T <= L``; past that
+    the step poisons its example (see the module docstring)."""
     if t > length:
-        raise ValueError(f"decode step of T={t} positions cannot fit in a cache of length L={length}; "
-                         "initialise the cache with a longer input (the maximum total length).")
-    start = fill_levels(module, batch)
+        raise ValueError(f"decode step of T={t} positions cannot fit in a cache of length L={length}; {fix}.")
     count = t if lengths is None else lengths
     if not isinstance(start, jax.core.Tracer) and not isinstance(count, jax.core.Tracer):
         last = int(np.max(np.asarray(start) + np.asarray(count), initial=0))
         if last > length:
             raise ValueError(f"decode step writes up to position {last - 1}, past the cache length "
-                             f"L={length}; initialise the cache with a longer input.")
-    return lengths
+                             f"L={length}; {fix}.")
 
 
 def update(module, key: Array, value: Array, start: Array, lengths: Optional[Array]):

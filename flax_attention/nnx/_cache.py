@@ -18,36 +18,11 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 Array = jax.Array
 # index variable -> its per-example twin
 RAGGED = {"cache_index": "cache_lengths", "position_index": "position_lengths"}
-
-
-def check_lengths(lengths, batch: tuple, t: int) -> Optional[Array]:
-    """Validates a decode call's ``lengths``: int32 ``[*batch]``, or ``None``.
-
-    Raises a ValueError for a non-integer dtype, a shape other than the
-    batch's (or a scalar) and, when concrete, a value outside ``[0, T]``.
-    """
-    if lengths is None:
-        return None
-    arr = jnp.asarray(lengths)
-    if not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise ValueError(f"lengths must be integers (real new positions per example), got dtype "
-                         f"{arr.dtype}; pass e.g. jnp.asarray(lengths, jnp.int32).")
-    if arr.ndim and arr.shape != tuple(batch):
-        raise ValueError(f"lengths has shape {arr.shape}; it must be the inputs' batch shape "
-                         f"{tuple(batch)} (one count per example) or a scalar.")
-    if not isinstance(arr, jax.core.Tracer):
-        values = np.asarray(arr)
-        bad = values[(values < 0) | (values > t)]
-        if bad.size:
-            raise ValueError(f"lengths must be in [0, T={t}] (the new positions of this call), "
-                             f"got {bad.tolist()}.")
-    return jnp.broadcast_to(arr.astype(jnp.int32), batch)
 
 
 def ragged(module: nnx.Module, index: str = "cache_index") -> bool:

@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from flax_attention import kv_cache
@@ -215,7 +214,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         out = self._attend(query, key, value, mask, bias, is_causal, window,
                            deterministic, rngs, sow_weights)
         if overflow is not None:
-            out = jnp.where(overflow[..., None, None, None], jnp.nan, out).astype(out.dtype)
+            out = kv_cache.poison(out, overflow)
         return self.out(out, out_sharding=out_sharding)
 
     def _attend(self, query, key, value, mask, bias, is_causal, window, deterministic, rngs,
@@ -274,17 +273,10 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         if inputs_q.shape[:-2] != tuple(batch):
             raise ValueError(f"decode inputs {inputs_q.shape} do not match the cache {cache_shape} "
                              "([..., L, K, H]) in batch dims; call init_cache for this batch shape.")
-        if t > length:
-            raise ValueError(f"decode step of T={t} positions cannot fit in a cache of length "
-                             f"L={length}; call init_cache with the maximum total length.")
-        lengths = _cache.check_lengths(lengths, tuple(batch), t)
+        lengths = kv_cache.check_lengths(lengths, tuple(batch), t)
         start = _cache.fill_levels(self, tuple(batch))
-        count = t if lengths is None else lengths
-        if not isinstance(start, jax.core.Tracer) and not isinstance(count, jax.core.Tracer):
-            last = int(np.max(np.asarray(start) + np.asarray(count), initial=0))
-            if last > length:
-                raise ValueError(f"decode step writes up to position {last - 1}, past the cache "
-                                 f"length L={length}; call init_cache with a longer input_shape.")
+        kv_cache.check_fits(start, lengths, t, length,
+                            "call init_cache with an input_shape of the maximum total length")
         return lengths, start
 
     def _write(self, key, value, start, lengths):

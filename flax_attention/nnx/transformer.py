@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from flax_attention import decoding
+from flax_attention import decoding, kv_cache
 from flax_attention.layers import TransformerConfig
 from flax_attention.masks import key_mask
 from flax_attention.nnx import _cache
@@ -54,7 +54,7 @@ class SinusoidalPositionalEncoding(nnx.Module):
             if self.position_index is None:
                 raise ValueError("decode=True needs the cache: call model.init_cache(batch_size) first.")
             batch = x.shape[:-2]
-            lengths = _cache.check_lengths(lengths, batch, t)
+            lengths = kv_cache.check_lengths(lengths, batch, t)
             start = _cache.fill_levels(self, batch, index="position_index")
             positions = start[..., None] + positions
             _cache.advance(self, start, lengths, t, index="position_index")
