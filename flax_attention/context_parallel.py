@@ -208,7 +208,7 @@ def context_parallel_attention(
     if mesh is None or getattr(mesh, "empty", False) or not mesh.axis_names:
         raise ValueError("context_parallel_attention needs a mesh: pass mesh=jax.make_mesh(...) or call it "
                          "under `with jax.set_mesh(mesh):`.")
-    named = [a for a in (axis, *_axes(batch_axis), *_axes(head_axis))]
+    named = (axis, *_axes(batch_axis), *_axes(head_axis))
     for name in named:
         if name not in mesh.axis_names:
             raise ValueError(f"context_parallel_attention: mesh has axes {tuple(mesh.axis_names)}, not {name!r}; "
