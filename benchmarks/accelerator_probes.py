@@ -7,7 +7,7 @@ cuDNN version, the machine (:mod:`benchmarks.machine`) and what
 (forward and backward) on a few calls that exercise the selection rule (masks, a
 dead row, GQA, causal ``T < S``, a window, float32, a head size cuDNN refuses),
 checks that cuDNN appears in the compiled program exactly where
-:func:`~flax_attention.backend_select.select_implementation` says it should, and
+:func:`~flax_attention.kernels.backend_select.select_implementation` says it should, and
 compares values and gradients with the dense path in float32. Each prints its
 result as one ``PROBE_JSON {...}`` line (last on stdout) and exits 1 when a
 check failed.
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import machine
-from flax_attention import backend_select
-from flax_attention.attention import scaled_dot_product_attention as sdpa
+from flax_attention.kernels import backend_select
+from flax_attention.functional.attention import scaled_dot_product_attention as sdpa
 
 PREFIX = "PROBE_JSON "
 # (name, dtype, B, T, S, N, K, H, options): small enough for a CPU dry run, yet

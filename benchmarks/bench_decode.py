@@ -49,7 +49,7 @@ def _stepwise(model, params, src, length):
     import jax
     import jax.numpy as jnp
 
-    from flax_attention.transformer import Transformer, init_cache
+    from flax_attention.linen.transformer import Transformer, init_cache
 
     reuse = "lengths" in inspect.signature(Transformer.decode).parameters  # the new API
     def step_fn(cache, tok, enc):  # one call per token: the next token and the new cache
@@ -80,9 +80,9 @@ def worker(configs, repeats):
     import jax
     import jax.numpy as jnp
 
-    from flax_attention.decoding import beam_search, greedy_decode
-    from flax_attention.layers import TransformerConfig
-    from flax_attention.transformer import Transformer
+    from flax_attention.linen.decoding import beam_search, greedy_decode
+    from flax_attention.linen.layers import TransformerConfig
+    from flax_attention.linen.transformer import Transformer
 
     cfg = TransformerConfig(vocab_size=16, d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2,
                             num_decoder_layers=2, dropout_rate=0.0, max_len=512)

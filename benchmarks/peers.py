@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 import flax.linen as nn
 import jax
 
-from flax_attention.attention import scaled_dot_product_attention
+from flax_attention.functional.attention import scaled_dot_product_attention
 
 
 CHUNKED = "ours-chunked"

@@ -1,9 +1,20 @@
 """flax_attention: attention mechanisms for JAX and Flax.
 
-The maths lives in pure, jit-compatible functions (:mod:`flax_attention.masks`,
-:mod:`flax_attention.attention`, :mod:`flax_attention.additive`); the Flax linen
-modules only hold parameters and call them, and so do their Flax NNX twins in
-:mod:`flax_attention.nnx` (imported on its own: ``import flax_attention.nnx``).
+Layout (imports run one way, down this list, never back):
+
+* :mod:`flax_attention.training`: the trainer behind ``train.py``;
+  :mod:`flax_attention.data`, :mod:`flax_attention.embed`: its input pipelines;
+* :mod:`flax_attention.models`: model families (BiGRU + attention, Transformer classifier);
+* :mod:`flax_attention.linen` and :mod:`flax_attention.nnx` (imported on its own:
+  ``import flax_attention.nnx``): Flax modules that only hold parameters and
+  call the functions below;
+* :mod:`flax_attention.functional`: the pure functions (attention, masks,
+  positions, KV-cache arithmetic, additive attention, ring/Ulysses context
+  parallelism);
+* :mod:`flax_attention.kernels`: the attention kernels they dispatch to.
+
+The names below are the public API; the old flat module paths
+(``flax_attention.masks``, ``flax_attention.flash``, ...) still import.
 
 Shape legend (used in every docstring and einsum string of this package):
 
@@ -29,7 +40,7 @@ heads). A query row with nothing to attend to yields exactly zeros and finite
 gradients, in every dtype.
 """
 
-from flax_attention.masks import (
+from flax_attention.functional.masks import (
     causal_mask,
     causal_mask_from_positions,
     combine_masks,
@@ -40,15 +51,15 @@ from flax_attention.masks import (
     sliding_window_mask,
     token_mask,
 )
-from flax_attention.attention import (
+from flax_attention.functional.attention import (
     attention_weights,
     masked_softmax,
     scaled_dot_product_attention,
 )
-from flax_attention.flash import chunked_attention
-from flax_attention.ring import ring_attention
-from flax_attention.ulysses import ulysses_attention
-from flax_attention.context_parallel import (
+from flax_attention.kernels.flash import chunked_attention
+from flax_attention.functional.ring import ring_attention
+from flax_attention.functional.ulysses import ulysses_attention
+from flax_attention.functional.context_parallel import (
     context_parallel_attention,
     from_layout,
     layout_positions,
@@ -57,15 +68,10 @@ from flax_attention.context_parallel import (
     shard_to_layout,
     to_layout,
 )
-from flax_attention.additive import (
-    AdditiveAttention,
-    BahdanauAttention,
-    additive_attention,
-    additive_scores,
-    context_attention,
-)
-from flax_attention.multihead import MultiHeadAttention
-from flax_attention.layers import (
+from flax_attention.functional.additive import additive_attention, additive_scores, context_attention
+from flax_attention.linen.additive import AdditiveAttention, BahdanauAttention
+from flax_attention.linen.multihead import MultiHeadAttention
+from flax_attention.linen.layers import (
     PositionwiseFeedForward,
     SinusoidalPositionalEncoding,
     TransformerConfig,
@@ -74,13 +80,17 @@ from flax_attention.layers import (
     sinusoidal_encoding,
     sinusoidal_positions,
 )
-from flax_attention.transformer import (
+from flax_attention.linen.transformer import (
     Transformer,
     TransformerDecoder,
     TransformerEncoder,
     init_cache,
 )
-from flax_attention.decoding import beam_search, greedy_decode, length_penalty
+from flax_attention.linen.decoding import beam_search, greedy_decode, length_penalty
+
+from flax_attention import _compat
+
+_compat.register(__name__)
 
 __version__ = "0.1.0"
 

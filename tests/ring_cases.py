@@ -23,7 +23,7 @@ from flax_attention import (  # noqa: E402
     ring_attention,
     scaled_dot_product_attention,
 )
-from flax_attention.masks import key_mask as key_mask_4d  # noqa: E402
+from flax_attention.functional.masks import key_mask as key_mask_4d  # noqa: E402
 
 
 def reference(q, k, v, km, causal):

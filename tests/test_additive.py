@@ -1,4 +1,4 @@
-"""Tests for flax_attention.additive: float64 NumPy references, padding, modules."""
+"""Tests for flax_attention.linen.additive: float64 NumPy references, padding, modules."""
 
 import jax
 import jax.numpy as jnp

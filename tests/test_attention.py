@@ -1,4 +1,4 @@
-"""Tests for flax_attention.attention against float64 NumPy, jax.nn and flax.linen."""
+"""Tests for flax_attention.functional.attention against float64 NumPy, jax.nn and flax.linen."""
 
 import flax.linen as nn
 import jax

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention import attention, chunked_attention, scaled_dot_product_attention as sdpa
+from flax_attention import chunked_attention, scaled_dot_product_attention as sdpa
+
+from flax_attention.functional import attention
 
 
 def _qkv(seed=0, batch=(2,), t=5, s=6, n=2, kh=1, h=4):

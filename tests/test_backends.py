@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flax_attention import MultiHeadAttention, scaled_dot_product_attention as sdpa
-from flax_attention import backend_select as bs
-from flax_attention.masks import causal_mask
+from flax_attention.kernels import backend_select as bs
+from flax_attention.functional.masks import causal_mask
 
 TRITON = "pallas_triton:interpret"
 TPU = "pallas_tpu:interpret"

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention.data.tasks import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
-from flax_attention.decoding import beam_search, greedy_decode
-from flax_attention.layers import TransformerConfig
-from flax_attention.transformer import Transformer
+from flax_attention.data.synthetic import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+from flax_attention.linen.decoding import beam_search, greedy_decode
+from flax_attention.linen.layers import TransformerConfig
+from flax_attention.linen.transformer import Transformer
 
 
 def tiny_model(vocab_size, seed=0, max_len=16):

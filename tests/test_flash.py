@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention import attention, backend_select
-from flax_attention.attention import scaled_dot_product_attention as dense_sdpa
-from flax_attention.flash import block_plan, chunked_attention, computed_blocks
-from flax_attention.masks import combine_masks, sliding_window_mask
+
+from flax_attention.kernels import backend_select
+from flax_attention.functional.attention import scaled_dot_product_attention as dense_sdpa
+from flax_attention.kernels.flash import block_plan, chunked_attention, computed_blocks
+from flax_attention.functional.masks import combine_masks, sliding_window_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,7 +199,7 @@ def test_benchmark_quick_smoke(tmp_path):
 
 
 def test_default_block_edges_rule():
-    from flax_attention.flash import default_block_edges
+    from flax_attention.kernels.flash import default_block_edges
 
     # CPU: grow 128x128 (key side first) until B·N·bq·bk reaches 2^20 logits, up to 256x512.
     assert default_block_edges(2048, 2048, 8, platform="cpu") == (256, 512)

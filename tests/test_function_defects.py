@@ -13,7 +13,6 @@ import pytest
 
 from flax_attention import (
     additive_attention,
-    attention,
     attention_weights,
     causal_mask,
     chunked_attention,
@@ -26,6 +25,7 @@ from flax_attention import (
     segment_mask,
     sliding_window_mask,
 )
+from flax_attention.functional import attention
 
 
 def _normal(rng, shape, dtype=np.float32):

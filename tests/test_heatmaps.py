@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.heatmaps import collect_attention, plot_heads, save_attention_heatmaps
-from flax_attention.layers import TransformerConfig
-from flax_attention.transformer import Transformer
+from flax_attention.training.heatmaps import collect_attention, plot_heads, save_attention_heatmaps
+from flax_attention.linen.layers import TransformerConfig
+from flax_attention.linen.transformer import Transformer
 
 
 def test_collect_and_write_pngs(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for flax_attention.masks: hand-written cases and NumPy references."""
+"""Tests for flax_attention.functional.masks: hand-written cases and NumPy references."""
 
 import jax
 import jax.numpy as jnp

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from flax_attention.partitioning import logical_axis_annotations, mesh_axes
+from flax_attention.linen.partitioning import logical_axis_annotations, mesh_axes
 from flax_attention.training.mesh import parse_mesh, parse_seq_method
 
 ROOT = Path(__file__).parents[1]
@@ -140,10 +140,10 @@ def test_rules_shard_over_fsdp_and_fall_back_when_it_does_not_divide():
 
 
 def _models():
-    from flax_attention.layers import TransformerConfig
+    from flax_attention.linen.layers import TransformerConfig
     from flax_attention.models.bigru import BiGRUClassifier, BiGRUConfig
     from flax_attention.models.classifier import TransformerClassifier, TransformerClassifierConfig
-    from flax_attention.transformer import Transformer
+    from flax_attention.linen.transformer import Transformer
 
     tokens, lengths = jnp.ones((2, 8), jnp.int32), jnp.array([3, 8])
     yield BiGRUClassifier(BiGRUConfig(vocab_size=40, embed_dim=8, hidden_size=6, attention_size=4)), (tokens, lengths)
@@ -178,11 +178,11 @@ def test_annotations_are_opt_in_and_unbox_to_the_plain_tree(index):
 
 
 def test_context_parallel_model_keeps_parameters_and_refuses_what_the_route_cannot_take():
-    from flax_attention.layers import TransformerConfig
+    from flax_attention.linen.layers import TransformerConfig
     from flax_attention.models.bigru import BiGRUClassifier, BiGRUConfig
     from flax_attention.models.classifier import TransformerClassifier, TransformerClassifierConfig
     from flax_attention.training.mesh import context_parallel_model
-    from flax_attention.transformer import Transformer
+    from flax_attention.linen.transformer import Transformer
 
     base = TransformerConfig(vocab_size=40, d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
                              num_decoder_layers=1)
@@ -318,11 +318,11 @@ def test_transformer_models_on_the_mesh_reproduce_the_pmap_losses(tmp_path, args
 
 _SEQ_CHILD = """
 import json, jax, jax.numpy as jnp, numpy as np
-from flax_attention.layers import TransformerConfig
+from flax_attention.linen.layers import TransformerConfig
 from flax_attention.training.config import TrainConfig
 from flax_attention.training.mesh import MeshPlacement
 from flax_attention.training.seq2seq import seq2seq_loss
-from flax_attention.transformer import Transformer
+from flax_attention.linen.transformer import Transformer
 placement = MeshPlacement({"data": 2, "fsdp": 1, "seq": 4})
 model = Transformer(TransformerConfig(vocab_size=12, d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
                                       num_decoder_layers=1, dropout_rate=0.0))

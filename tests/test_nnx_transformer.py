@@ -127,7 +127,7 @@ def test_trains_under_jit_with_dropout_and_optimizer():
 @pytest.mark.slow
 def test_train_py_checkpoint_loads_with_identical_logits_and_translations(tmp_path):
     import train
-    from flax_attention.training.inspect import load_for_inference
+    from flax_attention.training.inspector import load_for_inference
     from test_seq2seq import TINY
 
     assert train.main(TINY + ["--workdir", str(tmp_path)]) == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flax_attention import MultiHeadAttention, Transformer, TransformerConfig, init_cache
-from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
+from flax_attention.functional.positions import alibi_bias, alibi_slopes, apply_rotary
 from module_helpers import japply, jinit
 
 B, E, N = 2, 16, 4

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flax_attention.data import translate as D
-from flax_attention.data.tasks import BOS_ID, EOS_ID, PAD_ID
+from flax_attention.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 
 ROOT = Path(__file__).parents[1]
 SHARED = ROOT.parent / "shared"

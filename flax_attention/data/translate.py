@@ -7,12 +7,12 @@ language codes to sentences works the same way (``wmt14_translate/de-en``, ...).
 Vocabulary: one joint SentencePiece model (Kudo & Richardson 2018; unigram LM by
 default) over the source and target sentences of the *training* split only,
 saved as ``WORKDIR/spm.model`` and reused on resume and at inference. Ids:
-``PAD_ID 0``, ``BOS_ID 1``, ``EOS_ID 2`` (as in :mod:`flax_attention.data.tasks`),
+``PAD_ID 0``, ``BOS_ID 1``, ``EOS_ID 2`` (as in :mod:`flax_attention.data.synthetic`),
 ``3`` unknown. A joint vocabulary lets the Transformer share one embedding
 matrix between encoder, decoder and output layer (§3.4); German and English
 share most names, numbers and punctuation.
 
-Batches have the layout of :mod:`flax_attention.data.tasks` (``src``,
+Batches have the layout of :mod:`flax_attention.data.synthetic` (``src``,
 ``tgt_in``, ``tgt_out``) plus ``weights`` (1 for real rows, 0 for the rows that
 pad the last evaluation batch). To waste little compute on padding, each epoch
 shuffles the pairs, sorts them by length within pools of 50 batches, cuts
@@ -33,7 +33,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from flax_attention.data.tasks import BOS_ID, EOS_ID, PAD_ID
+from flax_attention.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from flax_attention.data.tfds_source import read_records
 
 Batch = Dict[str, np.ndarray]

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.additive import AdditiveAttention
-from flax_attention.masks import padding_mask
-from flax_attention.partitioning import logical
+from flax_attention.linen.additive import AdditiveAttention
+from flax_attention.functional.masks import padding_mask
+from flax_attention.linen.partitioning import logical
 
 Array = jnp.ndarray
 

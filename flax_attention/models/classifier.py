@@ -30,11 +30,11 @@ import flax.linen as nn
 from flax.linen.linear import default_kernel_init
 import jax.numpy as jnp
 
-from flax_attention.additive import AdditiveAttention
-from flax_attention.layers import SinusoidalPositionalEncoding, TransformerConfig
-from flax_attention.masks import key_mask, padding_mask
-from flax_attention.partitioning import logical
-from flax_attention.transformer import TransformerEncoder
+from flax_attention.linen.additive import AdditiveAttention
+from flax_attention.linen.layers import SinusoidalPositionalEncoding, TransformerConfig
+from flax_attention.functional.masks import key_mask, padding_mask
+from flax_attention.linen.partitioning import logical
+from flax_attention.linen.transformer import TransformerEncoder
 
 Array = jnp.ndarray
 
@@ -79,7 +79,7 @@ class TransformerClassifierConfig:
         self.encoder_config()  # validates heads, dropout, sizes
 
     def encoder_config(self) -> TransformerConfig:
-        """The :class:`~flax_attention.layers.TransformerConfig` of the encoder stack."""
+        """The :class:`~flax_attention.linen.layers.TransformerConfig` of the encoder stack."""
         return TransformerConfig(
             vocab_size=self.vocab_size, d_model=self.d_model, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads or None, d_ff=self.d_ff, num_encoder_layers=self.num_layers,
@@ -95,7 +95,7 @@ class TransformerClassifier(nn.Module):
     Attributes:
       config: the hyper-parameters (saved with a trained model).
       attention_implementation: overrides the encoder's attention kernel (see
-        :class:`~flax_attention.layers.TransformerConfig`), e.g. the trainer's
+        :class:`~flax_attention.linen.layers.TransformerConfig`), e.g. the trainer's
         ``"context_parallel"`` on a mesh with a ``seq`` axis; the parameters
         do not change.
     """

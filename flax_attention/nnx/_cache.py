@@ -1,6 +1,6 @@
 """Fill levels of the NNX decoding caches: flax's scalar index, plus per-example lengths when ragged.
 
-The layout is the linen modules' (:mod:`flax_attention.kv_cache`), kept in
+The layout is the linen modules' (:mod:`flax_attention.functional.kv_cache`), kept in
 :class:`~flax.nnx.Cache` attributes: a scalar int32 ``cache_index`` (slots
 filled) and, once a decode call passes ``lengths`` (right-padded prompts of
 different lengths), a per-example ``cache_lengths [...]`` from which

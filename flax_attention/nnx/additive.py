@@ -1,4 +1,4 @@
-"""Additive attention modules, Flax NNX: the twins of :mod:`flax_attention.additive`.
+"""Additive attention modules, Flax NNX: the twins of :mod:`flax_attention.linen.additive`.
 
 Parameters carry the linen modules' names (``w``, ``b``, ``u``; ``w_query``,
 ``w_key``, ``v``) and shapes, so :mod:`flax_attention.nnx.convert` moves them
@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from flax_attention.additive import additive_attention, context_attention
+from flax_attention.functional.additive import additive_attention, context_attention
 
 Array = jax.Array
 

@@ -1,4 +1,4 @@
-"""Transformer building blocks, Flax NNX: twins of :mod:`flax_attention.layers`.
+"""Transformer building blocks, Flax NNX: twins of :mod:`flax_attention.linen.layers`.
 
 The feed-forward block and the encoder/decoder layers take the same
 :class:`~flax_attention.TransformerConfig` and name every sub-module as the
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from flax_attention.layers import ACTIVATIONS, TransformerConfig
+from flax_attention.linen.layers import ACTIVATIONS, TransformerConfig
 from flax_attention.nnx.multihead import MultiHeadAttention
 
 Array = jax.Array

@@ -10,8 +10,8 @@ module's per-example ``cache_lengths``, see :mod:`flax_attention.nnx._cache`)
 and ``nnx.view``/``set_view``. Only the attention itself differs: it is
 :func:`flax_attention.scaled_dot_product_attention`
 (or a custom ``attention_fn``), RoPE/ALiBi come from
-:mod:`flax_attention.positions` and the cache writes from
-:mod:`flax_attention.kv_cache`, as in the linen
+:mod:`flax_attention.functional.positions` and the cache writes from
+:mod:`flax_attention.functional.kv_cache`, as in the linen
 :class:`flax_attention.MultiHeadAttention`.
 """
 
@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_attention import kv_cache
-from flax_attention.context_parallel import routed_attention
-from flax_attention.custom_attention import call_attention_fn
-from flax_attention.masks import combine_masks
+from flax_attention.functional import kv_cache
+from flax_attention.functional.context_parallel import routed_attention
+from flax_attention.functional.custom_attention import call_attention_fn
+from flax_attention.functional.masks import combine_masks
 from flax_attention.nnx import _cache
-from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary
+from flax_attention.functional.positions import alibi_bias, alibi_slopes, apply_rotary
 
 Array = jax.Array
 RELATIVE_POSITIONS = (None, "rope", "alibi")

@@ -1,11 +1,11 @@
-"""The encoder–decoder Transformer (Vaswani et al. 2017), Flax NNX: twin of :mod:`flax_attention.transformer`.
+"""The encoder–decoder Transformer (Vaswani et al. 2017), Flax NNX: twin of :mod:`flax_attention.linen.transformer`.
 
 The same :class:`~flax_attention.TransformerConfig`, the same entry points
 (``encode``, ``decode``, ``__call__``) and the same parameter tree as the linen
 :class:`flax_attention.Transformer`, so a linen checkpoint (e.g. written by
 ``train.py``) loads with :func:`~flax_attention.nnx.load_linen_variables` and
 gives identical logits. Greedy and beam decoding run the linen search loops
-(:mod:`flax_attention.decoding`) on this model's parameters, so translations
+(:mod:`flax_attention.linen.decoding`) on this model's parameters, so translations
 are identical too.
 """
 
@@ -18,14 +18,16 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from flax_attention import decoding, kv_cache
-from flax_attention.layers import TransformerConfig
-from flax_attention.masks import key_mask
+from flax_attention.linen import decoding
+
+from flax_attention.functional import kv_cache
+from flax_attention.linen.layers import TransformerConfig
+from flax_attention.functional.masks import key_mask
 from flax_attention.nnx import _cache
 from flax_attention.nnx.convert import linen_variables
 from flax_attention.nnx.layers import TransformerDecoderLayer, TransformerEncoderLayer, layer_norm
-from flax_attention.positions import sinusoidal_encoding
-from flax_attention.transformer import Transformer as LinenTransformer
+from flax_attention.functional.positions import sinusoidal_encoding
+from flax_attention.linen.transformer import Transformer as LinenTransformer
 
 Array = jax.Array
 

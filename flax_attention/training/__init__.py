@@ -14,7 +14,7 @@ library; the library never imports from here):
   or, with ``--mesh``, :mod:`.mesh`'s ``jax.jit`` + ``NamedSharding`` mesh;
 * :mod:`.checkpointing`, :mod:`.distributed`, :mod:`.bookkeeping`: orbax
   checkpoints, multi-process helpers, run bookkeeping;
-* :mod:`.inspect`: ``predict`` / ``translate`` / ``visualize`` on a workdir.
+* :mod:`.inspector`: ``predict`` / ``translate`` / ``visualize`` on a workdir.
 """
 
 from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, StopRequested, StopSignal,
@@ -24,6 +24,10 @@ from flax_attention.training.config import TrainConfig
 from flax_attention.training.steps import (AXIS, MetricAccumulator, TrainState, all_finite, create_train_state,
                                            learning_rate_schedule, make_eval_step, make_optimizer, make_train_step,
                                            replicate, summarize, unreplicate)
+
+from flax_attention import _compat  # noqa: E402
+
+_compat.register(__name__, {"inspect": ("inspector",)})  # the old name of .inspector
 
 __all__ = ["AXIS", "DivergenceError", "MetricAccumulator", "MetricsLog", "StopRequested", "StopSignal", "TrainConfig",
            "TrainState", "all_finite", "check_finite_loss", "check_writable_dir", "create_train_state",

@@ -7,7 +7,7 @@ over all devices of all processes; ``D * F * S`` must equal the device count.
   ``[B, T]`` also their second over ``seq`` (``PartitionSpec(("data",
   "fsdp"), "seq")``), so ``--batch_size`` must be a multiple of ``D * F``.
 * Parameters and optimizer state: sharded over ``fsdp`` by their logical
-  axis names (:mod:`flax_attention.partitioning`), replicated over ``data``
+  axis names (:mod:`flax_attention.linen.partitioning`), replicated over ``data``
   and ``seq``; initialised directly in that layout (``jit`` with
   ``out_shardings``), never whole on one device.
 * Steps: one ``jax.jit`` program each, run under ``jax.set_mesh(mesh)``
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flax_attention.partitioning import LOGICAL_AXIS_RULES, logical_axis_annotations, logical_to_mesh_sharding
+from flax_attention.linen.partitioning import LOGICAL_AXIS_RULES, logical_axis_annotations, logical_to_mesh_sharding
 from flax_attention.training.steps import TrainState, make_optimizer
 
 AXES = ("data", "fsdp", "seq")
@@ -255,7 +255,7 @@ def context_parallel_model(model, implementation: str = CONTEXT_PARALLEL):
     """``model`` (same parameters) with every attention layer context-parallel over the ``seq`` mesh axis.
 
     The route (``implementation="context_parallel"``, see
-    :mod:`flax_attention.context_parallel`) takes key-padding masks and
+    :mod:`flax_attention.functional.context_parallel`) takes key-padding masks and
     ``is_causal`` only, so attention dropout, ALiBi biases, sliding windows and
     ``cls`` pooling (one extra position) are refused here, before anything is written.
 
@@ -263,7 +263,7 @@ def context_parallel_model(model, implementation: str = CONTEXT_PARALLEL):
       ValueError: the model has no Transformer attention to split (the
         BiGRU's recurrence runs along the sequence), or uses one of the above.
     """
-    from flax_attention.layers import TransformerConfig
+    from flax_attention.linen.layers import TransformerConfig
     from flax_attention.models.classifier import TransformerClassifier
 
     if isinstance(model, TransformerClassifier):

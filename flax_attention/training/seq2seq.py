@@ -2,7 +2,7 @@
 
 ``python train.py --model seq2seq --task reverse`` trains the small
 Transformer (``E = 64, N = 4, F = 256``, 2 + 2 post-LN layers, no dropout: the
-data are unlimited) on a task of :mod:`flax_attention.data.tasks`. An "epoch"
+data are unlimited) on a task of :mod:`flax_attention.data.synthetic`. An "epoch"
 is ``--steps_per_epoch`` fresh batches; every epoch ends with a teacher-forced
 evaluation and greedy decoding of the held-out set (exact match picks the best
 checkpoint), the last one adds exact match by length up to ``--test_max_len``.
@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention.data import tasks as T
-from flax_attention.data.tasks import PAD_ID
-from flax_attention.layers import TransformerConfig
+from flax_attention.data.synthetic import PAD_ID
+from flax_attention.linen.layers import TransformerConfig
 from flax_attention.training.seq2seq_loss import sequence_match, smoothed_cross_entropy
 from flax_attention.training.tasks import Task
-from flax_attention.transformer import Transformer
+from flax_attention.linen.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ def seq2seq_init_inputs(configs) -> tuple:
 def decode_dataset(model, params, src: np.ndarray, max_len: int, decode_batch: int,
                    beam_size: int = 1, alpha: float = 0.6) -> np.ndarray:
     """Decodes ``src [M, S]`` in fixed-size chunks (the last one padded: one compile) -> ``[M, L]``."""
-    from flax_attention.decoding import beam_search, greedy_decode
+    from flax_attention.linen.decoding import beam_search, greedy_decode
 
     outs = []
     for start in range(0, len(src), decode_batch):
@@ -146,7 +146,7 @@ def decode_dataset(model, params, src: np.ndarray, max_len: int, decode_batch: i
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-    """A synthetic task of :mod:`flax_attention.data.tasks` (generated from a seed, nothing downloaded).
+    """A synthetic task of :mod:`flax_attention.data.synthetic` (generated from a seed, nothing downloaded).
 
     Attributes:
       task: copy, reverse, sort, dedup or add.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_attention.data.tasks import EOS_ID, PAD_ID
+from flax_attention.data.synthetic import EOS_ID, PAD_ID
 
 Array = jnp.ndarray
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Sequence
 import numpy as np
 
 from flax_attention.data import translate as D
-from flax_attention.data.tasks import PAD_ID
+from flax_attention.data.synthetic import PAD_ID
 from flax_attention.training import distributed
 from flax_attention.training.bleu import bleu_score, literature_bleu
 from flax_attention.training.seq2seq import (DECODE_RESUMABLE, MODEL_ADDED_FIELDS, PAPER_OPTIMIZER, DecodeConfig, Seq2SeqModelConfig,

@@ -1,4 +1,4 @@
-"""Additive (Bahdanau) attention: pure functions and thin linen modules.
+"""Additive (Bahdanau) attention as pure functions (the linen modules: :mod:`flax_attention.linen.additive`).
 
 Two forms:
 
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._validation import as_array, compute_dtype
-from flax_attention.attention import masked_softmax
-from flax_attention.partitioning import logical
+from flax_attention.functional._validation import as_array, compute_dtype
+from flax_attention.functional.attention import masked_softmax
 
 Array = jnp.ndarray
 
@@ -164,45 +162,3 @@ def _check_mask(mask, target_shape, legend):
         raise ValueError(
             f"mask of shape {mask.shape} does not broadcast to {legend} = {tuple(target_shape)}."
         )
-
-
-class AdditiveAttention(nn.Module):
-    """Attention pooling with a learned context vector (the reference BiGRU model's layer).
-
-    Attributes:
-      attention_size: ``A``, the width of the scoring layer.
-    """
-
-    attention_size: int = 50
-    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.1)
-
-    @nn.compact
-    def __call__(self, hidden: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
-        """Pools ``hidden [..., S, D]`` into ``(context [..., D], weights [..., S])``."""
-        d = hidden.shape[-1]
-        w = self.param("w", logical(self.kernel_init, ("embed", "mlp")), (d, self.attention_size))
-        b = self.param("b", logical(self.kernel_init, ("mlp",)), (self.attention_size,))
-        u = self.param("u", logical(self.kernel_init, ("mlp",)), (self.attention_size,))
-        return context_attention(hidden, w, b, u, mask=mask)
-
-
-class BahdanauAttention(nn.Module):
-    """Query–key additive attention ``vᵀ tanh(W_q q + W_k k)``.
-
-    Attributes:
-      attention_size: ``A``.
-    """
-
-    attention_size: int
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(
-        self, query: Array, key: Array, value: Optional[Array] = None, mask: Optional[Array] = None
-    ) -> Tuple[Array, Array]:
-        """Returns ``(context [..., T, D], weights [..., T, S])``; see :func:`additive_attention`."""
-        a = self.attention_size
-        w_q = self.param("w_query", logical(self.kernel_init, ("embed", "mlp")), (query.shape[-1], a))
-        w_k = self.param("w_key", logical(self.kernel_init, ("embed", "mlp")), (key.shape[-1], a))
-        v = self.param("v", logical(nn.initializers.normal(1.0 / a**0.5), ("mlp",)), (a,))
-        return additive_attention(query, key, value, w_q, w_k, v, mask=mask)

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._validation import compute_dtype
-from flax_attention.attention import masked_softmax
-from flax_attention.masks import causal_mask, combine_masks, sliding_window_mask
+from flax_attention.functional._validation import compute_dtype
+from flax_attention.functional.attention import masked_softmax
+from flax_attention.functional.masks import causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
 

@@ -1,8 +1,8 @@
-"""Block tiles of :func:`flax_attention.flash.chunked_attention`: the static
+"""Block tiles of :func:`flax_attention.kernels.flash.chunked_attention`: the static
 per-call config, block slicing of operands/masks/biases, and one block's
 scaled, masked logits (in the forward's ``Q Kᵀ`` or the backward's ``K Qᵀ``
 layout). Shared by the forward and backward passes in
-:mod:`flax_attention._flash_passes`.
+:mod:`flax_attention.kernels._flash_passes`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Optional
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._blocks import block_plan
-from flax_attention._validation import mask_fill
+from flax_attention.kernels._blocks import block_plan
+from flax_attention.functional._validation import mask_fill
 
 Array = jnp.ndarray
 

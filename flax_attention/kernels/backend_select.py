@@ -4,7 +4,7 @@ Everything here is pure (no kernel is imported, no device is queried), so the
 rules can be tested for every platform on any machine. A call is described by
 :class:`AttentionCall`; each fused kernel has a capability function returning
 ``None`` when it can honour every guarantee of
-:func:`~flax_attention.attention.scaled_dot_product_attention` for that call,
+:func:`~flax_attention.functional.attention.scaled_dot_product_attention` for that call,
 or a reason string when it cannot.
 
 Auto selection (``implementation=None``) only ever picks a fused kernel listed

@@ -1,7 +1,7 @@
 """PNG heatmaps of Transformer attention: encoder self-, decoder self- and cross-attention.
 
 Weights come from the ``'intermediates'`` collection that
-:class:`~flax_attention.multihead.MultiHeadAttention` sows when
+:class:`~flax_attention.linen.multihead.MultiHeadAttention` sows when
 ``TransformerConfig.sow_weights`` is on. One PNG per (kind, layer), one panel
 per head; rows are queries, columns keys. Figures are drawn on matplotlib's
 Agg canvas directly, so importing this module never changes the global backend.
@@ -153,7 +153,7 @@ def token_label(token: int, byte_level: bool = False) -> str:
     ``add`` separator) or, ``byte_level``, the byte's printable ASCII character
     (``_`` for a space, its hex value otherwise).
     """
-    from flax_attention.data.tasks import NUM_SPECIAL
+    from flax_attention.data.synthetic import NUM_SPECIAL
 
     token = int(token)
     if token < NUM_SPECIAL:

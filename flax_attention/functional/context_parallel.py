@@ -1,7 +1,7 @@
 """Context parallelism: attention on global arrays whose sequence is split over a mesh axis.
 
 :func:`context_parallel_attention` takes global ``[B, T, N, H]`` arrays, runs
-:func:`flax_attention.ring.ring_attention` under :func:`jax.shard_map` with
+:func:`flax_attention.functional.ring.ring_attention` under :func:`jax.shard_map` with
 the sequence split over one mesh axis (other axes may split the batch or the
 heads), and returns the output sharded the same way. The layout helpers here
 move a sequence into the load-balanced ``"zigzag"`` order and back, give the
@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flax_attention._blocks import block_sizes, computed_blocks
-from flax_attention.attention import scaled_dot_product_attention
-from flax_attention.ring import LAYOUTS, chunk_ids, ring_attention
-from flax_attention.ulysses import ulysses_attention
+from flax_attention.kernels._blocks import block_sizes, computed_blocks
+from flax_attention.functional.attention import scaled_dot_product_attention
+from flax_attention.functional.ring import LAYOUTS, chunk_ids, ring_attention
+from flax_attention.functional.ulysses import ulysses_attention
 
 Array = jnp.ndarray
 METHODS = ("ring", "ulysses")
@@ -167,8 +167,8 @@ def context_parallel_attention(
     """Exact attention on global arrays, computed with the sequence split over ``axis`` of ``mesh``.
 
     Same output and gradients as
-    :func:`~flax_attention.attention.scaled_dot_product_attention` (float32
-    rounding), computed by :func:`~flax_attention.ring.ring_attention`: no
+    :func:`~flax_attention.functional.attention.scaled_dot_product_attention` (float32
+    rounding), computed by :func:`~flax_attention.functional.ring.ring_attention`: no
     device holds more than ``T/P`` queries and ``S/P`` keys, or any ``T x S``
     array. Works under ``jax.jit`` and ``jax.grad``.
 
@@ -184,9 +184,9 @@ def context_parallel_attention(
       scale: a Python float; defaults to ``1 / sqrt(H)``.
       layout: ``"contiguous"`` or ``"zigzag"`` (balances causal work; the
         arrays are in natural order, permuted inside and back). Ring only.
-      method: ``"ring"`` (:func:`~flax_attention.ring.ring_attention`: K/V
+      method: ``"ring"`` (:func:`~flax_attention.functional.ring.ring_attention`: K/V
         blocks travel, any head count) or ``"ulysses"``
-        (:func:`~flax_attention.ulysses.ulysses_attention`: two all-to-alls
+        (:func:`~flax_attention.functional.ulysses.ulysses_attention`: two all-to-alls
         around a local kernel on whole sequences; ``N`` divisible by the axis).
       implementation: the local kernel of ``method="ulysses"`` (e.g.
         ``"cudnn"``); the ring always runs the chunked kernel.
@@ -202,7 +202,7 @@ def context_parallel_attention(
     Raises:
       ValueError: without a mesh, for an axis the mesh lacks, lengths not
         divisible by the axis size (x 2 for zigzag), or anything
-        :func:`~flax_attention.ring.ring_attention` rejects.
+        :func:`~flax_attention.functional.ring.ring_attention` rejects.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh is None or getattr(mesh, "empty", False) or not mesh.axis_names:
@@ -328,7 +328,7 @@ def from_attention_call(implementation: str, query, key, value, mask, bias, scal
 
 
 def routed_attention(query, key, value=None, *, implementation=None, **kwargs):
-    """:func:`~flax_attention.attention.scaled_dot_product_attention` that also takes the
+    """:func:`~flax_attention.functional.attention.scaled_dot_product_attention` that also takes the
     context-parallel names (the modules' attention call; keyword arguments as there)."""
     if implementation in IMPLEMENTATIONS:
         dropout_active = kwargs.get("dropout_rate", 0.0) > 0.0 and not kwargs.get("deterministic", True)

@@ -1,6 +1,6 @@
 """Input checks and dtype rules shared by the dense and chunked attention paths.
 
-Kept apart from :mod:`flax_attention.attention` and :mod:`flax_attention.flash`
+Kept apart from :mod:`flax_attention.functional.attention` and :mod:`flax_attention.kernels.flash`
 so that both can import it without importing each other.
 """
 

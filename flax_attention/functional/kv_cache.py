@@ -23,7 +23,7 @@ would pass slot ``L - 1`` (or whose traced ``lengths`` are outside
 ``L``, so every later step of it is NaN too (no extra flag variable).
 
 The same scheme keeps ``position_index`` (``position_lengths`` when ragged)
-for :class:`~flax_attention.positions.SinusoidalPositionalEncoding`. All index
+for :class:`~flax_attention.functional.positions.SinusoidalPositionalEncoding`. All index
 arithmetic is int32, also under ``jax.enable_x64``.
 """
 
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.masks import _window_sizes
+from flax_attention.functional.masks import _window_sizes
 
 Array = jnp.ndarray
 INDEX, LENGTHS = "cache_index", "cache_lengths"

@@ -21,7 +21,7 @@ as top-left or as a mask; a query row with nothing to attend to is shown one
 harmless visible key (so the kernel never divides by zero) and its output is
 then replaced by zeros with ``jnp.where``, which also makes its gradient zero.
 Which calls each kernel accepts is decided in
-:mod:`flax_attention.backend_select`; this module assumes they were checked.
+:mod:`flax_attention.kernels.backend_select`; this module assumes they were checked.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.masks import causal_mask, combine_masks, sliding_window_mask
+from flax_attention.functional.masks import causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
 
@@ -278,10 +278,10 @@ _KERNELS = {
 
 def fused_attention(name, query, key, value, mask, bias, bias_keep, scale, is_causal, alignment,
                     window, precision=None, interpret=False) -> Array:
-    """Runs kernel ``name`` on validated operands (see :func:`flax_attention._validation.prepare`).
+    """Runs kernel ``name`` on validated operands (see :func:`flax_attention.functional._validation.prepare`).
 
     Args:
-      name: one of :data:`flax_attention.backend_select.KERNEL_IMPLEMENTATIONS`,
+      name: one of :data:`flax_attention.kernels.backend_select.KERNEL_IMPLEMENTATIONS`,
         already accepted by its capability function for this call.
       query: ``[..., T, N, H]``.
       key: ``[..., S, K, H]``.
@@ -292,7 +292,7 @@ def fused_attention(name, query, key, value, mask, bias, bias_keep, scale, is_ca
       scale: Python float logit scale, or ``None`` for ``1 / sqrt(H)``.
       is_causal: apply a causal mask aligned by ``alignment``.
       alignment: ``"bottom_right"`` or ``"top_left"``.
-      window: sliding window as in :func:`~flax_attention.masks.sliding_window_mask`, or ``None``.
+      window: sliding window as in :func:`~flax_attention.functional.masks.sliding_window_mask`, or ``None``.
       precision: passed to kernels that take one.
       interpret: run a Pallas kernel in interpret mode.
 

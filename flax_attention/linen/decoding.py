@@ -1,4 +1,4 @@
-"""Greedy and beam-search decoding for :class:`flax_attention.transformer.Transformer`.
+"""Greedy and beam-search decoding for :class:`flax_attention.linen.transformer.Transformer`.
 
 Both run the encoder once and the decoder one token per step against the
 KV cache (``'cache'`` collection), inside a single ``lax.while_loop`` with a
@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from flax_attention.data.tasks import BOS_ID, EOS_ID, PAD_ID
-from flax_attention.transformer import init_cache
+from flax_attention.linen.transformer import init_cache
 
 Array = jnp.ndarray
+# The token convention of every decoder here (the data pipelines use the same ids).
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _NEG_INF = -1e30  # finite "minus infinity": keeps top_k and comparisons NaN-free
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._validation import static_int
+from flax_attention.functional._validation import static_int
 
 Array = jnp.ndarray
 

@@ -1,6 +1,6 @@
 """Memory-efficient (chunked, online-softmax) scaled dot-product attention.
 
-Same maths as :func:`flax_attention.attention.scaled_dot_product_attention`,
+Same maths as :func:`flax_attention.functional.attention.scaled_dot_product_attention`,
 but the ``[..., N, T, S]`` logits are never materialised. Queries are split into
 blocks of ``block_q`` rows and keys into blocks of ``block_k`` columns; each
 query block streams over its key blocks keeping a running row maximum ``m``,
@@ -27,10 +27,10 @@ finite fill (dtype minimum) and probabilities are zeroed through a boolean
 ``keep``, so no infinity is ever created. Softmax statistics use the compute
 dtype: float32, or float64 for float64 inputs.
 
-The loops live in :mod:`flax_attention._flash_passes` (the backward works on
+The loops live in :mod:`flax_attention.kernels._flash_passes` (the backward works on
 transposed ``K Qᵀ`` tiles so that XLA:CPU runs every block product through its
-fast matmul path), the block tiles in :mod:`flax_attention._flash_tiles`, the
-static block planning in :mod:`flax_attention._blocks`.
+fast matmul path), the block tiles in :mod:`flax_attention.kernels._flash_tiles`, the
+static block planning in :mod:`flax_attention.kernels._blocks`.
 
 Internal layout: the ``G = N // K`` query heads that share a kv head are folded
 into the row axis, ``q [B, K, T, G, H] -> [B, K, T·G, H]`` per block, so every
@@ -46,7 +46,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from flax_attention._blocks import (  # noqa: F401  (re-exported: part of this module's API)
+from flax_attention.kernels._blocks import (  # noqa: F401  (re-exported: part of this module's API)
     DEFAULT_BLOCK,
     DEFAULT_BLOCK_ACCELERATOR,
     Window,
@@ -58,9 +58,9 @@ from flax_attention._blocks import (  # noqa: F401  (re-exported: part of this m
     computed_blocks,
     default_block_size,
 )
-from flax_attention._flash_passes import _backward, _forward
-from flax_attention._flash_tiles import _Config
-from flax_attention._validation import compute_dtype, forward_mode_active, prepare, static_int
+from flax_attention.kernels._flash_passes import _backward, _forward
+from flax_attention.kernels._flash_tiles import _Config
+from flax_attention.functional._validation import compute_dtype, forward_mode_active, prepare, static_int
 
 Array = jnp.ndarray
 
@@ -132,7 +132,7 @@ def chunked_attention(
     """Memory-efficient ``softmax(Q Kᵀ · scale + bias) V`` with block skipping.
 
     Same arguments and results (to float32 rounding) as
-    :func:`~flax_attention.attention.scaled_dot_product_attention`, without
+    :func:`~flax_attention.functional.attention.scaled_dot_product_attention`, without
     dropout or returned weights; peak memory is ``O(block_q · block_k)`` per
     head instead of ``O(T · S)``. Differentiable in ``query``, ``key``,
     ``value``, ``bias`` and ``scale`` via a recomputing ``custom_vjp``.
@@ -149,9 +149,9 @@ def chunked_attention(
       is_causal: causal mask, applied structurally: key blocks entirely in
         the future of a query block are skipped.
       causal_alignment: ``"bottom_right"`` or ``"top_left"`` when ``T != S``
-        (see :func:`~flax_attention.masks.causal_mask`).
+        (see :func:`~flax_attention.functional.masks.causal_mask`).
       window: sliding window, as in
-        :func:`~flax_attention.masks.sliding_window_mask`: ``w`` = the query
+        :func:`~flax_attention.functional.masks.sliding_window_mask`: ``w`` = the query
         and its ``w`` predecessors, ``(left, right)`` = a two-sided band.
         Uses ``causal_alignment``; blocks outside the band are skipped.
       block_q, block_k: block sizes (static); default: the length split into

@@ -30,7 +30,7 @@ The annotation is opt-in, so ``model.init`` keeps returning plain arrays
 (the same tree as ``flax.linen`` modules without metadata, e.g. for the
 :class:`~flax_attention.MultiHeadAttention` drop-in) unless asked::
 
-    with flax_attention.partitioning.logical_axis_annotations():
+    with flax_attention.linen.partitioning.logical_axis_annotations():
         abstract = jax.eval_shape(model.init, rng, *inputs)   # LogicallyPartitioned leaves
     shardings = logical_to_mesh_sharding(abstract, mesh)       # NamedSharding per leaf
     params = jax.jit(lambda r: nn.meta.unbox(model.init(r, *inputs)), out_shardings=...)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._validation import (
+from flax_attention.functional._validation import (
     compute_dtype,
     forward_mode_active,
     mask_fill,
@@ -24,10 +24,10 @@ from flax_attention._validation import (
     prepare,
     vmapped_size,
 )
-from flax_attention.backend_select import AUTO_CHUNKED_BYTES, AttentionCall, describe, resolve
-from flax_attention.backends import fused_attention
-from flax_attention.flash import _chunked
-from flax_attention.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
+from flax_attention.kernels.backend_select import AUTO_CHUNKED_BYTES, AttentionCall, describe, resolve
+from flax_attention.kernels.backends import fused_attention
+from flax_attention.kernels.flash import _chunked
+from flax_attention.functional.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
 
@@ -115,7 +115,7 @@ def attention_weights(
       bias: float, broadcastable to ``[..., N, T, S]``, added to the logits
         (``-inf`` entries act as a mask).
       scale: logit scale (a float or a traced scalar); defaults to ``1 / sqrt(H)``.
-      is_causal: also apply :func:`~flax_attention.masks.causal_mask`.
+      is_causal: also apply :func:`~flax_attention.functional.masks.causal_mask`.
       causal_alignment: ``"bottom_right"`` or ``"top_left"`` when ``T != S``.
       precision: passed to the einsum.
 
@@ -221,10 +221,10 @@ def scaled_dot_product_attention(
       return_weights: also return the (pre-dropout) weights.
       precision: passed to both einsums.
       window: sliding window ``w`` (the query and its ``w`` predecessors) or
-        ``(left, right)``, as in :func:`~flax_attention.masks.sliding_window_mask`,
+        ``(left, right)``, as in :func:`~flax_attention.functional.masks.sliding_window_mask`,
         aligned by ``causal_alignment``; combined with ``mask``.
       implementation: ``"dense"`` materialises the ``[..., N, T, S]``
-        logits; ``"chunked"`` runs :func:`~flax_attention.flash.chunked_attention`
+        logits; ``"chunked"`` runs :func:`~flax_attention.kernels.flash.chunked_attention`
         (online softmax, ``O(T + S)`` memory, skips blocks hidden by
         ``is_causal``/``window``; no dropout, no returned weights, reverse-mode
         autodiff only). ``None`` (auto) picks ``"chunked"`` when the dense
@@ -240,7 +240,7 @@ def scaled_dot_product_attention(
         ``jit``-compiled function traced outside ``grad``/``vmap`` is reused
         as traced; where auto would pick ``"chunked"`` or ``"cudnn"`` for those, pass
         ``implementation="dense"``.)
-        Fused kernels, opt-in (see :mod:`flax_attention.backends`):
+        Fused kernels, opt-in (see :mod:`flax_attention.kernels.backends`):
         ``"cudnn"`` (GPU, float16/bfloat16), ``"pallas_triton"`` (GPU; no
         mask, bias or window), ``"pallas_tpu"`` (TPU; masks, bias and windows
         travel as a materialised ``[B, N, T, S]`` bias), ``"tokamax_triton"``
@@ -253,7 +253,7 @@ def scaled_dot_product_attention(
         ``"pallas_tpu:interpret"``) to run it in JAX's interpret mode on any
         platform, for tests. Auto picks a kernel only where it is listed
         as measured for the platform
-        (:data:`flax_attention.backend_select.MEASURED`): on GPU, float16/
+        (:data:`flax_attention.kernels.backend_select.MEASURED`): on GPU, float16/
         bfloat16 calls that cuDNN accepts take ``"cudnn"`` (on published
         H100 figures, see ``MEASURED_SOURCES``); every other call, and every
         call on CPU/TPU, takes the XLA rule above.

@@ -1,4 +1,4 @@
-"""The forward and backward block loops of :func:`flax_attention.flash.chunked_attention`.
+"""The forward and backward block loops of :func:`flax_attention.kernels.flash.chunked_attention`.
 
 Forward: online softmax over key blocks (FlashAttention, Dao et al. 2022, Alg. 1).
 Backward: recomputes each block's probabilities from the saved log-sum-exp and
@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._flash_tiles import _Config, _add_bias_block, _cols, _idx, _put_rows, _rows, _scores
-from flax_attention._validation import mask_fill, vary_like
+from flax_attention.kernels._flash_tiles import _Config, _add_bias_block, _cols, _idx, _put_rows, _rows, _scores
+from flax_attention.functional._validation import mask_fill, vary_like
 
 
 def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config, out_dtype=None):

@@ -30,7 +30,8 @@ from typing import Callable, Dict, Iterator, Sequence, Tuple
 
 import numpy as np
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+from flax_attention.linen.decoding import BOS_ID, EOS_ID, PAD_ID  # noqa: F401  (the decoders' token ids)
+
 NUM_SPECIAL = 3
 
 Batch = Dict[str, np.ndarray]

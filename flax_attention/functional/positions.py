@@ -4,7 +4,8 @@
   are rotated pair-wise by an angle proportional to their absolute position, so
   ``<R_m q, R_n k> = <q, R_{n-m} k>`` depends on the offset ``n - m`` only.
 * Sinusoidal absolute encodings (Vaswani et al. 2017, §3.5), added to the
-  embeddings: :func:`sinusoidal_encoding`, :class:`SinusoidalPositionalEncoding`.
+  embeddings: :func:`sinusoidal_encoding` (the linen layer:
+  :class:`flax_attention.linen.positions.SinusoidalPositionalEncoding`).
 * ALiBi (Press et al. 2022, "Train Short, Test Long", §3): no position
   embedding; each head ``n`` adds ``-m_n · |i - j|`` to the logit of query
   ``i`` and key ``j``, with geometric slopes ``m_n``. For causal attention only
@@ -22,11 +23,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Tuple
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention import kv_cache
 
 Array = jnp.ndarray
 
@@ -63,49 +62,6 @@ def sinusoidal_positions(length: int, features: int, *, offset: Any = 0) -> Arra
       float32 ``[T, E]``.
     """
     return sinusoidal_encoding(offset + jnp.arange(int(length)), features)
-
-
-class SinusoidalPositionalEncoding(nn.Module):
-    """Adds sinusoidal position encodings to ``x [..., T, E]`` (no parameters).
-
-    With ``decode=True`` the offset is kept as the attention cache keeps its
-    index (:mod:`flax_attention.kv_cache`): a scalar int32
-    ``'cache'/'position_index'`` advancing by ``T`` per call, plus a
-    per-example ``position_lengths [...]`` once a call passes ``lengths``
-    (right-padded prompts); so a prefill and the following single-token
-    steps get positions ``0, 1, 2, …``. Like the attention cache, it is
-    allocated (not advanced) inside ``init``.
-    """
-
-    @nn.compact
-    def __call__(self, x: Array, *, positions: Optional[Array] = None, decode: bool = False,
-                 lengths: Optional[Array] = None) -> Array:
-        """Returns ``x + PE(positions)``.
-
-        Args:
-          x: ``[..., T, E]``.
-          positions: integer ``[T]`` or ``[..., T]``; default ``arange(T)``
-            (or the cache offset with ``decode``).
-          decode: continue from the cached position index.
-          lengths: int ``[...]`` with ``decode``: real positions per example
-            (default ``T``).
-        """
-        t, e = x.shape[-2:]
-        batch = x.shape[:-2]
-        if positions is None:
-            positions = jnp.arange(t, dtype=jnp.int32)
-            if decode:
-                lengths = kv_cache.check_lengths(lengths, batch, t)
-                names = dict(index="position_index", lengths="position_lengths")
-                if self.has_variable("cache", "position_index"):
-                    start = kv_cache.fill_levels(self, batch, **names)
-                    positions = start[..., None] + positions
-                    kv_cache.advance(self, start, lengths, t, **names)
-                else:  # the allocation call, flax's pattern: nothing advances
-                    self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
-        elif decode:
-            raise ValueError("pass either explicit positions or decode=True, not both.")
-        return (x + sinusoidal_encoding(positions, e)).astype(x.dtype)
 
 
 def relative_positions(positions: Optional[Array], key_positions: Optional[Array], t: int, s: int,

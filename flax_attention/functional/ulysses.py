@@ -18,8 +18,8 @@ from typing import Optional
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention.attention import scaled_dot_product_attention
-from flax_attention.ring import _axis_size
+from flax_attention.functional.attention import scaled_dot_product_attention
+from flax_attention.functional.ring import _axis_size
 
 Array = jnp.ndarray
 
@@ -50,7 +50,7 @@ def ulysses_attention(
         axis (``S`` booleans per example).
       scale: logit scale; defaults to ``1 / sqrt(H)``.
       implementation: the local kernel on whole sequences (see
-        :func:`~flax_attention.attention.scaled_dot_product_attention`).
+        :func:`~flax_attention.functional.attention.scaled_dot_product_attention`).
       precision: passed to the local kernel.
 
     Returns:

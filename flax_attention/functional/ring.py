@@ -6,7 +6,7 @@ their key-padding mask) travel around the ring with :func:`jax.lax.ppermute`,
 one hop per step, so after ``P`` steps every query has met every key (Liu et
 al. 2023, "Ring Attention with Blockwise Transformers", Sec. 3). Each step runs
 the chunked kernel's online-softmax forward
-(:mod:`flax_attention._flash_passes`) on the local queries against the
+(:mod:`flax_attention.kernels._flash_passes`) on the local queries against the
 visiting block and merges the partial result by log-sum-exp:
 ``L = logaddexp(L₁, L₂)``, ``O = O₁·e^(L₁−L) + O₂·e^(L₂−L)`` (the same
 rescaling as FlashAttention's Alg. 1, line 10, one level up). The next block's
@@ -20,7 +20,7 @@ accumulators that travel with the block and arrive home after ``P`` hops.
 Per-device memory is ``O(T/P)``: no ``T × S`` array and no all-gathered K/V.
 
 Layouts (which global positions a shard holds) — see
-:mod:`flax_attention.context_parallel` for the permutation helpers:
+:mod:`flax_attention.functional.context_parallel` for the permutation helpers:
 
 * ``"contiguous"``: shard ``i`` holds chunk ``i`` of ``P`` equal chunks. Under
   a causal mask shard ``i`` computes ``i + 1`` block pairs (``i`` full, one
@@ -46,10 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._blocks import block_sizes
-from flax_attention._flash_passes import _backward, _forward, dq_from_transposed
-from flax_attention._flash_tiles import _Config
-from flax_attention._validation import compute_dtype, mask_fill, prepare, vary_like
+from flax_attention.kernels._blocks import block_sizes
+from flax_attention.kernels._flash_passes import _backward, _forward, dq_from_transposed
+from flax_attention.kernels._flash_tiles import _Config
+from flax_attention.functional._validation import compute_dtype, mask_fill, prepare, vary_like
 
 Array = jnp.ndarray
 
@@ -277,7 +277,7 @@ def ring_attention(
 
     Call inside :func:`jax.shard_map`; every argument is this shard's piece.
     The result equals the matching rows of
-    :func:`~flax_attention.attention.scaled_dot_product_attention` on the whole
+    :func:`~flax_attention.functional.attention.scaled_dot_product_attention` on the whole
     sequence (float32 rounding), with the same guarantees: GQA (``N % K == 0``),
     ``D != H``, rows that see no key give zeros with finite gradients, softmax
     statistics in at least float32. Differentiable in ``query``, ``key`` and
@@ -295,7 +295,7 @@ def ring_attention(
       scale: a Python float; defaults to ``1 / sqrt(H)``.
       layout: ``"contiguous"`` (shard ``i`` holds chunk ``i``) or ``"zigzag"``
         (shard ``i`` holds chunks ``i`` and ``2P-1-i`` of ``2P``; see
-        :func:`flax_attention.context_parallel.to_layout`). The queries and
+        :func:`flax_attention.functional.context_parallel.to_layout`). The queries and
         keys must already be in that layout.
       block_q, block_k: the chunked kernel's block sizes within a step.
       precision: passed to every block matmul.

@@ -7,14 +7,14 @@ same parameter tree (``query``/``key``/``value`` kernels ``[E, heads, H]``,
 ``out`` kernel ``[N, H, E]``, ``query_ln``/``key_ln`` with ``normalize_qk``),
 the same call signature and the same attribute names where they overlap. The
 maths is :func:`flax_attention.scaled_dot_product_attention` (or a custom
-``attention_fn``), RoPE/ALiBi come from :mod:`flax_attention.positions` and
-the cache arithmetic from :mod:`flax_attention.kv_cache`.
+``attention_fn``), RoPE/ALiBi come from :mod:`flax_attention.functional.positions` and
+the cache arithmetic from :mod:`flax_attention.functional.kv_cache`.
 
 Autoregressive decoding (``decode=True``, attribute or call argument) keeps
 flax's cache exactly: ``cached_key``/``cached_value [..., L, K, H]`` and a
 scalar int32 ``cache_index`` in the ``"cache"`` collection; right-padded
 prompts of different lengths add a per-example ``cache_lengths [...]`` (see
-:mod:`flax_attention.kv_cache`, which holds the cache logic). Cross-attention
+:mod:`flax_attention.functional.kv_cache`, which holds the cache logic). Cross-attention
 (``static_kv=True``) caches its projected memory once instead.
 """
 
@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from flax_attention import kv_cache
-from flax_attention.context_parallel import routed_attention
-from flax_attention.custom_attention import call_attention_fn, einsum_attention, make_einsums
-from flax_attention.masks import combine_masks
-from flax_attention.partitioning import logical
-from flax_attention.positions import alibi_bias, alibi_slopes, apply_rotary, relative_positions
+from flax_attention.functional import kv_cache
+from flax_attention.functional.context_parallel import routed_attention
+from flax_attention.functional.custom_attention import call_attention_fn, einsum_attention, make_einsums
+from flax_attention.functional.masks import combine_masks
+from flax_attention.linen.partitioning import logical
+from flax_attention.functional.positions import alibi_bias, alibi_slopes, apply_rotary, relative_positions
 
 Array = jnp.ndarray
 RELATIVE_POSITIONS = (None, "rope", "alibi")
@@ -69,14 +69,14 @@ class MultiHeadAttention(nn.Module):
       qk_attn_weights_einsum_cls, attn_weights_value_einsum_cls: factories of
         the two attention einsums (both or neither), as in flax; with the
         default function they select
-        :func:`~flax_attention.custom_attention.einsum_attention`.
+        :func:`~flax_attention.functional.custom_attention.einsum_attention`.
       num_kv_heads: ``K`` (``None`` = ``N``); ``N % K == 0``.
       head_dim: ``H``; overrides ``qkv_features // num_heads``.
       sow_weights: default of the ``sow_weights`` call argument.
       window, implementation, scale: passed to the attention function (see
         :func:`scaled_dot_product_attention`).
       relative_position: ``None``, ``"rope"`` or ``"alibi"`` (see
-        :mod:`flax_attention.positions`). rope_base: RoPE frequency base.
+        :mod:`flax_attention.functional.positions`). rope_base: RoPE frequency base.
       alibi_directional: keys right of the query use the slopes in reversed
         head order (the symmetric form is mirror-invariant); no causal effect.
     """
@@ -179,7 +179,7 @@ class MultiHeadAttention(nn.Module):
             cache as long as its input (``L``); later calls (``mutable=['cache']``)
             write their ``T`` positions at the cache index; a write past ``L``
             raises, or under ``jit`` is skipped with a NaN output (see
-            :mod:`flax_attention.kv_cache`).
+            :mod:`flax_attention.functional.kv_cache`).
           positions: int ``[..., T]`` query positions for RoPE/ALiBi without
             ``decode``; default ``arange(T)``.
           key_positions: int ``[..., S]`` key positions; default ``positions``

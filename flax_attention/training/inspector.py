@@ -75,7 +75,7 @@ def _source_ids(task_name: str, configs, extras, texts: Sequence[str]) -> np.nda
     if task_name == "translate":
         from flax_attention.training.translate import encode_sources
         return encode_sources(extras["tokenizer"], texts)
-    from flax_attention.data.tasks import NUM_SPECIAL, PAD_ID
+    from flax_attention.data.synthetic import NUM_SPECIAL, PAD_ID
     rows = []
     limit = configs["data"].num_symbols
     for t in texts:
@@ -93,7 +93,7 @@ def _source_ids(task_name: str, configs, extras, texts: Sequence[str]) -> np.nda
 
 
 def _labels(task_name: str, extras, ids) -> List[str]:
-    from flax_attention.data.tasks import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+    from flax_attention.data.synthetic import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
 
     if task_name == "translate":
         return extras["tokenizer"].pieces(ids)
@@ -103,7 +103,7 @@ def _labels(task_name: str, extras, ids) -> List[str]:
 
 def _trim(ids) -> List[int]:
     """Tokens up to and including the first EOS, padding dropped."""
-    from flax_attention.data.tasks import EOS_ID, PAD_ID
+    from flax_attention.data.synthetic import EOS_ID, PAD_ID
 
     out = []
     for t in np.asarray(ids).tolist():
@@ -124,8 +124,8 @@ def decode_with_heatmaps(workdir, texts: Sequence[str], out_dir=None, names: Opt
     Returns:
       ``(outputs, paths)``: decoded strings and the written PNG paths.
     """
-    from flax_attention.data.tasks import BOS_ID, EOS_ID, PAD_ID
-    from flax_attention.heatmaps import collect_attention, save_attention_heatmaps
+    from flax_attention.data.synthetic import BOS_ID, EOS_ID, PAD_ID
+    from flax_attention.training.heatmaps import collect_attention, save_attention_heatmaps
     from flax_attention.training.seq2seq import decode_dataset
 
     task, configs, model, params, extras, step = load_for_inference(workdir)
@@ -187,7 +187,7 @@ def visualize(workdir, num_examples: int, seed: int, out: Optional[str]) -> Path
             idx = np.sort(rng.choice(len(pool), size=min(num_examples, len(pool)), replace=False))
             texts = [pool[i] for i in idx]
         else:
-            from flax_attention.data.tasks import NUM_SPECIAL, PAD_ID
+            from flax_attention.data.synthetic import NUM_SPECIAL, PAD_ID
             held = configs["data"].task_config().test_set(max(num_examples, 100))["src"]
             idx = np.sort(rng.choice(len(held), size=min(num_examples, len(held)), replace=False))
             texts = [" ".join(str(t - NUM_SPECIAL) for t in held[i] if t != PAD_ID) for i in idx]

@@ -1,9 +1,9 @@
-"""Static block planning for :func:`flax_attention.flash.chunked_attention`.
+"""Static block planning for :func:`flax_attention.kernels.flash.chunked_attention`.
 
 Everything here runs in Python on static shapes: block sizes, the band of
 visible ``(query, key)`` pairs from ``is_causal``/``window``, and per block the
 contiguous range of blocks that must be computed. Re-exported by
-:mod:`flax_attention.flash`.
+:mod:`flax_attention.kernels.flash`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Optional, Tuple, Union
 import jax
 import numpy as np
 
-from flax_attention._validation import static_int
-from flax_attention.masks import _ALIGNMENTS, _window_sizes
+from flax_attention.functional._validation import static_int
+from flax_attention.functional.masks import _ALIGNMENTS, _window_sizes
 
 Window = Union[int, Tuple[int, int]]
 
@@ -46,7 +46,7 @@ def band(t: int, s: int, is_causal: bool, alignment: str, window: Optional[Windo
     Returns ``(offset, left, right)``: query row ``r`` sits at position
     ``r + offset`` and sees key ``c`` iff ``-right <= r + offset - c <= left``
     (``None`` = unbounded). Causal is ``right = 0``; a window ``(left, right)``
-    follows :func:`flax_attention.masks.sliding_window_mask`.
+    follows :func:`flax_attention.functional.masks.sliding_window_mask`.
     """
     if alignment not in _ALIGNMENTS:
         raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {alignment!r}.")

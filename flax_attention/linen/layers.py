@@ -1,6 +1,6 @@
 """Transformer building blocks (Vaswani et al. 2017): config, position-wise
 feed-forward network, encoder and decoder layers (the positional encodings
-live in :mod:`flax_attention.positions` and are re-exported here).
+live in :mod:`flax_attention.functional.positions` and are re-exported here).
 
 Every layer wraps each sub-layer in a residual connection. Post-LN (the
 paper, §3.1): ``LayerNorm(x + Dropout(Sublayer(x)))``. Pre-LN
@@ -18,15 +18,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.context_parallel import IMPLEMENTATIONS as CONTEXT_PARALLEL
-from flax_attention.backend_select import parse_implementation
-from flax_attention.multihead import MultiHeadAttention
-from flax_attention.partitioning import logical
-from flax_attention.positions import (  # noqa: F401  (re-exported: their historical home)
-    SinusoidalPositionalEncoding,
-    sinusoidal_encoding,
-    sinusoidal_positions,
-)
+from flax_attention.functional.context_parallel import IMPLEMENTATIONS as CONTEXT_PARALLEL
+from flax_attention.kernels.backend_select import parse_implementation
+from flax_attention.linen.multihead import MultiHeadAttention
+from flax_attention.linen.partitioning import logical
+from flax_attention.functional.positions import sinusoidal_encoding, sinusoidal_positions  # noqa: F401  (re-exported)
+from flax_attention.linen.positions import SinusoidalPositionalEncoding  # noqa: F401  (re-exported)
 
 Array = jnp.ndarray
 

@@ -30,14 +30,14 @@ from flax.linen.linear import default_kernel_init
 import jax
 import jax.numpy as jnp
 
-from flax_attention.layers import (
+from flax_attention.linen.layers import (
     SinusoidalPositionalEncoding,
     TransformerConfig,
     TransformerDecoderLayer,
     TransformerEncoderLayer,
 )
-from flax_attention.masks import key_mask
-from flax_attention.partitioning import logical
+from flax_attention.functional.masks import key_mask
+from flax_attention.linen.partitioning import logical
 
 Array = jnp.ndarray
 
@@ -233,7 +233,7 @@ def init_cache(model: Transformer, batch_size: int, max_len: Optional[int] = Non
       [B, L, K, H]``, a scalar ``cache_index``) and, for sinusoidal
       positions, ``positions`` holds a scalar ``position_index``; a decode
       call with ``lengths`` adds the per-example ``cache_lengths`` /
-      ``position_lengths [B]`` (:mod:`flax_attention.kv_cache`). The
+      ``position_lengths [B]`` (:mod:`flax_attention.functional.kv_cache`). The
       cross-attention memory is added by the first decode call that passes
       ``encoded`` (its length ``S`` is not known here).
     """
