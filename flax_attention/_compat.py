@@ -18,7 +18,6 @@ import types
 MOVED = {
     "attention": ("functional.attention",),
     "masks": ("functional.masks",),
-    "kv_cache": ("functional.kv_cache",),
     "context_parallel": ("functional.context_parallel",),
     "ring": ("functional.ring",),
     "ulysses": ("functional.ulysses",),
@@ -38,6 +37,7 @@ MOVED = {
     # split: the functions and the linen module(s)
     "additive": ("linen.additive", "functional.additive"),
     "positions": ("functional.positions", "linen.positions"),
+    "kv_cache": ("functional.kv_cache", "linen._cache"),
 }
 
 

@@ -149,3 +149,13 @@ def test_decode_lengths_are_validated():
     np.testing.assert_allclose(out[1], good[1], rtol=1e-6)
     assert not np.any(state["cache"]["cached_key"][0])
     assert int(state["cache"]["cache_lengths"][0]) > 8  # past L: its later steps stay NaN
+
+
+def test_decode_mode_is_decided_once_from_flax_arguments():
+    from flax_attention.functional.kv_cache import DecodeMode, decode_mode
+    assert decode_mode(False, False, True) is DecodeMode.OFF
+    assert decode_mode(False, True, False) is DecodeMode.OFF  # static_kv means nothing without decode
+    assert decode_mode(True, False, True) is DecodeMode.APPEND
+    assert decode_mode(True, False, False) is DecodeMode.APPEND  # self-attention: inputs_k defaults to inputs_q
+    assert decode_mode(True, True, True) is DecodeMode.STORE
+    assert decode_mode(True, True, False) is DecodeMode.REUSE

@@ -37,6 +37,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from flax_attention.data.tfds_source import DataUnavailableError, read_records  # noqa: F401 (re-exported)
+from flax_attention.data import atomic
 
 PAD_ID, START_ID, OOV_ID = 0, 1, 2
 NUM_RESERVED = 3
@@ -128,13 +129,9 @@ class Vocabulary:
         return hashlib.sha256("\n".join(self.words).encode()).hexdigest()[:16]
 
     def save(self, path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": "keras_imdb", "tokenizer": TOKENIZER_VERSION, "reserved": ["<pad>", "<start>", "<oov>"],
                    "words": self.words}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)  # atomic: a crash never leaves half a vocabulary
+        atomic.write_text(path, json.dumps(payload))
 
     @classmethod
     def load(cls, path) -> "Vocabulary":
@@ -239,10 +236,8 @@ def load_encoded(split: str, vocab: Vocabulary, config: IMDBConfig, cache_dir=No
     texts, labels = texts_labels if texts_labels is not None else load_split(split)
     tokens, lengths = encode(texts, vocab, config, tokenized=tokenized and texts_labels is not None)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, tokens=tokens, lengths=lengths, labels=labels)
-        os.replace(tmp, path)
+        with atomic.atomic_open(path, "wb") as f:
+            np.savez(f, tokens=tokens, lengths=lengths, labels=labels)
     return EncodedSplit(tokens, lengths, labels)
 
 

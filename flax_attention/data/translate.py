@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
 
@@ -35,6 +34,7 @@ import numpy as np
 
 from flax_attention.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from flax_attention.data.tfds_source import read_records
+from flax_attention.data import atomic
 
 Batch = Dict[str, np.ndarray]
 UNK_ID = 3
@@ -153,10 +153,7 @@ class Tokenizer:
                              "workdir need its ids), or use a fresh --workdir.") from None
 
     def save(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(self.proto)
-        os.replace(tmp, path)  # atomic: a crash never leaves half a vocabulary
+        atomic.write_bytes(path, self.proto)
 
     @property
     def vocab_size(self) -> int:

@@ -24,13 +24,13 @@ This module is NumPy-only; putting the rows into a model and freezing them is
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from flax_attention.data.imdb import NUM_RESERVED, PAD_ID, START_ID, Vocabulary
+from flax_attention.data import atomic
 
 VocabLike = Union[Vocabulary, Mapping[str, int], Sequence[str]]
 
@@ -286,13 +286,10 @@ def save_word_vectors(path, words: Sequence[str], matrix: np.ndarray, header: bo
     if not np.isfinite(matrix).all():
         raise ValueError("matrix has NaN/inf values; refusing to write vectors nobody can use.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     fmt = " ".join(["%.9g"] * matrix.shape[1])
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic.atomic_open(path, "w") as f:
         if header:
             f.write(f"{matrix.shape[0]} {matrix.shape[1]}\n")
         for w, row in zip(words, matrix.tolist()):
             f.write(f"{w} {fmt % tuple(row)}\n")
-    os.replace(tmp, path)
     return path

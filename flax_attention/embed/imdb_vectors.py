@@ -12,7 +12,6 @@ The trainer's ``train.py embed --out PATH`` calls :func:`learn_imdb_vectors`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -22,6 +21,7 @@ import numpy as np
 from flax_attention.data import imdb
 from flax_attention.data.word_vectors import save_word_vectors
 from flax_attention.embed.skipgram import SkipGramConfig, nearest_neighbours, train_skipgram
+from flax_attention.data import atomic
 
 SPLITS = ("train", "unsupervised")  # never "test": the vectors must not see evaluation text
 PROBE_WORDS = ("good", "bad", "excellent", "boring", "actor", "funny")
@@ -83,10 +83,8 @@ def encoded_reviews(workdir, data_config: imdb.IMDBConfig) -> Tuple[imdb.Vocabul
             seqs += [np.asarray(vocab.encode_words(imdb.tokenize(t)), np.int32) for t in texts]
         offsets = np.concatenate([[0], np.cumsum([s.size for s in seqs])]).astype(np.int64)
         tokens = np.concatenate(seqs).astype(np.int32)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, tokens=tokens, offsets=offsets)
-        os.replace(tmp, cache)
+        with atomic.atomic_open(cache, "wb") as f:
+            np.savez(f, tokens=tokens, offsets=offsets)
     seqs = [tokens[offsets[i]:offsets[i + 1]] for i in range(offsets.size - 1)]
     return vocab, seqs, time.perf_counter() - start
 

@@ -1,4 +1,8 @@
-"""The KV cache of :class:`~flax_attention.MultiHeadAttention`: flax's layout, plus ragged prompts.
+"""KV-cache arithmetic (pure functions): flax's cache layout, plus ragged prompts.
+
+The linen modules keep these variables through :mod:`flax_attention.linen._cache`,
+the NNX modules through :mod:`flax_attention.nnx._cache`.
+
 
 **Layout** (the ``"cache"`` collection, exactly that of
 :class:`flax.linen.MultiHeadDotProductAttention` and shared by the NNX
@@ -29,6 +33,7 @@ arithmetic is int32, also under ``jax.enable_x64``.
 
 from __future__ import annotations
 
+import enum
 from typing import Optional, Tuple
 
 import jax
@@ -41,7 +46,23 @@ Array = jnp.ndarray
 INDEX, LENGTHS = "cache_index", "cache_lengths"
 
 
-# ------------------------------------------------------------ pure functions
+class DecodeMode(enum.Enum):
+    """What one attention call does with its cache; decided once, from flax's call arguments."""
+
+    OFF = "off"        # no cache: plain attention
+    APPEND = "append"  # self-attention decoding: write the T new positions, attend to the filled slots
+    STORE = "store"    # static_kv with a new memory: project it and keep it (cross-attention)
+    REUSE = "reuse"    # static_kv without inputs_k: attend to the memory kept by an earlier call
+
+
+def decode_mode(decode: bool, static_kv: bool, new_memory: bool) -> DecodeMode:
+    """The :class:`DecodeMode` of a call with ``decode``/``static_kv``; ``new_memory``: ``inputs_k`` given."""
+    if not decode:
+        return DecodeMode.OFF
+    if not static_kv:
+        return DecodeMode.APPEND
+    return DecodeMode.STORE if new_memory else DecodeMode.REUSE
+
 
 def query_positions(index: Array, t: int) -> Array:
     """Absolute positions ``index + arange(T)`` of the ``T`` new queries: int32 ``[..., T]``."""
@@ -124,79 +145,6 @@ def poison(out: Array, overflow: Array) -> Array:
     return jnp.where(flag, jnp.nan, out).astype(out.dtype)
 
 
-# ------------------------------------------- the variables of a linen module
-
-def fill_levels(module, batch: tuple, index: str = INDEX, lengths: str = LENGTHS) -> Array:
-    """Each example's next free slot, int32 ``[*batch]`` (zeros before the cache exists)."""
-    for name in (lengths, index):
-        if module.has_variable("cache", name):
-            return jnp.broadcast_to(jnp.asarray(module.get_variable("cache", name), jnp.int32), batch)
-    return jnp.zeros(batch, jnp.int32)
-
-
-def decode_positions(module, batch: tuple, t: int) -> Tuple[Array, Array, Array]:
-    """``(start [*batch], query positions [*batch, T], key positions [L])`` of a decode call.
-
-    Before the cache exists (the allocation call) the keys are the queries.
-    """
-    start = fill_levels(module, batch)
-    q_pos = query_positions(start, t)
-    if not module.has_variable("cache", "cached_key"):
-        return start, q_pos, q_pos
-    return start, q_pos, jnp.arange(module.get_variable("cache", "cached_key").shape[-3], dtype=jnp.int32)
-
-
-def advance(module, start: Array, count: Optional[Array], t: int, limit: Optional[int] = None,
-            index: str = INDEX, lengths: str = LENGTHS) -> Tuple[Array, Array]:
-    """Advances the fill levels by ``count`` (``None`` = ``T``); returns ``(count, overflow)`` ``[*batch]``.
-
-    ``start`` comes from :func:`fill_levels`. Traced counts outside ``[0, T]``
-    become ``limit + 1`` (an overflow); ``limit=None`` checks nothing.
-    The scalar ``index`` is created if missing (flax's layout); the
-    per-example ``lengths`` only when ``count`` is given or it already exists.
-    """
-    ragged = count is not None or module.has_variable("cache", lengths)
-    counter = module.variable("cache", index, lambda: jnp.array(0, jnp.int32))
-    count = jnp.broadcast_to(jnp.int32(t), start.shape) if count is None else count
-    overflow = jnp.zeros(start.shape, bool)
-    if limit is not None:
-        count = jnp.where((count < 0) | (count > t), limit + 1, count)
-        overflow = start + count > limit
-    end = start + count
-    if ragged:
-        module.put_variable("cache", lengths, end)
-        counter.value = jnp.max(end, initial=0)  # slots >= cache_index are empty everywhere
-    else:
-        counter.value = jnp.asarray(counter.value, jnp.int32) + t
-    return count, overflow
-
-
-def check_decode(module, inputs_q: Array, inputs_k: Array, inputs_v: Array, lengths) -> Optional[Array]:
-    """Raises a ValueError for a decode call that cannot be right; returns the validated ``lengths``."""
-    if inputs_k.shape[:-1] != inputs_q.shape[:-1] or inputs_v.shape[:-1] != inputs_q.shape[:-1]:
-        raise ValueError(
-            "decode=True caches self-attention keys, so inputs_k/inputs_v must have the query's "
-            f"[..., T] shape; got inputs_q {inputs_q.shape} and inputs_k {inputs_k.shape}. "
-            "Call cross-attention with decode=False or static_kv=True.")
-    batch, t = inputs_q.shape[:-2], inputs_q.shape[-2]
-    lengths = check_lengths(lengths, batch, t)
-    if not module.has_variable("cache", "cached_key"):
-        if module.is_initializing():
-            return lengths  # the allocation call
-        raise ValueError(
-            "decode=True found no 'cache' collection: create it with model.init(..., decode=True) "
-            "on inputs of the maximum length (or flax_attention.init_cache) and pass it with "
-            "mutable=['cache'].")
-    cache_shape = module.get_variable("cache", "cached_key").shape
-    *cache_batch, length, _, _ = cache_shape
-    if batch != tuple(cache_batch):
-        raise ValueError(f"decode inputs {inputs_q.shape} do not match the cache {cache_shape} "
-                         "([..., L, K, H]) in batch dims; re-create the cache for this batch shape.")
-    check_fits(fill_levels(module, batch), lengths, t, length,
-               "initialise the cache with a longer input (the maximum total length)")
-    return lengths
-
-
 def check_fits(start, lengths, t: int, length: int, fix: str) -> None:
     """Raises a ValueError (ending in ``fix``) when a decode step of ``T = t`` new positions
     (``lengths`` of them per example, if given) written at fill levels ``start`` would pass the
@@ -210,36 +158,3 @@ def check_fits(start, lengths, t: int, length: int, fix: str) -> None:
         if last > length:
             raise ValueError(f"decode step writes up to position {last - 1}, past the cache length "
                              f"L={length}; {fix}.")
-
-
-def update(module, key: Array, value: Array, start: Array, lengths: Optional[Array]):
-    """Writes the new keys/values at each example's ``start``; returns ``(key, value, overflow)``.
-
-    ``key``/``value`` are ``[..., T, K, H|D]``; the returned ones are the full
-    cache ``[..., L, K, H|D]`` (the inputs themselves on the allocation call,
-    which creates flax's variables and writes nothing).
-    """
-    initialized = module.has_variable("cache", "cached_key")
-    cached_key = module.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-    cached_value = module.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-    if not initialized:
-        module.variable("cache", INDEX, lambda: jnp.array(0, jnp.int32))
-        return key, value, jnp.zeros(start.shape, bool)
-    count, overflow = advance(module, start, lengths, key.shape[-3], limit=cached_key.value.shape[-3])
-    cached_key.value, _ = write_cache(cached_key.value, key, start, count)
-    cached_value.value, _ = write_cache(cached_value.value, value, start, count)
-    # The cache is storage: a cache allocated in another dtype (e.g. from a float64
-    # dummy input under jax_enable_x64) must not turn this step into mixed-dtype attention.
-    return cached_key.value.astype(key.dtype), cached_value.value.astype(value.dtype), overflow
-
-
-def static_memory(module, key: Optional[Array], value: Optional[Array]):
-    """Stores (``key`` given) or returns (``key=None``) a cross-attention memory ``[..., S, K, H|D]``."""
-    if key is not None:
-        module.put_variable("cache", "cached_key", key)
-        module.put_variable("cache", "cached_value", value)
-        return key, value
-    if not module.has_variable("cache", "cached_key"):
-        raise ValueError("static_kv decoding without inputs_k needs an earlier call that passed "
-                         "inputs_k (it stores the projected memory in the 'cache').")
-    return module.get_variable("cache", "cached_key"), module.get_variable("cache", "cached_value")

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from flax_attention.functional import kv_cache
+from flax_attention.functional.kv_cache import DecodeMode as Mode
+from flax_attention.linen import _cache
 from flax_attention.functional.context_parallel import routed_attention
 from flax_attention.functional.custom_attention import call_attention_fn, einsum_attention, make_einsums
 from flax_attention.functional.masks import combine_masks
@@ -199,12 +201,10 @@ class MultiHeadAttention(nn.Module):
         inputs_k, inputs_v, reuse = _resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv, static_kv)
         if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
             mask = jnp.asarray(mask) != 0  # flax's reading of numeric masks
-        decode = self.decode if decode is None else decode
-        reuse_kv = decode and reuse
+        mode = kv_cache.decode_mode(self.decode if decode is None else decode, static_kv, not reuse)
         n, k, h = self._dims(inputs_q.shape[-1], static_kv)
-        append = decode and not static_kv
-        if append:
-            lengths = kv_cache.check_decode(self, inputs_q, inputs_k, inputs_v, lengths)
+        if mode is Mode.APPEND:
+            lengths = _cache.check_decode(self, inputs_q, inputs_k, inputs_v, lengths)
 
         dense = lambda heads, axis, name: nn.DenseGeneral(  # noqa: E731
             features=(heads, h), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
@@ -212,32 +212,32 @@ class MultiHeadAttention(nn.Module):
             bias_init=logical(self.bias_init, (axis, "kv")), precision=self.precision,
             dot_general=self.qkv_dot_general, dot_general_cls=self.qkv_dot_general_cls, name=name)
         query = dense(n, "heads", "query")(inputs_q)  # [..., T, N, H]
-        if reuse_kv:
-            key, value = kv_cache.static_memory(self, None, None)
+        if mode is Mode.REUSE:
+            key, value = _cache.static_memory(self, None, None)
         else:  # [..., S, K, H]
             key, value = dense(k, "kv_heads", "key")(inputs_k), dense(k, "kv_heads", "value")(inputs_v)
         if self.normalize_qk:
             ln = lambda name: nn.LayerNorm(  # noqa: E731
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
             query = ln("query_ln")(query)
-            key = key if reuse_kv else ln("key_ln")(key)
+            key = key if mode is Mode.REUSE else ln("key_ln")(key)
         # Mixed precision as in flax: promote (e.g. bf16 queries, float32 memory -> float32).
         query, key, value = promote_dtype(query, key, value, dtype=self.dtype)
 
         t, window, overflow = query.shape[-3], self.window, None
-        if append:  # absolute positions: each example's fill level plus arange(T)
-            start, q_pos, k_pos = kv_cache.decode_positions(self, query.shape[:-3], t)
+        if mode is Mode.APPEND:  # absolute positions: each example's fill level plus arange(T)
+            start, q_pos, k_pos = _cache.decode_positions(self, query.shape[:-3], t)
         else:
             q_pos, k_pos = relative_positions(positions, key_positions, t, key.shape[-3], inputs_k is inputs_q)
         if self.relative_position == "rope":  # RoFormer Eq. 34, before caching the keys
             query = apply_rotary(query, q_pos, self.rope_base)
-            key = apply_rotary(key, q_pos if append else k_pos, self.rope_base)
-        if append:
-            key, value, overflow = kv_cache.update(self, key, value, start, lengths)
+            key = apply_rotary(key, q_pos if mode is Mode.APPEND else k_pos, self.rope_base)
+        if mode is Mode.APPEND:
+            key, value, overflow = _cache.update(self, key, value, start, lengths)
             mask = combine_masks(mask, kv_cache.position_mask(q_pos, k_pos, window=window))
             is_causal, window = False, None
-        elif static_kv and decode and not reuse_kv and not self.is_initializing():
-            kv_cache.static_memory(self, key, value)  # init_cache allocates none: S is unknown there
+        elif mode is Mode.STORE and not self.is_initializing():
+            _cache.static_memory(self, key, value)  # init_cache allocates none: S is unknown there
         if self.relative_position == "alibi":  # Press et al. 2022, §3
             slopes = alibi_slopes(n)
             right = slopes[::-1] if self.alibi_directional else None

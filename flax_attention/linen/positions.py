@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flax_attention.functional import kv_cache
+from flax_attention.linen import _cache
 from flax_attention.functional.positions import sinusoidal_encoding
 
 Array = jnp.ndarray
@@ -46,9 +47,9 @@ class SinusoidalPositionalEncoding(nn.Module):
                 lengths = kv_cache.check_lengths(lengths, batch, t)
                 names = dict(index="position_index", lengths="position_lengths")
                 if self.has_variable("cache", "position_index"):
-                    start = kv_cache.fill_levels(self, batch, **names)
+                    start = _cache.fill_levels(self, batch, **names)
                     positions = start[..., None] + positions
-                    kv_cache.advance(self, start, lengths, t, **names)
+                    _cache.advance(self, start, lengths, t, **names)
                 else:  # the allocation call, flax's pattern: nothing advances
                     self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
         elif decode:

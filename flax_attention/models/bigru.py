@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 from flax.linen.linear import default_embed_init, default_kernel_init

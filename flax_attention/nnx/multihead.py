@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_attention.functional import kv_cache
+from flax_attention.functional.kv_cache import DecodeMode as Mode
 from flax_attention.functional.context_parallel import routed_attention
 from flax_attention.functional.custom_attention import call_attention_fn
 from flax_attention.functional.masks import combine_masks
@@ -167,8 +168,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                              f"module expects in_features={self.in_features}.")
         if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
             mask = jnp.asarray(mask) != 0  # flax reads numeric masks as nonzero = attend
-        decode = bool(_first(decode, self.decode, False))
-        append, reuse_kv = decode and not static_kv, decode and static_kv and inputs_k is None
+        mode = kv_cache.decode_mode(bool(_first(decode, self.decode, False)), static_kv, inputs_k is not None)
         self_attention = inputs_k is None and not static_kv
         if static_kv and self.relative_position is not None:
             raise ValueError("relative_position (RoPE/ALiBi) is for self-attention; construct the "
@@ -177,17 +177,17 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         inputs_v = inputs_k if inputs_v is None else inputs_v
 
         query = self.query(inputs_q, out_sharding=qkv_sharding)  # [..., T, N, H]
-        if reuse_kv:
+        if mode is Mode.REUSE:
             key, value = self._memory()
         else:  # [..., S, K, H]
             key = self.key(inputs_k, out_sharding=qkv_sharding)
             value = self.value(inputs_v, out_sharding=qkv_sharding)
         if self.normalize_qk:
             query = self.query_ln(query)
-            key = key if reuse_kv else self.key_ln(key)
+            key = key if mode is Mode.REUSE else self.key_ln(key)
 
         t, window, overflow = query.shape[-3], self.window, None
-        if append:
+        if mode is Mode.APPEND:
             lengths, start = self._check_decode(inputs_q, inputs_k, inputs_v, lengths)
             # Absolute positions: the fill level plus arange(T); [T] with flax's scalar index.
             level = start if lengths is not None or _cache.ragged(self) else self.cache_index[...]
@@ -198,12 +198,12 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             k_pos = q_pos if self_attention else jnp.arange(key.shape[-3], dtype=jnp.int32)
         if self.relative_position == "rope":  # RoFormer Eq. 34, before caching the keys
             query = apply_rotary(query, q_pos, self.rope_base)
-            key = apply_rotary(key, q_pos if append else k_pos, self.rope_base)
-        if append:
+            key = apply_rotary(key, q_pos if mode is Mode.APPEND else k_pos, self.rope_base)
+        if mode is Mode.APPEND:
             key, value, overflow = self._write(key, value, start, lengths)
             mask = combine_masks(mask, kv_cache.position_mask(q_pos, k_pos, window=window))
             is_causal, window = False, None
-        elif decode and static_kv and not reuse_kv:
+        elif mode is Mode.STORE:
             self.cached_key, self.cached_value = nnx.Cache(key), nnx.Cache(value)
         if self.relative_position == "alibi":  # Press et al. 2022, §3
             slopes = alibi_slopes(self.num_heads)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from flax_attention.training import distributed
+from flax_attention.data import atomic
 
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -79,9 +80,7 @@ class MetricsLog:
                     kept.append(line)
             except ValueError:  # half-written line of a killed run
                 pass
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
 
 def check_writable_dir(workdir, flag: str = "--workdir") -> None:

@@ -33,7 +33,6 @@ load). Side files are written by process 0 only.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import jax
 import numpy as np
+from flax_attention.data import atomic
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -122,10 +122,7 @@ def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[s
                 f"{workdir} holds a run with a different configuration ({'; '.join(diffs)}). "
                 "Use the saved settings to resume, or pass a fresh --workdir.")
     if write:  # persists allowed changes (e.g. more epochs) for the next resume
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-        os.replace(tmp, path)  # atomic: a crash never leaves half a config
+        atomic.write_text(path, json.dumps(config, indent=2, sort_keys=True))
     return config
 
 

@@ -18,7 +18,6 @@ line per sentence in the order of the official raw files (Multi30k), to
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence
 
@@ -31,6 +30,7 @@ from flax_attention.training.bleu import bleu_score, literature_bleu
 from flax_attention.training.seq2seq import (DECODE_RESUMABLE, MODEL_ADDED_FIELDS, PAPER_OPTIMIZER, DecodeConfig, Seq2SeqModelConfig,
                                              build_transformer, decode_dataset, seq2seq_init_inputs, seq2seq_loss)
 from flax_attention.training.tasks import Task
+from flax_attention.data import atomic
 
 MAX_POSITIONS = 256  # sinusoid table and decode cache bound; Multi30k sentences are far shorter
 
@@ -108,9 +108,7 @@ def translate_sentences(model, params, tok: D.Tokenizer, sentences: Sequence[str
 
 
 def _write_lines(path: Path, lines: Sequence[str]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(line.replace("\n", " ") + "\n" for line in lines))
 
 
 def evaluate_split(model, params, configs, extras, split: str, beam_size: int, workdir=None,
