@@ -47,7 +47,7 @@ REPORT_FILES = ("summary.md", "summary.json", "logs.txt", "tests.xml", "attentio
 # Kernel, backend and module tests: pure JAX, no data, no subprocess (a child process would
 # not find GPU memory next to a parent that holds it).
 DEVICE_TESTS = ("tests/test_attention.py", "tests/test_flash.py", "tests/test_backends.py",
-                "tests/test_function_defects.py", "tests/test_masks.py", "tests/test_multihead.py",
+                "tests/test_attention_guarantees.py", "tests/test_masks.py", "tests/test_multihead.py",
                 "tests/test_transformer.py", "tests/test_decoding.py", "tests/test_additive.py",
                 "tests/test_positions.py")
 DRY_TESTS = ("tests/test_backends.py::test_capabilities",

@@ -74,14 +74,6 @@ def test_train_batches_shuffle_deterministic_and_resumable():
     assert len(set(np.concatenate(full).tolist())) == 18  # no repeats within an epoch
 
 
-def test_shard_shapes_and_error():
-    batch = next(imdb.eval_batches(_split(8), 8))
-    sharded = imdb.shard(batch, 4)
-    assert sharded["tokens"].shape == (4, 2, 5) and sharded["weights"].shape == (4, 2)
-    with pytest.raises(ValueError, match="multiple of 3"):
-        imdb.shard(batch, 3)
-
-
 def test_prepare_on_mock_data_builds_vocab_and_caches(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     cfg = imdb.IMDBConfig(vocab_size=40, max_length=12)

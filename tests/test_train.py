@@ -29,6 +29,7 @@ _PMAP_SCRIPT = """
 import json, jax, numpy as np
 import flax_attention.training as training
 from flax_attention.training import registry
+from flax_attention.training.distributed import process_batch
 from flax_attention.data import imdb
 from flax_attention.models.bigru import BiGRUConfig
 task = registry.get_task("bigru")
@@ -44,7 +45,7 @@ step = training.make_train_step(task.loss_and_metrics)
 rstate, n, losses = training.replicate(state), jax.local_device_count(), []
 for epoch in range(2):
     for batch in imdb.train_batches(data, 8, seed=0, epoch=epoch):
-        rstate, sums = step(rstate, imdb.shard(batch, n))
+        rstate, sums = step(rstate, process_batch(batch, 0, 1, n))
         losses.append(float(sums["loss"][0] / sums["weight"][0]))
 print(json.dumps({"devices": n, "losses": losses}))
 """

@@ -29,15 +29,14 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from flax_attention.data.tfds_source import DataUnavailableError, read_records  # noqa: F401 (re-exported)
 from flax_attention.data import atomic
+from flax_attention.data.tfds_source import DataUnavailableError, read_records  # noqa: F401 (re-exported)
 
 PAD_ID, START_ID, OOV_ID = 0, 1, 2
 NUM_RESERVED = 3
@@ -181,10 +180,6 @@ def encode(texts, vocab: Vocabulary, config: IMDBConfig, tokenized: bool = False
 # --------------------------------------------------------------------------- TFDS
 
 
-def data_dir() -> Optional[str]:
-    return os.environ.get("TFDS_DATA_DIR")
-
-
 def load_split(split: str) -> Tuple[List, np.ndarray]:
     """Reads all ``(texts, labels)`` of one split; downloads/prepares if possible."""
     records = read_records(DATASET, split)
@@ -295,12 +290,3 @@ def eval_batches(data: EncodedSplit, batch_size: int) -> Iterator[Dict[str, np.n
         idx = np.concatenate([idx, np.zeros(pad, idx.dtype)])
         yield {"tokens": data.tokens[idx], "lengths": data.lengths[idx], "labels": data.labels[idx],
                "weights": weights}
-
-
-def shard(batch: Dict[str, np.ndarray], num_devices: int) -> Dict[str, np.ndarray]:
-    """Reshapes a global batch ``[B, ...]`` to ``[devices, B // devices, ...]`` for pmap."""
-    b = next(iter(batch.values())).shape[0]
-    if b % num_devices:
-        raise ValueError(f"global batch {b} is not divisible by {num_devices} devices; "
-                         f"choose --batch_size as a multiple of {num_devices}.")
-    return {k: v.reshape(num_devices, b // num_devices, *v.shape[1:]) for k, v in batch.items()}

@@ -144,21 +144,3 @@ def save_attention_heatmaps(
                                     title=f"{kind.replace('_', ' ')} attention, layer {i}",
                                     x_labels=k_labels, y_labels=q_labels))
     return paths
-
-
-def token_label(token: int, byte_level: bool = False) -> str:
-    """Readable name of a seq2seq token.
-
-    ``<pad>``, ``<s>``, ``</s>``; then a synthetic symbol's index (``+`` for the
-    ``add`` separator) or, ``byte_level``, the byte's printable ASCII character
-    (``_`` for a space, its hex value otherwise).
-    """
-    from flax_attention.data.synthetic import NUM_SPECIAL
-
-    token = int(token)
-    if token < NUM_SPECIAL:
-        return ("<pad>", "<s>", "</s>")[token]
-    if byte_level:
-        byte = token - NUM_SPECIAL
-        return chr(byte) if 32 < byte < 127 else ("_" if byte == 32 else f"\\x{byte:02x}")
-    return "+" if token == NUM_SPECIAL + 10 else str(token - NUM_SPECIAL)

@@ -1,8 +1,7 @@
-"""Regression tests for the function-level defects of issue 12.
+"""Guarantees of the attention functions that once failed (each test failed before its fix).
 
-Each test failed before its fix: size-1 blocks, 64-bit mode, float64 precision,
-``jax.debug_infs``, empty axes, auto-dispatch transparency, input validation,
-mixed dtypes, and dropout statistics.
+Size-1 blocks, 64-bit mode, float64 precision, ``jax.debug_infs``, empty axes,
+auto-dispatch transparency, input validation, mixed dtypes, and dropout statistics.
 """
 
 import jax
