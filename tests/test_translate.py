@@ -163,6 +163,21 @@ def test_real_data_run_bleu_equals_sacrebleu_on_the_written_files(tmp_path):
     assert tr.returncode == 0, tr.stderr[-2000:]
     assert "Ein Hund rennt. ->" in tr.stdout
     assert (w / "heatmaps" / "input_1" / "cross_layer0.png").stat().st_size > 1000
+    # The recipe is chosen on validation only: the script writes no translation, and its winner is the
+    # best validation score of its second stage (beam x alpha on the parameters chosen greedily).
+    written = sorted(p.name for p in (w / "translations").iterdir())
+    report = tmp_path / "recipe.md"
+    rc = subprocess.run([sys.executable, "benchmarks/translate_recipe.py", "--workdir", str(w), "--average", "0,1",
+                         "--beams", "1,2", "--alphas", "0.6,1.0", "--report", str(report)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    result = json.loads(report.with_suffix(".json").read_text())
+    assert result["split"] == "validation" and sorted(p.name for p in (w / "translations").iterdir()) == written
+    greedy, decoded = result["rows"][:2], result["rows"][2:]
+    assert [r["params"] for r in greedy] == ["best", "avg1"] and len(decoded) == 4
+    assert result["chosen"]["params"] == max(greedy, key=lambda r: r["bleu"])["params"]
+    assert result["chosen"]["validation_bleu"] == max(r["bleu"] for r in decoded)
+    assert greedy[0]["bleu"] == pytest.approx(final["bleu"], abs=0.006)  # the trainer's own validation score
     # en->de from the same flags; the other direction's workdir name is the default.
     wrong = subprocess.run([sys.executable, "train.py", *TINY, "--source_lang", "fr", "--workdir", str(tmp_path / "x")],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
