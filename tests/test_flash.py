@@ -12,6 +12,7 @@ import pytest
 
 from flax_attention.kernels import backend_select
 from flax_attention.functional.attention import scaled_dot_product_attention as dense_sdpa
+from flax_attention.kernels._blocks import full_block_plan
 from flax_attention.kernels.flash import block_plan, chunked_attention, computed_blocks
 from flax_attention.functional.masks import combine_masks, sliding_window_mask
 
@@ -116,6 +117,37 @@ def test_block_plan_counts():
     bwd = {(i, j) for j in range(len(q_lo)) for i in range(q_lo[j], q_hi[j])}
     brute = {(r // 16, c // 8) for r in range(50) for c in range(70) if -3 <= r + 20 - c <= 9}
     assert fwd == bwd == brute
+
+
+@pytest.mark.parametrize("t,s,bq,bk,offset,left,right", [
+    (50, 70, 16, 8, 20, 9, 3),        # two-sided band, padded keys and rows
+    (64, 64, 16, 16, 0, None, 0),      # causal self-attention
+    (21, 13, 8, 8, -8, None, 0),       # causal, T > S (bottom right), padding on both sides
+    (40, 40, 8, 8, 0, 12, None),       # left window only
+    (32, 48, 8, 16, 0, None, None),    # no band: every block full
+    (32, 44, 8, 16, 0, None, None),    # no band, padded keys: the last key block is not full
+])
+def test_full_block_plan_is_exactly_the_unmasked_blocks(t, s, bq, bk, offset, left, right):
+    # A block is "full" iff every real query row sees every key of the block
+    # (padded keys count as unseen); full blocks sit inside the computed range
+    # and are contiguous, so [lo, full_lo), [full_lo, full_hi), [full_hi, hi) partition it.
+    lo_, hi_ = (-10**9 if right is None else -right), (10**9 if left is None else left)
+    kv_lo, kv_hi, q_lo, q_hi = block_plan(t, s, bq, bk, offset=offset, left=left, right=right)
+    f = full_block_plan(t, s, bq, bk, offset=offset, left=left, right=right)
+    nq, nk = len(kv_lo), len(q_lo)
+
+    def brute_full(i, j):
+        rows = range(i * bq, min((i + 1) * bq, t))
+        cols = range(j * bk, (j + 1) * bk)
+        return all(c < s and lo_ <= r + offset - c <= hi_ for r in rows for c in cols)
+
+    for lo, hi, f_lo, f_hi, count, full in ((kv_lo, kv_hi, f[0], f[1], nq, brute_full),
+                                            (q_lo, q_hi, f[2], f[3], nk, lambda j, i: brute_full(i, j))):
+        for a in range(count):
+            assert lo[a] <= f_lo[a] <= f_hi[a] <= hi[a]
+            assert {b for b in range(lo[a], hi[a]) if full(a, b)} == set(range(f_lo[a], f_hi[a]))
+            if f_lo[a] == f_hi[a]:
+                assert f_lo[a] == hi[a]
 
 
 def test_skipped_blocks_are_never_read():

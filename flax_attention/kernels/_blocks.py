@@ -95,6 +95,48 @@ def block_plan(
     return kv_lo, kv_hi, q_lo, q_hi
 
 
+def full_block_plan(
+    t: int, s: int, block_q: int, block_k: int, *,
+    offset: int = 0, left: Optional[int] = None, right: Optional[int] = None,
+):
+    """Per block, the sub-range of its computed blocks that need no structural mask.
+
+    Block ``(i, j)`` is *full* when every real query row of block ``i`` sees
+    every key of block ``j`` (the band holds all its pairs, and no key is
+    padding). Full blocks skip the position arithmetic and the selects of the
+    band mask; only a user mask or bias is applied there. Along a row of blocks
+    they are contiguous and lie inside :func:`block_plan`'s range.
+
+    Returns:
+      ``(kv_full_lo, kv_full_hi, q_full_lo, q_full_hi)`` int32 NumPy arrays:
+      query block ``i``'s full key blocks are ``kv_full_lo[i] <= j <
+      kv_full_hi[i]``, key block ``j``'s full query blocks ``q_full_lo[j] <= i <
+      q_full_hi[j]``. An empty range is ``[hi, hi)`` at the end of the block's
+      computed range, so ``[lo, full_lo)``, ``[full_lo, full_hi)``,
+      ``[full_hi, hi)`` always partition it.
+    """
+    kv_lo, kv_hi, q_lo, q_hi = block_plan(t, s, block_q, block_k, offset=offset, left=left, right=right)
+    nq, nk = len(kv_lo), len(q_lo)
+
+    def full(i, j):
+        r0, r1 = i * block_q + offset, min((i + 1) * block_q, t) - 1 + offset
+        c0, c1 = j * block_k, (j + 1) * block_k - 1
+        return (c1 < s and (left is None or r1 - c0 <= left)
+                and (right is None or r0 - c1 >= -right))
+
+    def ranges(lo, hi, count, is_full):
+        f_lo, f_hi = hi.copy(), hi.copy()
+        for a in range(count):
+            inside = [b for b in range(lo[a], hi[a]) if is_full(a, b)]
+            if inside:
+                f_lo[a], f_hi[a] = inside[0], inside[-1] + 1
+        return f_lo, f_hi
+
+    kv_full_lo, kv_full_hi = ranges(kv_lo, kv_hi, nq, full)
+    q_full_lo, q_full_hi = ranges(q_lo, q_hi, nk, lambda j, i: full(i, j))
+    return kv_full_lo, kv_full_hi, q_full_lo, q_full_hi
+
+
 def block_size(requested: Optional[int], length: int, name: str, max_size: Optional[int] = None) -> int:
     """Explicit size (clipped to the length), or the length split into equal blocks.
 

@@ -8,10 +8,13 @@ applies Alg. 2 of the same paper. Operands arrive padded and head-grouped:
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention.kernels._flash_tiles import _Config, _add_bias_block, _cols, _idx, _put_rows, _rows, _scores
+from flax_attention.kernels._flash_tiles import (
+    _Config, _add_bias_block, _cols, _idx, _put_rows, _rows, _scores, prescale)
 from flax_attention.functional._validation import mask_fill, vary_like
 
 
@@ -27,16 +30,19 @@ def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config, out_dtype=None
     b, kh, tp, g, _ = q.shape
     d = v.shape[-1]
     cdt = scale.dtype
-    kv_lo, kv_hi, _, _ = cfg.plan
+    segments = cfg.segments()
     rows = cfg.block_q * g
 
     def q_block(i, carry):
         out, lse = carry
         q_i = _rows(q, i, cfg.block_q)
+        q_scaled = prescale(q_i, scale)
 
-        def kv_step(j, state):
+        def kv_step(j, state, structural):
             m, l, acc = state
-            s, keep = _scores(q_i, _cols(k, j, cfg.block_k), mask, bias, bias_keep, scale, i, j, cfg)
+            s, keep = _scores(q_i if q_scaled is None else q_scaled, _cols(k, j, cfg.block_k), mask, bias,
+                              bias_keep, scale, i, j, cfg, structural=structural,
+                              prescaled=q_scaled is not None)
             m_new = jnp.maximum(m, s.max(-1))  # finite: masked entries hold mask_fill
             p = jnp.exp(s - m_new[..., None])
             if keep is not None:
@@ -51,7 +57,9 @@ def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config, out_dtype=None
         init = vary_like((jnp.full((b, kh, rows), mask_fill(cdt), cdt),
                           jnp.zeros((b, kh, rows), cdt),
                           jnp.zeros((b, kh, rows, d), cdt)), q, k, v, mask, bias, scale)
-        m, l, acc = lax.fori_loop(kv_lo[i], kv_hi[i], kv_step, init)
+        for lo, hi, structural in segments:  # masked, full, masked key blocks (static split)
+            init = lax.fori_loop(lo[i], hi[i], functools.partial(kv_step, structural=structural), init)
+        m, l, acc = init
         seen = l > 0
         safe_l = jnp.where(seen, l, 1)
         o_i = acc / safe_l[..., None]  # acc is 0 where nothing was seen
@@ -85,7 +93,7 @@ def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config,
     cdt = scale.dtype
     bq, bk = cfg.block_q, cfg.block_k
     rows = bq * g
-    _, _, q_lo, q_hi = cfg.plan
+    segments = cfg.segments(transposed=True)
     # rowsum(dO ∘ O) (FlashAttention-2's D_i): the softmax Jacobian's diagonal term.
     delta = jnp.einsum("bktgd,bktgd->bktg", do.astype(cdt), out.astype(cdt))
     k_t = jnp.swapaxes(k, -1, -2)  # [B, K, H, Sp]: the left operand of dQᵀ += Kᵀ dSᵀ
@@ -95,10 +103,11 @@ def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config,
         k_j, v_j = _cols(k, j, bk), _cols(v, j, bk)
         k_t_j = lax.dynamic_slice(k_t, _idx((0, 0, 0, j * bk)), (b, kh, h, bk))
 
-        def q_step(i, state):
+        def q_step(i, state, structural):
             dk_j, dv_j, dq_t, dbias = state
             q_i, do_i = _rows(q, i, bq), _rows(do, i, bq)
-            s_t, keep = _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg, transposed=True)
+            s_t, keep = _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg, transposed=True,
+                                structural=structural)
             p_t = jnp.exp(s_t - _rows(lse, i, bq)[..., None, :])
             if keep is not None:
                 p_t = jnp.where(keep, p_t, 0)
@@ -124,7 +133,10 @@ def _backward(q, k, v, mask, bias, bias_keep, scale, out, lse, do, cfg: _Config,
                                q, k, v, mask, bias, scale, do)
         else:  # continue the caller's sums
             blocks = (lax.dynamic_slice(dk, start, (b, kh, bk, h)), lax.dynamic_slice(dv, start, (b, kh, bk, d)))
-        dk_j, dv_j, dq_t, dbias = lax.fori_loop(q_lo[j], q_hi[j], q_step, (*blocks, dq_t, dbias))
+        state = (*blocks, dq_t, dbias)
+        for lo, hi, structural in segments:  # masked, full, masked query blocks (static split)
+            state = lax.fori_loop(lo[j], hi[j], functools.partial(q_step, structural=structural), state)
+        dk_j, dv_j, dq_t, dbias = state
         return (dq_t, lax.dynamic_update_slice(dk, dk_j, start),
                 lax.dynamic_update_slice(dv, dv_j, start), dbias)
 

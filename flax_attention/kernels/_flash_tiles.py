@@ -13,7 +13,7 @@ from typing import Optional
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention.kernels._blocks import block_plan
+from flax_attention.kernels._blocks import block_plan, full_block_plan
 from flax_attention.functional._validation import mask_fill
 
 Array = jnp.ndarray
@@ -32,13 +32,27 @@ class _Config:
     right: Optional[int]
     precision: object = None
 
-    @property
-    def plan(self):
-        # int32 bounds and block indices: under 64-bit mode a Python-int loop
-        # bound would make an int64 index, and dynamic slices reject mixed types.
-        return tuple(jnp.asarray(a, jnp.int32) for a in block_plan(
-            self.t, self.s, self.block_q, self.block_k,
-            offset=self.offset, left=self.left, right=self.right))
+    def segments(self, transposed: bool = False):
+        """The inner loop's ranges: ``[(lo, hi, structural), ...]`` per outer block.
+
+        Each outer block's computed range is split into the blocks that need
+        the band/padding mask (``structural=True``) and the full ones between
+        them (:func:`full_block_plan`), so most blocks of a causal or windowed
+        call run without position arithmetic or selects. Segments that are
+        empty for every outer block are left out (decided statically), so a
+        call without any band compiles one loop. ``transposed``: per key block
+        over query blocks (the backward's order), else per query block.
+        """
+        kw = dict(offset=self.offset, left=self.left, right=self.right)
+        plan = block_plan(self.t, self.s, self.block_q, self.block_k, **kw)
+        full = full_block_plan(self.t, self.s, self.block_q, self.block_k, **kw)
+        lo, hi = plan[2:] if transposed else plan[:2]
+        f_lo, f_hi = full[2:] if transposed else full[:2]
+        out = [(a, b, flag) for a, b, flag in ((lo, f_lo, True), (f_lo, f_hi, False), (f_hi, hi, True))
+               if (b > a).any()]
+        # int32 bounds: under 64-bit mode a Python-int loop bound would make an
+        # int64 block index, and dynamic slices reject mixed index types.
+        return [(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32), flag) for a, b, flag in out]
 
 
 # ----------------------------------------------------------------------------- block maths
@@ -62,7 +76,8 @@ def _block(x: Optional[Array], i, j, cfg: _Config):
     return lax.dynamic_slice(x, _idx(starts), sizes)
 
 
-def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transposed: bool = False):
+def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transposed: bool = False,
+            structural: bool = True, prescaled: bool = False):
     """Scaled, biased, masked logits of block ``(i, j)`` and their ``keep``.
 
     Returns ``[B, K, bq·G, bk]``, or with ``transposed`` ``[B, K, bk, bq·G]``
@@ -70,7 +85,9 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
     ``scale.dtype`` (the compute dtype). Masked entries hold the finite
     :func:`mask_fill` (no infinity is created, so ``jax.debug_infs`` stays
     quiet); ``keep`` (boolean, same shape, or ``None`` if every entry is kept)
-    tells callers which probabilities to zero.
+    tells callers which probabilities to zero. ``structural=False`` (a full
+    block, see :meth:`_Config.segments`) skips the band and padding mask;
+    ``prescaled``: ``q_i`` already carries the scale (:func:`prescale`).
     """
     b, kh, rows, _ = q_i.shape
     bq, bk = cfg.block_q, cfg.block_k
@@ -84,7 +101,8 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
             return None if x is None else jnp.moveaxis(x, -1, -3)
     else:
         s = jnp.einsum("bkrh,bksh->bkrs", q_i, k_j, precision=cfg.precision,
-                       preferred_element_type=scale.dtype) * scale
+                       preferred_element_type=scale.dtype)
+        s = s if prescaled else s * scale
         s = s.reshape(b, kh, bq, g, bk)
 
         def tile(x):
@@ -94,17 +112,17 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
         s = s + tile(_block(bias, i, j, cfg)).astype(s.dtype)
         bias_ok = tile(_block(bias_keep, i, j, cfg))
         keep = bias_ok if keep is None else keep & bias_ok
-    # Structural mask from positions: causal/window band and padded keys.
-    q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32) + cfg.offset
-    k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-    diff = q_pos[:, None, None] - k_pos[None, None, :]  # [bq, 1, bk]
     conds = []
-    if cfg.left is not None:
-        conds.append(diff <= cfg.left)
-    if cfg.right is not None:
-        conds.append(diff >= -cfg.right)
-    if cfg.s % bk:
-        conds.append(k_pos[None, None, :] < cfg.s)
+    if structural:  # the band (causal/window) and padded keys, from positions
+        q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32) + cfg.offset
+        k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+        diff = q_pos[:, None, None] - k_pos[None, None, :]  # [bq, 1, bk]
+        if cfg.left is not None:
+            conds.append(diff <= cfg.left)
+        if cfg.right is not None:
+            conds.append(diff >= -cfg.right)
+        if cfg.s % bk:
+            conds.append(k_pos[None, None, :] < cfg.s)
     for c in conds:
         c = tile(c)
         keep = c if keep is None else keep & c
@@ -114,6 +132,20 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
     keep = jnp.broadcast_to(keep, s.shape)
     s = jnp.where(keep, s, mask_fill(s.dtype))
     return s.reshape(shape), keep.reshape(shape)
+
+
+def prescale(q_i, scale):
+    """``q_i · scale`` when that is as exact as scaling the logits, else ``None``.
+
+    Scaling a query block once (``bq·H`` products) instead of every logit tile
+    (``bq·bk``) saves a full read and write of the tile per key block on CPU,
+    where XLA materialises the scaled tile for both the row max and the exp.
+    Only for inputs already in the compute dtype (float32/float64): in
+    bfloat16/float16 the product would be rounded to the input precision.
+    """
+    if q_i.dtype != scale.dtype:
+        return None
+    return q_i * scale
 
 
 def _rows(x, i, block_q):
