@@ -1,7 +1,8 @@
 """Names the machine a benchmark ran on: CPU model, the ISA flags that decide CPU kernel speed, cores, GPU.
 
-CPU figures differ by CPU family (the same kernel is 1.2x PyTorch on one
-2-core AMD EPYC and 0.5x on one 2-core Intel Xeon, issue 20), so every report
+CPU figures differ by CPU family, and even between VMs of one family (the
+same kernel ran at 1.2x PyTorch on one 2-core AMD EPYC VM, ~0.9x on another
+with the same ISA, and 0.5x on a 2-core Intel Xeon; issue 20), so every report
 says which CPU it was measured on. Parsing is a pure function of
 ``/proc/cpuinfo``'s text, tested on any machine.
 """
@@ -26,8 +27,8 @@ def parse_cpuinfo(text: str) -> Dict[str, object]:
       text: the file's contents.
 
     Returns:
-      The first ``model name`` (Arm: ``CPU implementer``/``CPU part``, else
-      ``"unknown"``), the :data:`ISA_FLAGS` present in the first ``flags``
+      The first ``model name`` with its x86 ``cpu family``/``model`` numbers
+      (Arm: ``CPU implementer``/``CPU part``, else ``"unknown"``), the :data:`ISA_FLAGS` present in the first ``flags``
       line (Arm: ``Features``), in that order, and the number of
       ``processor`` entries.
     """
@@ -42,6 +43,10 @@ def parse_cpuinfo(text: str) -> Dict[str, object]:
             logical += 1
         fields.setdefault(key, value.strip())
     model = fields.get("model name") or fields.get("Model") or ""
+    if model and "cpu family" in fields and "model" in fields:
+        # VMs often hide the SKU ("AMD EPYC"); family/model still tell Zen 2/3/4 or
+        # Intel generations apart.
+        model = f"{model} (family {fields['cpu family']}, model {fields['model']})"
     if not model and "CPU implementer" in fields:
         model = f"Arm implementer {fields['CPU implementer']} part {fields.get('CPU part', '?')}"
     flags = set((fields.get("flags") or fields.get("Features") or "").split())

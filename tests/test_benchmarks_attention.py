@@ -198,6 +198,8 @@ def test_cpuinfo_names_the_model_isa_and_cores():
     assert intel["cpu_isa"] == ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile",
                                 "amx_bf16", "amx_int8"]
     assert machine.parse_cpuinfo(EPYC) == {"cpu_model": "AMD EPYC", "cpu_isa": ["avx2", "fma"], "cpu_logical": 1}
+    zen3 = machine.parse_cpuinfo("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n")
+    assert zen3["cpu_model"] == "AMD EPYC (family 25, model 1)"
     arm = machine.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")
     assert arm["cpu_model"] == "Arm implementer 0x41 part 0xd0c" and arm["cpu_isa"] == []
 

@@ -24,18 +24,18 @@ that platform's tuple, with its source in :data:`MEASURED_SOURCES`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
 XLA_IMPLEMENTATIONS = ("dense", "chunked")
-KERNEL_IMPLEMENTATIONS = ("cudnn", "pallas_triton", "pallas_tpu", "tokamax_triton", "tokamax_mosaic")
-IMPLEMENTATIONS = XLA_IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS
 # Pallas kernels JAX can interpret on any backend (CPU included), for testing:
 # ``implementation="pallas_triton:interpret"``. Part of the (static) name, so a
 # jitted function can never reuse a trace made with the other mode.
 INTERPRET_SUFFIX = ":interpret"
-INTERPRETABLE = ("pallas_triton", "pallas_tpu")
+# The fused kernels' names, their capability rules and which can be interpreted
+# are all read from :data:`KERNELS` (defined below, after the rules); the
+# kernels' runners sit in :mod:`flax_attention.kernels.backends` under the same names.
 
 # Kernels measured to beat the XLA paths, per platform, in order of preference.
 MEASURED = {"cpu": (), "gpu": ("cudnn",), "tpu": ()}
@@ -212,20 +212,41 @@ def _tokamax(call: AttentionCall) -> Optional[str]:
     return None
 
 
-# name -> (platforms with the hardware, kernel-specific check)
-_CAPABILITIES = {
-    "cudnn": (("gpu",), _cudnn),
-    "pallas_triton": (("gpu",), _pallas_triton),
-    "pallas_tpu": (("tpu",), _pallas_tpu),
-    "tokamax_triton": (("gpu",), _tokamax),
-    "tokamax_mosaic": (("gpu", "tpu"), _tokamax),
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One fused kernel's entry in the registry.
+
+    Attributes:
+      platforms: the platforms with its hardware.
+      check: its own capability rule (after the rules every kernel shares):
+        ``None`` when it can serve the call, else why not.
+      interpretable: a Pallas kernel that JAX can run in interpret mode on any
+        backend (``"<name>:interpret"``).
+    """
+
+    platforms: Tuple[str, ...]
+    check: Callable[[AttentionCall], Optional[str]]
+    interpretable: bool = False
+
+
+# The one registry of fused kernels. Adding one: an entry here and its runner in
+# ``backends._KERNELS`` (an import-time check keeps the two in step).
+KERNELS = {
+    "cudnn": Kernel(("gpu",), _cudnn),
+    "pallas_triton": Kernel(("gpu",), _pallas_triton, interpretable=True),
+    "pallas_tpu": Kernel(("tpu",), _pallas_tpu, interpretable=True),
+    "tokamax_triton": Kernel(("gpu",), _tokamax),
+    "tokamax_mosaic": Kernel(("gpu", "tpu"), _tokamax),
 }
+KERNEL_IMPLEMENTATIONS = tuple(KERNELS)
+IMPLEMENTATIONS = XLA_IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS
+INTERPRETABLE = tuple(name for name, kernel in KERNELS.items() if kernel.interpretable)
 
 
 def capability(name: str, call: AttentionCall) -> Optional[str]:
     """``None`` if kernel ``name`` can honour ``call``, else why not (a clause for an error message)."""
-    platforms, check = _CAPABILITIES[name]
-    return _common(call) or _hardware(call, platforms) or check(call)
+    kernel = KERNELS[name]
+    return _common(call) or _hardware(call, kernel.platforms) or kernel.check(call)
 
 
 def xla_implementation(call: AttentionCall, threshold: int = AUTO_CHUNKED_BYTES) -> str:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_attention.kernels import backend_select
 from flax_attention.functional.masks import causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
@@ -267,6 +268,7 @@ def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alig
     return _zero_dead(out.reshape(batch + (t, n, d)).astype(query.dtype), alive)
 
 
+# Runners, under the names of backend_select.KERNELS (which holds each kernel's rules).
 _KERNELS = {
     "cudnn": _cudnn,
     "pallas_triton": _pallas_triton,
@@ -274,6 +276,8 @@ _KERNELS = {
     "tokamax_triton": _tokamax("triton"),
     "tokamax_mosaic": _tokamax("mosaic"),
 }
+if set(_KERNELS) != set(backend_select.KERNELS):  # a kernel registered in one place only
+    raise ImportError(f"kernel runners {sorted(_KERNELS)} and rules {sorted(backend_select.KERNELS)} differ")
 
 
 def fused_attention(name, query, key, value, mask, bias, bias_keep, scale, is_causal, alignment,
@@ -281,7 +285,7 @@ def fused_attention(name, query, key, value, mask, bias, bias_keep, scale, is_ca
     """Runs kernel ``name`` on validated operands (see :func:`flax_attention.functional._validation.prepare`).
 
     Args:
-      name: one of :data:`flax_attention.kernels.backend_select.KERNEL_IMPLEMENTATIONS`,
+      name: a key of :data:`flax_attention.kernels.backend_select.KERNELS`,
         already accepted by its capability function for this call.
       query: ``[..., T, N, H]``.
       key: ``[..., S, K, H]``.
