@@ -6,6 +6,7 @@ against a float64 dense reference; the layout helpers and the work count are
 pure and run here.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -19,13 +20,28 @@ from flax_attention import from_layout, layout_positions, ring_work, to_layout
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def cases():
+def _run_cases():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "ring_cases.py")], capture_output=True,
                           text=True, env=env, cwd=os.path.dirname(HERE), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory, request):
+    if not hasattr(request.config, "workerinput"):  # not a pytest-xdist worker
+        return json.loads(_run_cases())
+    # Under pytest-xdist every worker that gets one of these tests would run the
+    # ~4-minute subprocess itself: the first one runs it, the others wait on the
+    # lock and read its result from this run's shared temporary folder.
+    shared = tmp_path_factory.getbasetemp().parent
+    result = shared / "ring_cases.json"
+    with open(shared / "ring_cases.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            result.write_text(_run_cases())
+    return json.loads(result.read_text())
 
 
 VALUE_CASES = ["f32_contiguous_full", "f32_contiguous_causal", "f32_zigzag_full", "f32_zigzag_causal",
