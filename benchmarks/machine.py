@@ -28,9 +28,9 @@ def parse_cpuinfo(text: str) -> Dict[str, object]:
 
     Returns:
       The first ``model name`` with its x86 ``cpu family``/``model`` numbers
-      (Arm: ``CPU implementer``/``CPU part``, else ``"unknown"``), the :data:`ISA_FLAGS` present in the first ``flags``
-      line (Arm: ``Features``), in that order, and the number of
-      ``processor`` entries.
+      (Arm: ``CPU implementer``/``CPU part``, else ``"unknown"``), the
+      :data:`ISA_FLAGS` present in the first ``flags`` line (Arm:
+      ``Features``), in that order, and the number of ``processor`` entries.
     """
     fields: Dict[str, str] = {}
     logical = 0

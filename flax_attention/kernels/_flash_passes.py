@@ -35,14 +35,12 @@ def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config, out_dtype=None
 
     def q_block(i, carry):
         out, lse = carry
-        q_i = _rows(q, i, cfg.block_q)
-        q_scaled = prescale(q_i, scale)
+        q_i, prescaled = prescale(_rows(q, i, cfg.block_q), scale)
 
         def kv_step(j, state, structural):
             m, l, acc = state
-            s, keep = _scores(q_i if q_scaled is None else q_scaled, _cols(k, j, cfg.block_k), mask, bias,
-                              bias_keep, scale, i, j, cfg, structural=structural,
-                              prescaled=q_scaled is not None)
+            s, keep = _scores(q_i, _cols(k, j, cfg.block_k), mask, bias, bias_keep, scale, i, j, cfg,
+                              structural=structural, prescaled=prescaled)
             m_new = jnp.maximum(m, s.max(-1))  # finite: masked entries hold mask_fill
             p = jnp.exp(s - m_new[..., None])
             if keep is not None:

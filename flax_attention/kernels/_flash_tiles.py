@@ -94,19 +94,18 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
     g = rows // bq
     if transposed:
         s = jnp.einsum("bksh,bkrh->bksr", k_j, q_i, precision=cfg.precision,
-                       preferred_element_type=scale.dtype) * scale
-        s = s.reshape(b, kh, bk, bq, g)
+                       preferred_element_type=scale.dtype).reshape(b, kh, bk, bq, g)
 
         def tile(x):  # key axis (last) in front of the query axes: [..., bq, Gx, bk] -> [..., bk, bq, Gx]
             return None if x is None else jnp.moveaxis(x, -1, -3)
     else:
         s = jnp.einsum("bkrh,bksh->bkrs", q_i, k_j, precision=cfg.precision,
-                       preferred_element_type=scale.dtype)
-        s = s if prescaled else s * scale
-        s = s.reshape(b, kh, bq, g, bk)
+                       preferred_element_type=scale.dtype).reshape(b, kh, bq, g, bk)
 
         def tile(x):
             return x
+    if not prescaled:
+        s = s * scale
     keep = tile(_block(mask, i, j, cfg))
     if bias is not None:  # finite: `prepare` moved -inf entries to bias_keep
         s = s + tile(_block(bias, i, j, cfg)).astype(s.dtype)
@@ -135,7 +134,9 @@ def _scores(q_i, k_j, mask, bias, bias_keep, scale, i, j, cfg: _Config, transpos
 
 
 def prescale(q_i, scale):
-    """``q_i · scale`` when that is as exact as scaling the logits, else ``None``.
+    """``(q_i · scale, True)`` when that is as exact as scaling the logits, else ``(q_i, False)``.
+
+    The flag is :func:`_scores`'s ``prescaled``.
 
     Scaling a query block once (``bq·H`` products) instead of every logit tile
     (``bq·bk``) saves a full read and write of the tile per key block on CPU,
@@ -144,8 +145,8 @@ def prescale(q_i, scale):
     bfloat16/float16 the product would be rounded to the input precision.
     """
     if q_i.dtype != scale.dtype:
-        return None
-    return q_i * scale
+        return q_i, False
+    return q_i * scale, True
 
 
 def _rows(x, i, block_q):
