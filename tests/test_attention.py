@@ -398,3 +398,20 @@ def test_bad_input_raises_value_error_naming_shapes(name):
     if v is _V and k.ndim == q.ndim:  # attention_weights validates the same way
         with pytest.raises(ValueError, match=pattern):
             attention_weights(q, k, **args)
+
+
+def test_unmasked_softmax_equals_the_guarded_form_with_its_derivatives():
+    # The unguarded (fusable) form serves calls with nothing masked; values and
+    # first/second derivatives must equal the guarded form's (float64 reference).
+    from flax_attention.functional import attention as A
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)) * 4, jnp.float64)
+        t = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5)), jnp.float64)
+        fast, ref = (lambda y: A._softmax(y, None)), (lambda y: A._guarded_softmax(y, None))
+        np.testing.assert_allclose(fast(x), ref(x), rtol=1e-14)
+        np.testing.assert_allclose(jax.jvp(fast, (x,), (t,))[1], jax.jvp(ref, (x,), (t,))[1], rtol=1e-12)
+        w = jnp.arange(15.0).reshape(3, 5)
+        hess = [jax.hessian(lambda y: (f(y) * w).sum())(x[0]) for f in (fast, ref)]
+        np.testing.assert_allclose(hess[0], hess[1], rtol=1e-10, atol=1e-14)
+    assert A._softmax(jnp.zeros((2, 0)), None).shape == (2, 0)  # an empty key axis stays valid

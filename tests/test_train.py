@@ -1,5 +1,6 @@
 """train.py and flax_attention.training: pmap equivalence, resume, end-to-end CLI runs."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -132,6 +133,32 @@ def test_cosine_schedule_decays_to_zero_and_fixes_the_epoch_count(tmp_path):
         checkpointing.check_or_write_config(tmp_path, more, [f"train.{k}" for k in cosine.resumable_changes()])
     with pytest.raises(ValueError, match="--lr_schedule must be one of"):
         training.TrainConfig(lr_schedule="linear")
+
+
+def test_rsqrt_run_length_may_change_on_resume_until_a_cooldown_begins():
+    import flax_attention.training as training
+
+    # rsqrt (Vaswani et al. Eq. 3) depends on the run's length only through the cooldown:
+    # a 20-epoch run stopped at step s resumes as a 12-epoch run iff neither cooldown has begun.
+    spe = 10
+    long_ = training.TrainConfig(lr_schedule="rsqrt", warmup_steps=7, cooldown_fraction=0.2, num_epochs=20)
+    short = dataclasses.replace(long_, num_epochs=12)
+    assert "num_epochs" in long_.resumable_changes()
+    start = short.cooldown_start(12 * spe)
+    assert start == 96 and long_.cooldown_start(20 * spe) == 160
+    a, b = training.learning_rate_schedule(long_, 20 * spe), training.learning_rate_schedule(short, 12 * spe)
+    counts = np.arange(0, 12 * spe + 1)
+    same = np.isclose(np.array([a(c) for c in counts]), np.array([b(c) for c in counts]), rtol=0, atol=0)
+    assert same[:start + 1].all() and not same[start + 1:].any()  # equal up to the cooldown, then not
+    short.check_epochs_change(20, start, spe)  # the updates made so far had the 12-epoch rates
+    with pytest.raises(ValueError, match=r"--num_epochs 12 differs from the run's 20, and at step 97.*--num_epochs 20"):
+        short.check_epochs_change(20, start + 1, spe)
+    dataclasses.replace(long_, num_epochs=30).check_epochs_change(20, 150, spe)  # longer, before 160
+    with pytest.raises(ValueError, match="cooldown"):
+        dataclasses.replace(long_, num_epochs=30).check_epochs_change(20, 161, spe)
+    flat = training.TrainConfig(lr_schedule="constant", num_epochs=2)
+    flat.check_epochs_change(5, 50, spe)  # no cooldown: any length, as before
+
 
 
 def test_workdir_from_before_the_schedule_field_resumes_as_constant(tmp_path):

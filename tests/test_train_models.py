@@ -84,7 +84,16 @@ def test_seq2seq_through_train_py_resumes_and_refuses_schedule_changes(tmp_path)
     again = _train_py(*TINY_SEQ2SEQ, "--workdir", w)
     assert again.returncode == 0 and "Resuming from step 4" in again.stdout, again.stderr[-2000:]
     longer = _train_py(*TINY_SEQ2SEQ, "--num_epochs", "2", "--workdir", w)  # the last flag wins
-    assert longer.returncode == 2 and "different configuration" in longer.stderr and "num_epochs" in longer.stderr
+    assert longer.returncode == 2 and "--num_epochs 1" in longer.stderr and "cooldown" in longer.stderr
+    # Before any cooldown (here 10 % of 4 steps rounds to none in epoch 1), rsqrt may grow.
+    w2 = str(tmp_path / "grow")
+    short = _train_py(*TINY_SEQ2SEQ, "--cooldown_fraction", "0.1", "--workdir", w2)
+    assert short.returncode == 0, short.stderr[-2000:]
+    grown = _train_py(*TINY_SEQ2SEQ, "--cooldown_fraction", "0.1", "--num_epochs", "2", "--workdir", w2)
+    assert grown.returncode == 0 and "Resuming from step 4" in grown.stdout, grown.stderr[-2000:]
+    evals = [json.loads(l) for l in (tmp_path / "grow" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["event"] == "eval"] == [4, 8]
+    assert json.loads((tmp_path / "grow" / "config.json").read_text())["train"]["num_epochs"] == 2
     pred = _train_py("predict", "--workdir", w, "a great film")  # predict on seq2seq = translate: symbols needed
     assert pred.returncode == 2 and "symbol indices" in pred.stderr
     bad = _train_py(*TINY_SEQ2SEQ, "--workdir", str(tmp_path / "bad"), "--cooldown_fraction", "2")

@@ -106,10 +106,40 @@ class TrainConfig:
         return {f"train.{k}": v for k, v in cls.ADDED_FIELDS.items()}
 
     def resumable_changes(self) -> Tuple[str, ...]:
-        """Fields a resumed run may change; a decaying schedule is laid out over ``num_epochs``, so it is fixed."""
-        if self.lr_schedule == "constant" and self.cooldown_fraction == 0:
+        """Fields a resumed run may change.
+
+        The cosine schedule is laid out over ``num_epochs``, so there it is fixed.
+        ``constant`` and ``rsqrt`` do not depend on the run's length except
+        through the cooldown, so their ``num_epochs`` may change as long as no
+        cooldown has begun (:meth:`check_epochs_change`, once the step is known).
+        """
+        if self.lr_schedule != "cosine":
             return self.RESUMABLE_CHANGES
         return tuple(k for k in self.RESUMABLE_CHANGES if k != "num_epochs")
+
+    def cooldown_start(self, total_steps: int) -> int:
+        """The first update count of the cooldown (``total_steps`` when there is none)."""
+        return total_steps - int(round(self.cooldown_fraction * total_steps))
+
+    def check_epochs_change(self, saved_epochs: int, step: int, steps_per_epoch: int) -> None:
+        """Refuses a resumed ``num_epochs`` that would give the updates already made another rate.
+
+        Resuming at ``step`` with a new length is the same as having trained with
+        that length from the start iff neither the old nor the new cooldown has
+        begun by then (``rsqrt``/``constant`` do not otherwise depend on it).
+
+        Raises:
+          ValueError: naming both lengths, the step and the fix.
+        """
+        if saved_epochs == self.num_epochs or (self.lr_schedule != "cosine" and self.cooldown_fraction == 0):
+            return
+        starts = [self.cooldown_start(e * steps_per_epoch) for e in (saved_epochs, self.num_epochs)]
+        if self.lr_schedule == "cosine" or step > min(starts):
+            raise ValueError(
+                f"--num_epochs {self.num_epochs} differs from the run's {saved_epochs}, and at step {step} its "
+                f"learning-rate schedule ({self.lr_schedule}, cooldown_fraction {self.cooldown_fraction}) would no "
+                f"longer be the one a {self.num_epochs}-epoch run had (cooldown from step {min(starts)}); "
+                f"resume with --num_epochs {saved_epochs}, or train in a new --workdir. Nothing was changed.")
 
 
 # --------------------------------------------------------------------------- flags
