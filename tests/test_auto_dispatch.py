@@ -5,8 +5,6 @@ auto-chosen chunked path, auto under ``jax.vmap`` choosing from per-example
 shapes, and a wrong-shaped ``scale`` reaching XLA as a broadcasting error.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,35 +69,3 @@ def test_wrong_shaped_scale_is_a_clear_value_error(fn):
         with pytest.raises(ValueError, match=r"scale must be a scalar.*got shape"):
             fn(q, k, v, scale=bad)
     fn(q, k, v, scale=jnp.float32(0.5))  # a 0-d array is a scalar
-
-
-def test_cpu_forward_without_masks_takes_the_fused_dense_path_and_grad_keeps_chunked():
-    # T = S = 512 reaches CPU_CHUNKED_MIN_LENGTH; a plain forward with nothing masked is
-    # one XLA:CPU fusion on the dense path (no block loop), a differentiated call and a
-    # masked one keep the chunked kernel.
-    if jax.default_backend() != "cpu":
-        pytest.skip("the fused dense rule is CPU's")
-    q, k, v = _qkv(2, batch=(1,), t=512, s=512, n=2, kh=2, h=8)
-
-    def loops(fn, *args):
-        return str(jax.make_jaxpr(fn)(*args)).count("while[")
-
-    assert loops(lambda q: sdpa(q, k, v), q) == 0
-    assert loops(lambda q: sdpa(q, k, v, implementation="chunked"), q) > 0  # the probe is live
-    assert loops(jax.grad(lambda q: sdpa(q, k, v).sum()), q) > 0
-    assert loops(lambda q: sdpa(q, k, v, is_causal=True), q) > 0
-    np.testing.assert_allclose(sdpa(q, k, v), chunked_attention(q, k, v), rtol=2e-5, atol=2e-6)
-
-
-def test_fused_rule_is_cpu_only_unmasked_undifferentiated_and_small():
-    from flax_attention.kernels import backend_select as bs
-
-    call = bs.describe((4, 512, 8, 64), (4, 512, 8, 64), (4, 512, 8, 64), "float32", platform="cpu",
-                       differentiated=False)
-    assert bs.xla_implementation(call) == "dense"
-    assert bs.AttentionCall.__dataclass_fields__["differentiated"].default is True  # unknown: as if differentiated
-    for change in ({"differentiated": True}, {"is_causal": True}, {"has_mask": True}, {"has_bias": True},
-                   {"has_window": True}, {"batch": 8}):
-        assert bs.xla_implementation(dataclasses.replace(call, **change)) == "chunked", change
-    assert bs.xla_implementation(dataclasses.replace(call, platform="gpu")) == "dense"  # below 256 MiB anyway
-    assert bs.xla_implementation(call, threshold=0) == "chunked"  # the memory bound still rules

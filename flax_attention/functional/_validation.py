@@ -117,22 +117,6 @@ def forward_mode_active() -> bool:
     return any(isinstance(trace, ad.JVPTrace) for trace in _enclosing_traces())
 
 
-def autodiff_active() -> bool:
-    """Whether any autodiff trace (``grad``, ``vjp``, ``jvp``, ...) encloses this call.
-
-    ``True`` if the internals move: the callers then keep the choice made for
-    differentiated calls, which serves undifferentiated ones too.
-    """
-    try:
-        from jax._src.interpreters import ad
-
-        kinds = (ad.JVPTrace, ad.LinearizeTrace)
-    except (ImportError, AttributeError):
-        return True
-    traces = _enclosing_traces()
-    return not traces or any(isinstance(trace, kinds) for trace in traces)
-
-
 def nested_reverse_mode_active() -> bool:
     """Whether two or more reverse-mode traces enclose this call (a gradient of a gradient).
 

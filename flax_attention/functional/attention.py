@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention.functional._validation import (
-    autodiff_active,
     compute_dtype,
     forward_mode_active,
     mask_fill,
@@ -93,10 +92,11 @@ def _unmasked_softmax(logits: Array, axis: int) -> Array:
     The row maximum contributes ``exp(0) = 1``, so the denominator is >= 1 and
     the division needs no guard; without the guard's select XLA:CPU fuses
     ``Q Kᵀ -> softmax -> P V`` into one kernel (the logits never reach memory;
-    B=4 T=S=512 N=8 float32: 0.22 -> 0.05 GB accessed in XLA's cost analysis).
-    Differentiated, it takes the guarded form's derivative (the JVP rule below):
-    measured faster in fwd+bwd than the derivative of this form, which XLA
-    then splits and keeps more temporaries for.
+    B=4 T=S=512 N=8 float32: 0.22 -> 0.05 GB accessed in XLA's cost analysis;
+    forward 0.79-0.91x the guarded form's time at T <= 1024 on a 2-core AMD EPYC,
+    the same at T = 2048: benchmarks/results/cpu_levers.md). Differentiated, it
+    takes the guarded form's derivative (the JVP rule below): the derivative of
+    this form was measured slower in fwd+bwd (XLA splits it, with more temporaries).
     """
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
     unnormalized = jnp.exp(logits - row_max)
@@ -201,7 +201,7 @@ def _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment,
         platform=jax.default_backend(), has_mask=mask is not None, has_bias=bias is not None,
         is_causal=bool(is_causal), alignment=causal_alignment, has_window=window is not None,
         dropout=dropout_active, return_weights=bool(return_weights),
-        forward_mode=forward_mode_active() or nested_reverse_mode_active(), differentiated=autodiff_active(),
+        forward_mode=forward_mode_active() or nested_reverse_mode_active(),
         static_scale=scale is None or isinstance(scale, (int, float, np.integer, np.floating)))
 
 
@@ -264,11 +264,7 @@ def scaled_dot_product_attention(
         and ``S`` >= ``CPU_CHUNKED_MIN_LENGTH`` = 512), unless dropout,
         ``return_weights``, forward-mode autodiff (``jax.jvp``, ``jacfwd``,
         ``hessian``) or a gradient of a gradient needs the dense path; so
-        auto never changes what works, only speed and memory. On CPU an
-        undifferentiated call with nothing masked (no mask, bias, window or
-        ``is_causal``) and at most ``CPU_FUSED_DENSE_BYTES`` (32 MiB) of
-        logits stays dense: there XLA fuses ``Q Kᵀ``, softmax and ``P V``
-        into one kernel. Under
+        auto never changes what works, only speed and memory. Under
         ``jax.vmap`` sizes count the vmapped axes (the logical batch), so the
         choice is the one for the batched call. (Exceptions, as these are
         read at trace time: ``jax.linearize`` looks like ``jax.grad``, and a

@@ -60,11 +60,6 @@ AUTO_CHUNKED_BYTES = 256 * 2**20
 # T=S=1024 0.16-0.2x; T=S=256 (B=16) 1.16-1.34x, T=S=128 (B=32) 1.36-1.48x,
 # so shorter sequences stay dense (benchmarks/results/cpu_levers.md).
 CPU_CHUNKED_MIN_LENGTH = 512
-# An undifferentiated call with nothing masked is one XLA:CPU fusion on the dense
-# path (Q Kᵀ, softmax and P V in one kernel; the logits never reach memory, see
-# functional.attention._unmasked_softmax); up to this many bytes of float32
-# logits that beats the chunked kernel's block loop (benchmarks/results/cpu_levers.md).
-CPU_FUSED_DENSE_BYTES = 32 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +80,6 @@ class AttentionCall:
       return_weights: the weights must be returned.
       forward_mode: inside ``jax.jvp``/``jacfwd``/``hessian`` or a gradient of a
         gradient: autodiff a once-differentiable ``custom_vjp`` cannot serve.
-      differentiated: inside any autodiff trace (``grad`` included); ``True``
-        when unknown.
       static_scale: the scale is a Python number (kernels take it as a
         compile-time constant), not a traced array.
       interpret: run the Pallas kernel in interpret mode.
@@ -109,7 +102,6 @@ class AttentionCall:
     dropout: bool = False
     return_weights: bool = False
     forward_mode: bool = False
-    differentiated: bool = True
     static_scale: bool = True
     interpret: bool = False
 
@@ -261,13 +253,9 @@ def xla_implementation(call: AttentionCall, threshold: int = AUTO_CHUNKED_BYTES)
     """The XLA rule: ``"chunked"`` above ``threshold`` bytes of float32 logits, or on CPU
     once ``T`` and ``S`` reach :data:`CPU_CHUNKED_MIN_LENGTH`; ``"dense"`` when only
     dense can do the call (dropout, returned weights, forward-mode autodiff)."""
-    logits = 4 * call.batch * call.n * call.t * call.s
-    big = logits > threshold
+    big = 4 * call.batch * call.n * call.t * call.s > threshold
     if call.platform == "cpu" and min(call.t, call.s) >= CPU_CHUNKED_MIN_LENGTH:
         big = True  # measured faster there, not only smaller
-    if (call.platform == "cpu" and not call.differentiated and logits <= min(threshold, CPU_FUSED_DENSE_BYTES)
-            and not (call.is_causal or call.has_mask or call.has_bias or call.has_window)):
-        big = False  # one fused kernel (see CPU_FUSED_DENSE_BYTES)
     dense_only = call.dropout or call.return_weights or call.forward_mode
     return "chunked" if big and not dense_only else "dense"
 
