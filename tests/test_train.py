@@ -160,7 +160,6 @@ def test_rsqrt_run_length_may_change_on_resume_until_a_cooldown_begins():
     flat.check_epochs_change(5, 50, spe)  # no cooldown: any length, as before
 
 
-
 def test_workdir_from_before_the_schedule_field_resumes_as_constant(tmp_path):
     import flax_attention.training as training
     from flax_attention.training import checkpointing

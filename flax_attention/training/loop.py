@@ -179,10 +179,11 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
 
     tcfg, primary = configs["train"], distributed.is_primary()
     epoch, start = 0, 0
-    if ckpt.latest_step() is not None and (workdir / "config.json").exists():  # before anything is restored
+    latest = ckpt.latest_step()
+    if latest is not None and (workdir / "config.json").exists():  # before anything is restored
         saved_epochs = load_config(workdir).get("train", {}).get("num_epochs", tcfg.num_epochs)
-        tcfg.check_epochs_change(int(saved_epochs), ckpt.latest_step(), data.steps_per_epoch(tcfg.batch_size))
-    if ckpt.latest_step() is not None:  # the newest complete and intact checkpoint; checks shapes first
+        tcfg.check_epochs_change(int(saved_epochs), latest, data.steps_per_epoch(tcfg.batch_size))
+    if latest is not None:  # the newest complete and intact checkpoint; checks shapes first
         rstate, meta = placement.restore_latest(ckpt, rstate,
                                                 report=lambda m: print(m, file=sys.stderr) if primary else None)
         epoch, start = int(meta["next_epoch"]), int(meta["next_step"])

@@ -83,10 +83,10 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Sched
                 else optax.cosine_decay_schedule(peak, total_steps))
     else:
         base = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
-    cooldown = int(round(config.cooldown_fraction * total_steps))
+    start = config.cooldown_start(total_steps)
+    cooldown = total_steps - start
     if cooldown == 0:
         return base
-    start = total_steps - cooldown
 
     def cooled(count):
         count = jnp.asarray(count, jnp.float32)
