@@ -53,10 +53,9 @@ def _env(devices):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Later subprocesses reuse earlier compilations (same HLO -> same numerics)."""
-    CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def _compilation_cache(_child_compilation_cache):
+    """Child processes share the worker's compilation cache (tests/conftest.py): same HLO -> same numerics."""
+    CACHE.update(_child_compilation_cache)
 
 
 def _start(devices, args, workdir, mock=True):

@@ -33,10 +33,9 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_plat
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Later subprocesses reuse the first one's compiled steps (same HLO -> same numerics)."""
-    ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def _compilation_cache(_child_compilation_cache):
+    """Child processes share the worker's compilation cache (tests/conftest.py): same HLO -> same numerics."""
+    ENV.update(_child_compilation_cache)
 
 
 def _mock_cmd(*args):

@@ -47,6 +47,27 @@ def test_smoothed_cross_entropy_is_kl_to_smoothed_target(eps):
         S.smoothed_cross_entropy(logits, targets, 1.0)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_smoothed_cross_entropy_gradient_is_softmax_minus_target_in_float64(eps):
+    # d/dx of the smoothed cross-entropy is softmax(x) - q (q the smoothed
+    # target); float64 in, float64 out, checked against NumPy.
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 9)) * 4
+    targets = rng.integers(0, 9, size=5)
+    q = np.full((5, 9), eps / 8)
+    np.put_along_axis(q, targets[:, None], 1 - eps, axis=-1)
+    with jax.enable_x64(True):
+        loss, grad = jax.value_and_grad(lambda x: S.smoothed_cross_entropy(x, jnp.asarray(targets), eps).sum())(
+            jnp.asarray(logits))
+        assert grad.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(grad), np.exp(np_log_softmax(logits)) - q, rtol=1e-12, atol=1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = (np.where(q > 0, q * np.log(q), 0.0) - q * np_log_softmax(logits)).sum()
+    np.testing.assert_allclose(float(loss), kl, rtol=1e-12)
+    # bfloat16 logits are scored in float32.
+    assert S.smoothed_cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets), eps).dtype == jnp.float32
+
+
 def _fake_apply(logits):
     return lambda variables, src, tgt_in, deterministic, rngs: jnp.asarray(logits)
 

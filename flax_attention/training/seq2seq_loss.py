@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_attention.data.synthetic import EOS_ID, PAD_ID
 
@@ -25,24 +26,33 @@ def smoothed_cross_entropy(logits: Array, targets: Array, label_smoothing: float
     model that predicts exactly the smoothed distribution scores 0: the number
     then reads as a KL divergence and stays comparable across ``ε``.
 
+    Computed without a ``[..., V]`` target distribution or log-probabilities:
+    the target weights sum to 1, so ``-Σ_v q_v log p_v = logsumexp(x) -
+    (on - off)·x_label - off·Σ_v x_v``. That saves two ``[..., V]`` passes over
+    the largest tensor of a translation step (measured in
+    ``benchmarks/results/cpu_levers.md``).
+
     Args:
-      logits: ``[..., V]`` (any float dtype; computed in float32).
-      targets: integer ``[...]``.
+      logits: ``[..., V]`` (any float dtype; computed in at least float32).
+      targets: integer ``[...]`` in ``[0, V)``.
       label_smoothing: ``ε`` in ``[0, 1)``.
 
     Returns:
-      float32 ``[...]`` per-token loss (padding NOT removed: weight it by ``targets != PAD_ID``).
+      ``[...]`` per-token loss, float32 (float64 for float64 logits); padding
+      NOT removed: weight it by ``targets != PAD_ID``.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
     v = logits.shape[-1]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     on = 1.0 - label_smoothing
     off = label_smoothing / (v - 1)
-    target_dist = jax.nn.one_hot(targets, v, dtype=jnp.float32) * (on - off) + off
-    cross = -jnp.sum(target_dist * log_probs, axis=-1)
+    label = jnp.take_along_axis(x, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    cross = jax.nn.logsumexp(x, axis=-1) - (on - off) * label
+    if off > 0:
+        cross = cross - off * jnp.sum(x, axis=-1)
     # Entropy of the smoothed target (0·log 0 := 0 when ε = 0).
-    entropy = -(on * jnp.log(on) + (label_smoothing * jnp.log(off) if off > 0 else 0.0))
+    entropy = -(on * np.log(on) + (label_smoothing * np.log(off) if off > 0 else 0.0))
     return cross - entropy
 
 

@@ -1,0 +1,34 @@
+"""Suite-wide setting: a persistent XLA compilation cache for the child processes of each worker.
+
+Many tests start ``train.py`` (or a benchmark) in a fresh process with the same tiny
+configurations, and each fresh process would compile the same programs again: most of
+such a run's time. The cache hands a later process the executable an earlier one
+compiled from the same HLO (same numerics), so tests that compare runs still compare
+like with like. Only child processes read it: JAX reads these variables when it is
+imported, and this process imported it before the fixture runs.
+
+One folder per pytest-xdist worker: without a size limit JAX writes entries unlocked
+(a folder shared by the workers would need ``filelock`` and a limit, and JAX then
+rescans the whole folder on every write).
+"""
+
+import os
+
+import pytest
+
+CACHE_ENV = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _child_compilation_cache(tmp_path_factory):
+    CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    saved = {k: os.environ.get(k) for k in CACHE_ENV}
+    os.environ.update(CACHE_ENV)
+    yield CACHE_ENV
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
