@@ -33,16 +33,17 @@ def reference(q, k, v, km, ct, causal):
 
     One compiled program per case (eager float64 ops would each compile on their own).
     """
-    f64 = [x.astype(jnp.float64) for x in (q, k, v)]
+    wide = [x.astype(jnp.float64) for x in (q, k, v)]
     mask = None if km is None else km[:, None, None, :]
 
     def f(q, k, v):
         return scaled_dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="dense")
-    out, vjp = jax.vjp(f, *f64)
+    out, vjp = jax.vjp(f, *wide)
     return out, vjp(ct.astype(jnp.float64))
 
 
 def f64(x):
+    """A host float64 copy (bfloat16 included) for error arithmetic in NumPy."""
     return np.asarray(x).astype(np.float64)
 
 
