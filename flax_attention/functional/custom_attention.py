@@ -94,6 +94,9 @@ def einsum_attention(query: Array, key: Array, value: Array, bias: Optional[Arra
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype.
+
+    Raises:
+      ValueError: for dropout (``dropout_rate > 0``, not ``deterministic``) without a ``dropout_rng``.
     """
     default = functools.partial(jnp.einsum, precision=precision)
     qk, av = qk_attn_weights_einsum or default, attn_weights_value_einsum or default
