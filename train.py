@@ -109,7 +109,7 @@ def parse_args(argv: Sequence[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from flax_attention.data.tfds_source import DataUnavailableError
-    from flax_attention.training import inspect
+    from flax_attention.training import inspector
     from flax_attention.training.bookkeeping import DivergenceError, StopRequested, maybe_initialize_distributed
     from flax_attention.training.checkpointing import IncompatibleWorkdirError
     from flax_attention.training.loop import train_and_evaluate
@@ -117,11 +117,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         command, args, task, configs = parse_args(sys.argv[1:] if argv is None else argv)
         if command == "predict":
-            inspect.predict(args.workdir, args.texts, args.out)
+            inspector.predict(args.workdir, args.texts, args.out)
         elif command == "translate":
-            inspect.translate(args.workdir, args.texts, args.out)
+            inspector.translate(args.workdir, args.texts, args.out)
         elif command == "visualize":
-            inspect.visualize(args.workdir, args.num_examples, args.seed, args.out)
+            inspector.visualize(args.workdir, args.num_examples, args.seed, args.out)
         elif command == "embed":
             embed(args)
         else:

@@ -1,20 +1,23 @@
 """flax_attention: attention mechanisms for JAX and Flax.
 
-Layout (imports run one way, down this list, never back):
+Layout (imports run one way, down this list, never back; ``tests/test_layout.py``
+enforces it):
 
 * :mod:`flax_attention.training`: the trainer behind ``train.py``;
-  :mod:`flax_attention.data`, :mod:`flax_attention.embed`: its input pipelines;
+* :mod:`flax_attention.embed`: word vectors (skip-gram, pretrained embeddings);
+* :mod:`flax_attention.data`: the input pipelines (IMDB, Multi30k, synthetic tasks);
 * :mod:`flax_attention.models`: model families (BiGRU + attention, Transformer classifier);
-* :mod:`flax_attention.linen` and :mod:`flax_attention.nnx` (imported on its own:
-  ``import flax_attention.nnx``): Flax modules that only hold parameters and
+* :mod:`flax_attention.nnx` (imported on its own: ``import flax_attention.nnx``)
+  and :mod:`flax_attention.linen`: Flax modules that only hold parameters and
   call the functions below;
 * :mod:`flax_attention.functional`: the pure functions (attention, masks,
   positions, KV-cache arithmetic, additive attention, ring/Ulysses context
   parallelism);
-* :mod:`flax_attention.kernels`: the attention kernels they dispatch to.
+* :mod:`flax_attention.kernels`: the attention kernels they dispatch to;
+* :mod:`flax_attention.core`: what the kernels and the functions share (dtype
+  rules, input checks, trace queries, the causal/window masks).
 
-The names below are the public API; the old flat module paths
-(``flax_attention.masks``, ``flax_attention.flash``, ...) still import.
+The names below are the public API.
 
 Shape legend (used in every docstring and einsum string of this package):
 
@@ -88,11 +91,7 @@ from flax_attention.linen.transformer import (
 )
 from flax_attention.linen.decoding import beam_search, greedy_decode, length_penalty
 
-from flax_attention import _compat
-
-_compat.register(__name__)
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdditiveAttention",

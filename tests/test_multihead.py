@@ -377,3 +377,10 @@ def test_flax_projection_and_einsum_attributes_take_effect(attributes):
         with pytest.raises(ValueError, match="together"):
             MultiHeadAttention(num_heads=N, qk_attn_weights_einsum_cls=lambda: _halving_einsum).init(
                 jax.random.key(0), q)
+
+
+def test_einsum_attention_dropout_needs_an_rng():
+    from flax_attention.functional.custom_attention import einsum_attention
+    q = _x((B, T, N, 8), 0)
+    with pytest.raises(ValueError, match="needs a dropout_rng"):
+        einsum_attention(q, q, q, dropout_rate=0.5, deterministic=False)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flax_attention.data import tasks as T
+from flax_attention.data import synthetic as T
 
 
 def unpad(batch, i):

@@ -98,3 +98,14 @@ def test_seq2seq_through_train_py_resumes_and_refuses_schedule_changes(tmp_path)
     assert pred.returncode == 2 and "symbol indices" in pred.stderr
     bad = _train_py(*TINY_SEQ2SEQ, "--workdir", str(tmp_path / "bad"), "--cooldown_fraction", "2")
     assert bad.returncode == 2 and "cooldown_fraction" in bad.stderr
+
+
+def test_a_task_takes_exactly_one_loss():
+    import dataclasses
+
+    from flax_attention.training.registry import get_task
+    task = get_task("transformer")
+    with pytest.raises(ValueError, match="exactly one of loss_and_metrics and make_loss"):
+        dataclasses.replace(task, make_loss=lambda configs: task.loss_and_metrics)
+    with pytest.raises(ValueError, match="exactly one of loss_and_metrics and make_loss"):
+        dataclasses.replace(task, loss_and_metrics=None)

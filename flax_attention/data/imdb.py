@@ -110,7 +110,7 @@ class Vocabulary:
 
         ``tokenized=True``: ``texts`` are already word lists (skips :func:`tokenize`).
         """
-        counts = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         for t in texts:
             counts.update(t if tokenized else tokenize(t))
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))

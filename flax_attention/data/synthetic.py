@@ -26,7 +26,7 @@ contain strings seen in training; long ones practically never repeat.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Iterator, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,13 +55,14 @@ def _dedup(rng, x):
     return x[np.sort(first)]
 
 
-TASKS: Dict[str, Callable[[np.random.Generator, np.ndarray], np.ndarray]] = {
+# The target of one source, per task (the rng is unused by these four).
+TARGETS: Dict[str, Callable[[Optional[np.random.Generator], np.ndarray], np.ndarray]] = {
     "copy": _copy,
     "reverse": _reverse,
     "sort": _sort,
     "dedup": _dedup,
-    "add": None,  # special-cased: needs its own source generator
 }
+TASKS = (*TARGETS, "add")  # "add" builds its targets with its sources (_add_example)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +147,11 @@ def target_for(config: TaskConfig, src_symbols: np.ndarray) -> np.ndarray:
     """
     if config.name == "add":
         raise ValueError("target_for does not cover 'add'; its targets are built with the source.")
-    return np.asarray(TASKS[config.name](None, np.asarray(src_symbols)))
+    return np.asarray(TARGETS[config.name](None, np.asarray(src_symbols)))
 
 
 def sample_pairs(
-    config: TaskConfig, rng: np.random.Generator, lengths: Sequence[int]
+    config: TaskConfig, rng: np.random.Generator, lengths: Iterable[int]
 ) -> list[Tuple[np.ndarray, np.ndarray]]:
     """One ``(src, tgt)`` pair of unpadded symbol ids per requested source length."""
     pairs = []
@@ -160,7 +161,7 @@ def sample_pairs(
             pairs.append(_add_example(rng, length))
             continue
         src = rng.integers(NUM_SPECIAL, config.vocab_size, size=length)
-        pairs.append((src, TASKS[config.name](rng, src)))
+        pairs.append((src, TARGETS[config.name](rng, src)))
     return pairs
 
 

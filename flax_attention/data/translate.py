@@ -221,7 +221,7 @@ def encode_split(tok: Tokenizer, sources: Sequence[str], targets: Sequence[str],
     return Split(src, tgt)
 
 
-def make_batch(split: Split, idx: Sequence[int], rows: int) -> Batch:
+def make_batch(split: Split, idx: Sequence[int] | np.ndarray, rows: int) -> Batch:
     """Pads pairs ``idx`` (and ``rows - len(idx)`` all-PAD rows of weight 0) to one bucket length."""
     length = _round_up(max(max(len(split.src[i]), len(split.tgt[i]) + 1) for i in idx))
     b = {"src": np.full((rows, length), PAD_ID, np.int32), "tgt_in": np.full((rows, length), PAD_ID, np.int32),

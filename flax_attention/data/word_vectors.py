@@ -152,8 +152,8 @@ def load_word_vectors(path, vocab: VocabLike, dim: Optional[int] = None,
     ids, size, is_word = _word_ids(vocab)
     lower_ids: Dict[str, int] = {}
     if lowercase_fallback:
-        for w, i in ids.items():
-            lower_ids.setdefault(w.lower(), i)
+        for w, j in ids.items():
+            lower_ids.setdefault(w.lower(), j)
     rows: Optional[np.ndarray] = None
     found = np.zeros((size,), bool)
     fallback: Dict[int, np.ndarray] = {}
@@ -213,6 +213,7 @@ def load_word_vectors(path, vocab: VocabLike, dim: Optional[int] = None,
     if header_count is not None and header_count != n_vectors:
         raise _fail(path, line_no, f"the header announces {header_count} vectors but the file has {n_vectors}",
                     "the file is truncated (re-download / re-create it), or fix the header's count")
+    assert file_dim is not None  # set by the header or the first vector (n_vectors > 0 here)
     if rows is None:
         rows = np.zeros((size, file_dim), np.float32)
     lower_used = 0

@@ -23,7 +23,8 @@ from typing import Optional, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.functional._validation import as_array, compute_dtype
+from flax_attention.core.checks import as_array
+from flax_attention.core.dtypes import compute_dtype
 from flax_attention.functional.attention import masked_softmax
 
 Array = jnp.ndarray

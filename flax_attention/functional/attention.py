@@ -16,19 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.functional._validation import (
-    compute_dtype,
-    forward_mode_active,
-    mask_fill,
-    nested_reverse_mode_active,
-    not_neg_inf,
-    prepare,
-    vmapped_size,
-)
+from flax_attention.core.checks import prepare
+from flax_attention.core.dtypes import compute_dtype, mask_fill, not_neg_inf
+from flax_attention.core.masks import causal_mask, check_alignment, combine_masks, sliding_window_mask
+from flax_attention.core.tracing import forward_mode_active, nested_reverse_mode_active, vmapped_size
 from flax_attention.kernels.backend_select import AUTO_CHUNKED_BYTES, AttentionCall, describe, resolve
 from flax_attention.kernels.backends import fused_attention
 from flax_attention.kernels.flash import _chunked
-from flax_attention.functional.masks import _ALIGNMENTS, causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
 
@@ -161,8 +155,7 @@ def attention_weights(
 
 def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, precision):
     """:func:`attention_weights` on validated arrays."""
-    if causal_alignment not in _ALIGNMENTS:  # checked even when unused: a typo is a bug
-        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}.")
+    check_alignment(causal_alignment)  # checked even when unused: a typo is a bug
     *batch, t, n, h = query.shape
     s, k = key.shape[-3], key.shape[-2]
     g = n // k
@@ -302,8 +295,7 @@ def scaled_dot_product_attention(
     query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias, scale)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
-    if causal_alignment not in _ALIGNMENTS:  # checked even when unused: a typo is a bug
-        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}.")
+    check_alignment(causal_alignment)  # checked even when unused: a typo is a bug
     call = _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
                      dropout_rate > 0.0 and not deterministic, return_weights)
     implementation, interpret = resolve(implementation, call, AUTO_CHUNKED_BYTES)

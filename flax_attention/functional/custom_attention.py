@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.functional._validation import compute_dtype
+from flax_attention.core.dtypes import compute_dtype
 from flax_attention.functional.attention import masked_softmax
 from flax_attention.functional.masks import causal_mask, combine_masks, sliding_window_mask
 
@@ -94,6 +94,9 @@ def einsum_attention(query: Array, key: Array, value: Array, bias: Optional[Arra
 
     Returns:
       ``[..., T, N, D]`` in the query's dtype.
+
+    Raises:
+      ValueError: for dropout (``dropout_rate > 0``, not ``deterministic``) without a ``dropout_rng``.
     """
     default = functools.partial(jnp.einsum, precision=precision)
     qk, av = qk_attn_weights_einsum or default, attn_weights_value_einsum or default
@@ -106,6 +109,9 @@ def einsum_attention(query: Array, key: Array, value: Array, bias: Optional[Arra
     if module is not None:
         module.sow("intermediates", "attention_weights", weights)
     if dropout_rate > 0.0 and not deterministic:
+        if dropout_rng is None:
+            raise ValueError(f"dropout_rate={dropout_rate} with deterministic=False needs a dropout_rng; "
+                             "pass one, or deterministic=True.")
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return av("...hqk,...khd->...qhd", weights.astype(value.dtype), value).astype(query.dtype)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.functional.masks import _window_sizes
+from flax_attention.core.masks import window_sizes
 
 Array = jnp.ndarray
 INDEX, LENGTHS = "cache_index", "cache_lengths"
@@ -109,7 +109,7 @@ def position_mask(query_pos: Array, key_pos: Array, *, causal: bool = True,
     diff = jnp.asarray(query_pos)[..., :, None] - jnp.asarray(key_pos)[..., None, :]
     keep = diff >= 0 if causal else jnp.ones(diff.shape, bool)
     if window is not None:
-        left, right = _window_sizes(window)
+        left, right = window_sizes(window)
         keep = keep & (diff <= left) & (-diff <= right)
     return keep[..., None, :, :]
 

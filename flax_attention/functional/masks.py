@@ -5,22 +5,27 @@ logits of shape ``[..., N, T, S]`` (see the shape legend in
 :mod:`flax_attention`). Lengths and token ids are traced values, so changing
 them never retraces a jitted caller; sequence lengths that set an output shape
 (``max_length``, ``q_len``, ``kv_len``) are static Python ints.
+
+The structural masks (:func:`causal_mask`, :func:`sliding_window_mask`) and
+:func:`combine_masks` live in :mod:`flax_attention.core.masks`, below the
+kernels that also use them, and are re-exported here.
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Optional, Tuple, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.functional._validation import static_int
+from flax_attention.core.checks import static_int
+from flax_attention.core.masks import as_bool, causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
 
-_ALIGNMENTS = ("bottom_right", "top_left")
+__all__ = ["causal_mask", "causal_mask_from_positions", "combine_masks", "key_mask", "padding_mask",
+           "query_key_mask", "segment_mask", "sliding_window_mask", "token_mask"]
 
 
 def padding_mask(lengths: Array, max_length: int) -> Array:
@@ -105,90 +110,6 @@ def causal_mask_from_positions(query_positions: Array, key_positions: Array) -> 
     return (q[..., :, None] >= k[..., None, :])[..., None, :, :]
 
 
-def _aligned_positions(q_len: int, kv_len: Optional[int], alignment: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Absolute positions of queries and keys for a given causal alignment.
-
-    ``bottom_right``: the last query is aligned with the last key, i.e. the
-    queries are the final ``T`` positions of a length-``S`` sequence (what a
-    decoder continuing from a cache needs). ``top_left``: query ``i`` is
-    position ``i`` (what PyTorch's ``is_causal`` does when ``T != S``).
-    """
-    q_len = static_int(q_len, "q_len")
-    kv_len = q_len if kv_len is None else static_int(kv_len, "kv_len")
-    if alignment not in _ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}.")
-    offset = kv_len - q_len if alignment == "bottom_right" else 0
-    return np.arange(q_len) + offset, np.arange(kv_len)
-
-
-def causal_mask(q_len: int, kv_len: Optional[int] = None, *, alignment: str = "bottom_right") -> Array:
-    """Lower-triangular mask: no query attends to a later key.
-
-    For ``q_len != kv_len`` the alignment matters. With the default
-    ``"bottom_right"`` query ``i`` sees keys ``j <= i + (kv_len - q_len)``; with
-    ``"top_left"`` it sees keys ``j <= i``. If ``q_len > kv_len`` and
-    ``bottom_right``, the first ``q_len - kv_len`` rows see nothing (output zeros).
-
-    Args:
-      q_len: static ``T``.
-      kv_len: static ``S``; defaults to ``T``.
-      alignment: ``"bottom_right"`` (default) or ``"top_left"``.
-
-    Returns:
-      Boolean ``[T, S]`` (broadcasts against ``[..., N, T, S]``).
-    """
-    q_pos, k_pos = _aligned_positions(q_len, kv_len, alignment)
-    return jnp.asarray(q_pos[:, None] >= k_pos[None, :])
-
-
-def sliding_window_mask(
-    q_len: int,
-    kv_len: Optional[int] = None,
-    *,
-    window: Union[int, Tuple[int, int]],
-    alignment: str = "bottom_right",
-) -> Array:
-    """Local attention: query at position ``p`` sees keys in ``[p - left, p + right]``.
-
-    Args:
-      q_len: static ``T``.
-      kv_len: static ``S``; defaults to ``T``.
-      window: ``(left, right)`` non-negative ints, or one int ``w`` meaning
-        ``(w, 0)``: the causal sliding window of Longformer/Mistral style
-        (the query and its ``w`` predecessors).
-      alignment: how query positions map onto key positions, as in
-        :func:`causal_mask`.
-
-    Returns:
-      Boolean ``[T, S]``.
-    """
-    left, right = _window_sizes(window)
-    q_pos, k_pos = _aligned_positions(q_len, kv_len, alignment)
-    diff = q_pos[:, None] - k_pos[None, :]
-    return jnp.asarray((diff <= left) & (-diff <= right))
-
-
-def _window_sizes(window) -> Tuple[int, int]:
-    """Parses ``w`` or ``(left, right)`` into two non-negative Python ints."""
-    def as_int(w):
-        if isinstance(w, (bool, np.bool_)):  # True would silently mean a window of 1
-            raise TypeError
-        return operator.index(w)
-
-    try:
-        if np.ndim(window) == 0:
-            pair = (as_int(window), 0)
-        else:
-            pair = tuple(as_int(w) for w in window)
-    except TypeError:
-        pair = ()
-    if len(pair) != 2 or min(pair) < 0:
-        raise ValueError(
-            f"window must be an int w >= 0 or a pair (left, right) of ints >= 0, got {window!r}."
-        )
-    return pair
-
-
 def segment_mask(query_segment_ids: Array, key_segment_ids: Optional[Array] = None) -> Array:
     """Packed sequences: a token attends only within its own segment.
 
@@ -212,42 +133,9 @@ def segment_mask(query_segment_ids: Array, key_segment_ids: Optional[Array] = No
     return (same & real)[..., None, :, :]
 
 
-def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
-    """Logical AND of any number of masks, broadcasting; ``None`` entries are skipped.
-
-    Returns:
-      The combined boolean mask, or ``None`` if every argument was ``None``.
-    """
-    present = [_as_bool(m, "mask") for m in masks if m is not None]
-    if not present:
-        return None
-    try:
-        np.broadcast_shapes(*(m.shape for m in present))
-    except ValueError:
-        raise ValueError(
-            "combine_masks: masks do not broadcast together, shapes "
-            f"{[tuple(m.shape) for m in present]}; give each the layout [..., N, T, S] "
-            "(use 1 for broadcast axes)."
-        ) from None
-    out = present[0]
-    for m in present[1:]:
-        out = jnp.logical_and(out, m)
-    return out
-
-
-def _as_bool(mask: Array, name: str) -> Array:
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise ValueError(
-            f"{name} must be boolean (True = attend), got dtype {mask.dtype}; "
-            f"convert with {name}.astype(bool) or {name} > 0."
-        )
-    return mask
-
-
 def _as_sequence_mask(mask: Array, name: str, axis: str) -> Array:
     """A boolean ``[..., L]`` (rank >= 1) validity vector."""
-    mask = _as_bool(mask, name)
+    mask = as_bool(mask, name)
     if mask.ndim < 1:
         raise ValueError(f"{name} must be a boolean [..., {axis}] array (rank >= 1), got shape {mask.shape}.")
     return mask

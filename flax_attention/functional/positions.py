@@ -25,6 +25,7 @@ from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 
 Array = jnp.ndarray
@@ -145,8 +146,8 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.asarray(slopes, np.float32)
 
 
-def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array,
-               right_slopes: Optional[Array] = None) -> Array:
+def alibi_bias(slopes: ArrayLike, query_positions: ArrayLike, key_positions: ArrayLike,
+               right_slopes: Optional[ArrayLike] = None) -> Array:
     """ALiBi logit bias ``-m_n · |i - j|`` (keys ``j > i`` use ``right_slopes`` if given).
 
     The symmetric form is mirror-invariant: with no other position signal,

@@ -49,7 +49,9 @@ from jax import lax
 from flax_attention.kernels._blocks import block_sizes
 from flax_attention.kernels._flash_passes import _backward, _forward, dq_from_transposed
 from flax_attention.kernels._flash_tiles import _Config
-from flax_attention.functional._validation import compute_dtype, mask_fill, prepare, vary_like
+from flax_attention.core.checks import prepare
+from flax_attention.core.dtypes import compute_dtype, mask_fill
+from flax_attention.core.tracing import vary_like
 
 Array = jnp.ndarray
 
@@ -69,7 +71,7 @@ class _Ring:
     chunk_k: int
     block_q: int
     block_k: int
-    precision: object = None
+    precision: lax.PrecisionLike = None
 
     @property
     def chunks(self) -> int:

@@ -13,8 +13,8 @@ from typing import Optional, Tuple, Union
 import jax
 import numpy as np
 
-from flax_attention.functional._validation import static_int
-from flax_attention.functional.masks import _ALIGNMENTS, _window_sizes
+from flax_attention.core.checks import static_int
+from flax_attention.core.masks import check_alignment, window_sizes
 
 Window = Union[int, Tuple[int, int]]
 
@@ -46,12 +46,11 @@ def band(t: int, s: int, is_causal: bool, alignment: str, window: Optional[Windo
     Returns ``(offset, left, right)``: query row ``r`` sits at position
     ``r + offset`` and sees key ``c`` iff ``-right <= r + offset - c <= left``
     (``None`` = unbounded). Causal is ``right = 0``; a window ``(left, right)``
-    follows :func:`flax_attention.functional.masks.sliding_window_mask`.
+    follows :func:`flax_attention.core.masks.sliding_window_mask`.
     """
-    if alignment not in _ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {alignment!r}.")
+    check_alignment(alignment)
     offset = s - t if alignment == "bottom_right" else 0
-    left, right = (None, None) if window is None else _window_sizes(window)
+    left, right = (None, None) if window is None else window_sizes(window)
     if is_causal:
         right = 0 if right is None else min(right, 0)
     return offset, left, right

@@ -15,7 +15,8 @@ from jax import lax
 
 from flax_attention.kernels._flash_tiles import (
     _Config, _add_bias_block, _cols, _idx, _put_rows, _rows, _scores, prescale)
-from flax_attention.functional._validation import mask_fill, vary_like
+from flax_attention.core.dtypes import mask_fill
+from flax_attention.core.tracing import vary_like
 
 
 def _forward(q, k, v, mask, bias, bias_keep, scale, cfg: _Config, out_dtype=None):

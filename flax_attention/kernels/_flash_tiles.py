@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention.kernels._blocks import block_plan, full_block_plan
-from flax_attention.functional._validation import mask_fill
+from flax_attention.core.dtypes import mask_fill
 
 Array = jnp.ndarray
 
@@ -30,7 +30,7 @@ class _Config:
     offset: int
     left: Optional[int]
     right: Optional[int]
-    precision: object = None
+    precision: lax.PrecisionLike = None
 
     def segments(self, transposed: bool = False):
         """The inner loop's ranges: ``[(lo, hi, structural), ...]`` per outer block.
@@ -43,9 +43,9 @@ class _Config:
         call without any band compiles one loop. ``transposed``: per key block
         over query blocks (the backward's order), else per query block.
         """
-        kw = dict(offset=self.offset, left=self.left, right=self.right)
-        plan = block_plan(self.t, self.s, self.block_q, self.block_k, **kw)
-        full = full_block_plan(self.t, self.s, self.block_q, self.block_k, **kw)
+        args = (self.t, self.s, self.block_q, self.block_k)
+        plan = block_plan(*args, offset=self.offset, left=self.left, right=self.right)
+        full = full_block_plan(*args, offset=self.offset, left=self.left, right=self.right)
         lo, hi = plan[2:] if transposed else plan[:2]
         f_lo, f_hi = full[2:] if transposed else full[:2]
         out = [(a, b, flag) for a, b, flag in ((lo, f_lo, True), (f_lo, f_hi, False), (f_hi, hi, True))

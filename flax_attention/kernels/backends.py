@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention.kernels import backend_select
-from flax_attention.functional.masks import causal_mask, combine_masks, sliding_window_mask
+from flax_attention.core.masks import causal_mask, combine_masks, sliding_window_mask
 
 Array = jnp.ndarray
 
@@ -216,7 +216,7 @@ def _x32(fn):
     """``fn`` traced with 64-bit mode off: the Pallas kernels mix int32 grid ids with
     default-int constants, which become int64 under ``jax_enable_x64`` (a TypeError).
     Their float operands are float32/bfloat16/float16 either way."""
-    return _within(fn, lambda: jax.enable_x64(False)) if jax.config.jax_enable_x64 else fn
+    return _within(fn, lambda: jax.enable_x64(False)) if jax.config.read("jax_enable_x64") else fn
 
 
 def _pallas_tpu(query, key, value, mask, bias, bias_keep, scale, is_causal, alignment, window, precision,
@@ -282,7 +282,7 @@ if set(_KERNELS) != set(backend_select.KERNELS):  # a kernel registered in one p
 
 def fused_attention(name, query, key, value, mask, bias, bias_keep, scale, is_causal, alignment,
                     window, precision=None, interpret=False) -> Array:
-    """Runs kernel ``name`` on validated operands (see :func:`flax_attention.functional._validation.prepare`).
+    """Runs kernel ``name`` on validated operands (see :func:`flax_attention.core.checks.prepare`).
 
     Args:
       name: a key of :data:`flax_attention.kernels.backend_select.KERNELS`,
@@ -296,7 +296,7 @@ def fused_attention(name, query, key, value, mask, bias, bias_keep, scale, is_ca
       scale: Python float logit scale, or ``None`` for ``1 / sqrt(H)``.
       is_causal: apply a causal mask aligned by ``alignment``.
       alignment: ``"bottom_right"`` or ``"top_left"``.
-      window: sliding window as in :func:`~flax_attention.functional.masks.sliding_window_mask`, or ``None``.
+      window: sliding window as in :func:`~flax_attention.core.masks.sliding_window_mask`, or ``None``.
       precision: passed to kernels that take one.
       interpret: run a Pallas kernel in interpret mode.
 

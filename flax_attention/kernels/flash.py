@@ -60,7 +60,9 @@ from flax_attention.kernels._blocks import (  # noqa: F401  (re-exported: part o
 )
 from flax_attention.kernels._flash_passes import _backward, _forward
 from flax_attention.kernels._flash_tiles import _Config
-from flax_attention.functional._validation import compute_dtype, forward_mode_active, prepare, static_int
+from flax_attention.core.checks import prepare, static_int
+from flax_attention.core.dtypes import compute_dtype
+from flax_attention.core.tracing import forward_mode_active
 
 Array = jnp.ndarray
 
@@ -149,9 +151,9 @@ def chunked_attention(
       is_causal: causal mask, applied structurally: key blocks entirely in
         the future of a query block are skipped.
       causal_alignment: ``"bottom_right"`` or ``"top_left"`` when ``T != S``
-        (see :func:`~flax_attention.functional.masks.causal_mask`).
+        (see :func:`~flax_attention.core.masks.causal_mask`).
       window: sliding window, as in
-        :func:`~flax_attention.functional.masks.sliding_window_mask`: ``w`` = the query
+        :func:`~flax_attention.core.masks.sliding_window_mask`: ``w`` = the query
         and its ``w`` predecessors, ``(left, right)`` = a two-sided band.
         Uses ``causal_alignment``; blocks outside the band are skipped.
       block_q, block_k: block sizes (static); default: the length split into

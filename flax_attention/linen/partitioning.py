@@ -115,7 +115,9 @@ def mesh_axes(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
               if name in dims and axes is not None
               and all(a in mesh.shape for a in ((axes,) if isinstance(axes, str) else axes))
               and dims[name] % _axis_size(mesh, axes) == 0]
-    return nn.logical_to_mesh_axes(tuple(names), usable)
+    spec = nn.logical_to_mesh_axes(tuple(names), usable)
+    assert spec is not None  # None only for names=None
+    return spec
 
 
 def logical_to_mesh_sharding(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:

@@ -45,13 +45,13 @@ class SinusoidalPositionalEncoding(nn.Module):
             positions = jnp.arange(t, dtype=jnp.int32)
             if decode:
                 lengths = kv_cache.check_lengths(lengths, batch, t)
-                names = dict(index="position_index", lengths="position_lengths")
-                if self.has_variable("cache", "position_index"):
-                    start = _cache.fill_levels(self, batch, **names)
+                index, counts = "position_index", "position_lengths"  # this layer's cache variables
+                if self.has_variable("cache", index):
+                    start = _cache.fill_levels(self, batch, index=index, lengths=counts)
                     positions = start[..., None] + positions
-                    _cache.advance(self, start, lengths, t, **names)
+                    _cache.advance(self, start, lengths, t, index=index, lengths=counts)
                 else:  # the allocation call, flax's pattern: nothing advances
-                    self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
+                    self.variable("cache", index, lambda: jnp.array(0, jnp.int32))
         elif decode:
             raise ValueError("pass either explicit positions or decode=True, not both.")
         return (x + sinusoidal_encoding(positions, e)).astype(x.dtype)

@@ -84,7 +84,7 @@ class TransformerDecoder(nn.Module):
     def __call__(
         self,
         y: Array,
-        encoded: Array,
+        encoded: Optional[Array],
         *,
         self_mask: Optional[Array] = None,
         cross_mask: Optional[Array] = None,

@@ -13,12 +13,12 @@ path, never a silent partial load.
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
-from flax.core import meta, unfreeze
+from flax.core import FrozenDict, meta, unfreeze
 
 from flax_attention.nnx import _cache
 
@@ -61,12 +61,13 @@ def load_linen_variables(module: nnx.Module, variables: Mapping[str, Any]) -> nn
         an older linen cache's per-example ``cache_index [B]`` loads as flax's
         scalar index plus those lengths.
     """
-    variables = unfreeze(variables) if not isinstance(variables, dict) else dict(variables)
+    variables = unfreeze(variables) if isinstance(variables, FrozenDict) else dict(variables)
     unknown = set(variables) - {"params", "cache"}
     if unknown:
         raise ValueError(f"cannot load linen collections {sorted(unknown)} into an NNX module; "
                          "pass only 'params' (and 'cache').")
-    updates, ragged = [], ([], [])
+    updates: List[Any] = []
+    ragged: Tuple[List[Tuple[Any, Any]], List[Any]] = ([], [])  # (levels to add, paths to drop)
     for collection, kind in (("params", nnx.Param), ("cache", nnx.Cache)):
         if collection not in variables:
             continue
@@ -116,7 +117,7 @@ def _linen_cache(cache: Dict[str, Any]) -> Dict[str, Any]:
     one) and turns their per-example index ``[B]`` into flax's scalar index
     plus, when the examples differ, the per-example ``*_lengths``.
     """
-    out = {}
+    out: Dict[str, Any] = {}
     for name, value in cache.items():
         if isinstance(value, Mapping):
             out[name] = _linen_cache(dict(value))

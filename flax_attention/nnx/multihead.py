@@ -17,7 +17,7 @@ and ``nnx.view``/``set_view``. Only the attention itself differs: it is
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -108,9 +108,13 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                 "broadcast_dropout=True needs a custom attention_fn that supports it (e.g. "
                 "nnx.dot_product_attention); the default draws one dropout mask element per weight, "
                 "so leave broadcast_dropout unset.")
+        # flax types both as non-optional; here None means "our functions" / "the function's
+        # default", and flax's __init__ only stores them (our __call__ reads them).
         super().__init__(num_heads, in_features, qkv_features, out_features, num_kv_heads,
-                         in_kv_features, rngs=rngs, attention_fn=attention_fn,
-                         broadcast_dropout=broadcast_dropout, **kwargs)
+                         in_kv_features, rngs=rngs,
+                         attention_fn=attention_fn,  # type: ignore[arg-type]
+                         broadcast_dropout=broadcast_dropout,  # type: ignore[arg-type]
+                         **kwargs)
         if relative_position == "rope" and self.head_dim % 2:
             raise ValueError(f"relative_position='rope' needs an even head dim, got {self.head_dim}.")
         self.implementation = implementation
@@ -183,16 +187,18 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             key = self.key(inputs_k, out_sharding=qkv_sharding)
             value = self.value(inputs_v, out_sharding=qkv_sharding)
         if self.normalize_qk:
+            assert self.query_ln is not None and self.key_ln is not None  # flax makes both with normalize_qk
             query = self.query_ln(query)
             key = key if mode is Mode.REUSE else self.key_ln(key)
 
         t, window, overflow = query.shape[-3], self.window, None
         if mode is Mode.APPEND:
             lengths, start = self._check_decode(inputs_q, inputs_k, inputs_v, lengths)
+            cached_key, _, cache_index = self._decode_cache()
             # Absolute positions: the fill level plus arange(T); [T] with flax's scalar index.
-            level = start if lengths is not None or _cache.ragged(self) else self.cache_index[...]
+            level = start if lengths is not None or _cache.ragged(self) else cache_index[...]
             q_pos = kv_cache.query_positions(level, t)
-            k_pos = jnp.arange(self.cached_key.shape[-3], dtype=jnp.int32)
+            k_pos = jnp.arange(cached_key.shape[-3], dtype=jnp.int32)
         else:
             q_pos = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
             k_pos = q_pos if self_attention else jnp.arange(key.shape[-3], dtype=jnp.int32)
@@ -260,15 +266,13 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         Returns ``(lengths, start)``: the validated lengths (int32 ``[...]`` or
         ``None``) and each example's fill level ``[...]``.
         """
-        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
-            raise ValueError("Autoregressive cache not initialized: call init_cache(input_shape) "
-                             "with the maximum length first (or decode=False).")
+        cached_key, _, _ = self._decode_cache()
         if inputs_k.shape[:-1] != inputs_q.shape[:-1] or inputs_v.shape[:-1] != inputs_q.shape[:-1]:
             raise ValueError(
                 "decode=True caches self-attention keys, so inputs_k/inputs_v must have the query's "
                 f"[..., T] shape; got inputs_q {inputs_q.shape} and inputs_k {inputs_k.shape}. "
                 "Call cross-attention with decode=False or static_kv=True.")
-        *batch, length, _, _ = cache_shape = self.cached_key.shape
+        *batch, length, _, _ = cache_shape = cached_key.shape
         t = inputs_q.shape[-2]
         if inputs_q.shape[:-2] != tuple(batch):
             raise ValueError(f"decode inputs {inputs_q.shape} do not match the cache {cache_shape} "
@@ -279,14 +283,21 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                             "call init_cache with an input_shape of the maximum total length")
         return lengths, start
 
+    def _decode_cache(self) -> Tuple[nnx.Cache, nnx.Cache, nnx.Cache]:
+        """``(cached_key, cached_value, cache_index)``; a ValueError before ``init_cache``."""
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise ValueError("Autoregressive cache not initialized: call init_cache(input_shape) "
+                             "with the maximum length first (or decode=False).")
+        return self.cached_key, self.cached_value, self.cache_index
+
     def _write(self, key, value, start, lengths):
         """Writes the new keys/values at each example's ``start``; returns the whole cache and
         the overflow flags ``[...]``."""
-        count, overflow = _cache.advance(self, start, lengths, key.shape[-3],
-                                         limit=self.cached_key.shape[-3])
-        new_key, _ = kv_cache.write_cache(self.cached_key[...], key, start, count)
-        new_value, _ = kv_cache.write_cache(self.cached_value[...], value, start, count)
-        self.cached_key[...], self.cached_value[...] = new_key, new_value
+        cached_key, cached_value, _ = self._decode_cache()
+        count, overflow = _cache.advance(self, start, lengths, key.shape[-3], limit=cached_key.shape[-3])
+        new_key, _ = kv_cache.write_cache(cached_key[...], key, start, count)
+        new_value, _ = kv_cache.write_cache(cached_value[...], value, start, count)
+        cached_key[...], cached_value[...] = new_key, new_value
         # The cache is storage: one allocated in another dtype must not make attention mixed-dtype.
         return new_key.astype(key.dtype), new_value.astype(value.dtype), overflow
 

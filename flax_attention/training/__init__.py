@@ -1,7 +1,7 @@
 """The training program of flax_attention: one trainer for every model family.
 
-Layout (imports run one way: ``train.py`` -> this package -> models/data ->
-library; the library never imports from here):
+Layout (imports run one way: ``train.py`` -> this package -> embed/data/models ->
+the library; nothing in the package imports from here):
 
 * :mod:`.config`: :class:`TrainConfig` and the dataclass-to-flags system;
 * :mod:`.steps`: ``TrainState``, the optax optimiser and schedules, pmapped
@@ -9,12 +9,16 @@ library; the library never imports from here):
 * :mod:`.loop`: ``train_and_evaluate`` (resume, evaluation, checkpoints,
   SIGTERM, divergence stop, metrics.jsonl + TensorBoard);
 * :mod:`.tasks`: the :class:`Task` interface and the IMDB classifiers;
-  :mod:`.seq2seq` the synthetic seq2seq tasks; :mod:`.translate` translation;
+  :mod:`.seq2seq` (losses in :mod:`.seq2seq_loss`) the synthetic seq2seq tasks;
+  :mod:`.translate` translation (BLEU in :mod:`.bleu`); :mod:`.registry` the
+  ``--model`` choices;
 * :mod:`.placement`: where state and batches live, ``pmap`` replicas (default)
   or, with ``--mesh``, :mod:`.mesh`'s ``jax.jit`` + ``NamedSharding`` mesh;
 * :mod:`.checkpointing`, :mod:`.distributed`, :mod:`.bookkeeping`: orbax
   checkpoints, multi-process helpers, run bookkeeping;
-* :mod:`.inspector`: ``predict`` / ``translate`` / ``visualize`` on a workdir.
+* :mod:`.selection`: the reported model (best or averaged checkpoints);
+* :mod:`.inspector`: ``predict`` / ``translate`` / ``visualize`` on a workdir
+  (pictures from :mod:`.heatmaps` and :mod:`.review_html`).
 """
 
 from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, StopRequested, StopSignal,
@@ -24,10 +28,6 @@ from flax_attention.training.config import TrainConfig
 from flax_attention.training.steps import (AXIS, MetricAccumulator, TrainState, all_finite, create_train_state,
                                            learning_rate_schedule, make_eval_step, make_optimizer, make_train_step,
                                            replicate, summarize, unreplicate)
-
-from flax_attention import _compat  # noqa: E402
-
-_compat.register(__name__, {"inspect": ("inspector",)})  # the old name of .inspector
 
 __all__ = ["AXIS", "DivergenceError", "MetricAccumulator", "MetricsLog", "StopRequested", "StopSignal", "TrainConfig",
            "TrainState", "all_finite", "check_finite_loss", "check_writable_dir", "create_train_state",

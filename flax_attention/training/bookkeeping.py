@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -44,7 +44,8 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path, enabled: bool = True, tensorboard_dir: Optional[Path] = None):
-        self.path, self.enabled, self._tb_dir, self._tb = path, enabled, tensorboard_dir, None
+        self.path, self.enabled, self._tb_dir = path, enabled, tensorboard_dir
+        self._tb: Optional[Any] = None  # a tensorboardX SummaryWriter, made by the first record
         self._purge_step: Optional[int] = None
 
     def __call__(self, **record) -> None:

@@ -72,18 +72,21 @@ def _is_closed_loop_callback(unraisable) -> bool:
     return False
 
 
-def quiet_closed_loop_callbacks() -> None:
-    """Installs (once) an unraisable-exception hook dropping only :func:`_is_closed_loop_callback` errors."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop_callbacks", False):
-        return
+class _QuietHook:
+    """An unraisable-exception hook that drops :func:`_is_closed_loop_callback` errors and passes on the rest."""
 
-    def hook(unraisable):
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
         if not _is_closed_loop_callback(unraisable):
-            previous(unraisable)
+            self.previous(unraisable)
 
-    hook._drops_closed_loop_callbacks = True
-    sys.unraisablehook = hook
+
+def quiet_closed_loop_callbacks() -> None:
+    """Installs (once) a :class:`_QuietHook` in front of the current ``sys.unraisablehook``."""
+    if not isinstance(sys.unraisablehook, _QuietHook):
+        sys.unraisablehook = _QuietHook(sys.unraisablehook)
 
 
 def check_or_write_config(workdir, config: Dict[str, Any], resumable: Iterable[str] = (),

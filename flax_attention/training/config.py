@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import math
 import re
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,14 +167,14 @@ def parse_bool(text: str) -> bool:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections: Mapping[str, type],
-                     defaults: Mapping[str, Any] = ()) -> None:
+                     defaults: Optional[Mapping[str, Any]] = None) -> None:
     """One ``--flag`` per dataclass field; a name shared by sections is one flag.
 
     Args:
       defaults: ``{field: value}`` overriding the dataclass defaults (a task's
         preferred optimiser settings).
     """
-    seen, defaults = set(), dict(defaults)
+    seen, defaults = set(), dict(defaults or {})
     for section, cls in sections.items():
         group = parser.add_argument_group(f"{section} ({cls.__name__})")
         docs = field_docs(cls)

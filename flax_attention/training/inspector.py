@@ -14,7 +14,7 @@ Every command loads the best checkpoint (by the task's selection metric).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def load_run_config(workdir):
     check_not_legacy(saved, workdir)
     task = get_task(str(saved.get("model_name")))
     saved = load_config(workdir, {**TrainConfig.added_fields(), **task.added_fields})
-    return task, configs_from_json(task.config_classes | {"train": TrainConfig}, saved)
+    return task, configs_from_json({**task.config_classes, "train": TrainConfig}, saved)
 
 
 def load_for_inference(workdir):
@@ -48,8 +48,9 @@ def load_for_inference(workdir):
     return task, configs, model, state.params, extras, step
 
 
-def predict(workdir, texts: Sequence[str], html_path: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Classifies raw texts (seq2seq workdirs: translates them); prints the results."""
+def predict(workdir, texts: Sequence[str],
+            html_path: Optional[str] = None) -> Union[List[Dict[str, Any]], List[str]]:
+    """Classifies raw texts (seq2seq workdirs: translates them, see :func:`translate`); prints the results."""
     from flax_attention.data.imdb import tokenize
     from flax_attention.training import review_html
 

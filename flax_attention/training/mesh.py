@@ -108,7 +108,7 @@ class MeshPlacement:
         self.sizes, self.rules, self.seq_method = dict(sizes), rules, seq_method
         self.mesh = make_mesh(self.sizes)
         self.replicated = NamedSharding(self.mesh, P())
-        self.state_shardings = None  # set by create_state
+        self.state_shardings: Any = None  # a TrainState of NamedShardings, set by create_state
 
     def describe(self) -> str:
         return f"{jax.device_count()} device(s) on a mesh " + " x ".join(f"{a}={s}" for a, s in self.sizes.items())

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention.data import tasks as T
+from flax_attention.data import synthetic as T
 from flax_attention.data.synthetic import PAD_ID
 from flax_attention.linen.layers import TransformerConfig
 from flax_attention.training.seq2seq_loss import sequence_match, smoothed_cross_entropy

@@ -104,11 +104,11 @@ class Task:
 
     name: str
     config_classes: Mapping[str, type]
-    prepare: Callable[[Any, Configs], Data]
+    prepare: Callable[[Any, Configs], Any]  # duck-typed Data: the seq2seq tasks' data has no train split
     load_extras: Callable[[Any, Configs], Dict[str, Any]]
     build_model: Callable[[Configs, Dict[str, Any]], Any]
     init_inputs: Callable[[Configs], Tuple]
-    loss_and_metrics: Callable
+    loss_and_metrics: Optional[Callable]
     predict: Optional[Callable] = None
     selection_metric: str = "accuracy"
     flag_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -123,8 +123,15 @@ class Task:
     test_eval: Optional[Callable] = None
     preflight: Optional[Callable[[Configs], None]] = None
 
+    def __post_init__(self):
+        if (self.loss_and_metrics is None) == (self.make_loss is None):
+            raise ValueError(f"task {self.name!r}: give exactly one of loss_and_metrics and make_loss.")
+
     def loss_fn(self, configs: Configs) -> Callable:
-        return self.make_loss(configs) if self.make_loss is not None else self.loss_and_metrics
+        if self.make_loss is not None:
+            return self.make_loss(configs)
+        assert self.loss_and_metrics is not None  # __post_init__
+        return self.loss_and_metrics
 
 
 # ------------------------------------------------------------ binary text classification

@@ -1,8 +1,4 @@
-"""Input checks and dtype rules shared by the dense and chunked attention paths.
-
-Kept apart from :mod:`flax_attention.functional.attention` and :mod:`flax_attention.kernels.flash`
-so that both can import it without importing each other.
-"""
+"""Input checks shared by the dense, chunked and fused attention paths: arrays, static ints, shapes."""
 
 from __future__ import annotations
 
@@ -11,7 +7,8 @@ import operator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import dtypes
+
+from flax_attention.core.dtypes import not_neg_inf
 
 
 def as_array(x, name: str):
@@ -51,30 +48,6 @@ def as_float_arrays(**arrays):
     return tuple(out.values())
 
 
-def compute_dtype(dtype) -> np.dtype:
-    """Logits/softmax dtype: at least float32 and at least the input precision.
-
-    bfloat16/float16 -> float32, float32 -> float32, float64 -> float64 (when
-    64-bit mode is on; otherwise no float64 array exists).
-    """
-    return dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, dtype))
-
-
-def mask_fill(dtype) -> float:
-    """Finite stand-in for ``-inf`` in masked logits, so no infinity is ever created."""
-    return float(jnp.finfo(dtype).min)
-
-
-def not_neg_inf(x):
-    """``x != -inf`` without staging a ``-inf`` constant (which ``jax.debug_infs`` flags).
-
-    NaN counts as "not -inf", so it propagates rather than being masked away.
-    """
-    # lax, not jnp: jnp's dtype promotion binds a convert op on x, whose output
-    # (x itself, -inf included) jax.debug_infs would flag.
-    return jax.lax.bitwise_not(jax.lax.lt(x, jax.lax.full_like(x, mask_fill(x.dtype))))
-
-
 def static_int(value, name: str, minimum: int = 0) -> int:
     """A Python int ``>= minimum`` (booleans and floats rejected, no silent truncation)."""
     try:
@@ -86,63 +59,6 @@ def static_int(value, name: str, minimum: int = 0) -> int:
     if result < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return result
-
-
-def _enclosing_traces() -> list:
-    """The current trace and its parents, innermost first (``jax._src`` internals; ``[]`` if they move)."""
-    try:
-        from jax._src import core
-
-        trace, out = core.trace_ctx.trace, []
-        while trace is not None and len(out) < 1000:
-            out.append(trace)
-            trace = getattr(trace, "parent_trace", None)
-        return out
-    except (ImportError, AttributeError):
-        return []
-
-
-def forward_mode_active() -> bool:
-    """Whether a forward-mode autodiff trace (``jax.jvp``, ``jacfwd``, ``hessian``) encloses this call.
-
-    The chunked path's ``custom_vjp`` has no forward-mode rule, so auto
-    dispatch must pick the dense path then. Reverse mode (``grad``/``vjp``)
-    uses a linearize trace, which ``custom_vjp`` supports (if the internals
-    move, assume reverse mode).
-    """
-    try:
-        from jax._src.interpreters import ad
-    except ImportError:
-        return False
-    return any(isinstance(trace, ad.JVPTrace) for trace in _enclosing_traces())
-
-
-def nested_reverse_mode_active() -> bool:
-    """Whether two or more reverse-mode traces enclose this call (a gradient of a gradient).
-
-    A ``custom_vjp`` kernel is differentiable once: its backward pass (loops
-    with traced bounds) cannot itself be reverse-differentiated, so auto
-    dispatch takes the dense path here too.
-    """
-    try:
-        from jax._src.interpreters import ad
-    except ImportError:
-        return False
-    return sum(isinstance(trace, ad.LinearizeTrace) for trace in _enclosing_traces()) >= 2
-
-
-def vmapped_size() -> int:
-    """Product of the sizes of the ``jax.vmap`` axes enclosing this call (1 outside ``vmap``).
-
-    Inside ``vmap`` a function sees per-example shapes; the computation runs
-    on the whole batch, so memory-based choices must multiply it back in.
-    """
-    size = 1
-    for trace in _enclosing_traces():
-        axis = getattr(trace, "axis_data", None)
-        if type(trace).__name__ == "BatchTrace" and isinstance(getattr(axis, "size", None), int):
-            size *= axis.size
-    return size
 
 
 def check_inputs(query, key, value, mask, bias):
@@ -240,28 +156,3 @@ def prepare(query, key, value, mask, bias, scale=None):
         bias_keep = not_neg_inf(bias)
         bias = jax.lax.select(bias_keep, bias, jax.lax.full_like(bias, 0))
     return query, key, value, mask, bias, bias_keep
-
-
-def _varying_axes(x) -> frozenset:
-    mat = getattr(jax.typeof(x), "manual_axis_type", None) if x is not None else None
-    return frozenset(mat.varying) if mat is not None else frozenset()
-
-
-def vary_like(tree, *refs):
-    """``tree`` marked as varying over every manual mesh axis that ``refs`` vary over.
-
-    Inside :func:`jax.shard_map` (with its default ``check_vma=True``) a loop
-    carry initialised from constants is "invariant" while the loop body's
-    results vary with the shard's data, and ``lax.fori_loop`` rejects the
-    mismatch. The block loops pass their initial carries through here so the
-    kernels run unchanged on per-shard operands (ring attention). Outside
-    ``shard_map`` it returns ``tree`` untouched.
-    """
-    axes = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs)))
-    if not axes:
-        return tree
-
-    def cast(x):
-        missing = tuple(sorted(axes - _varying_axes(x), key=str))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-    return jax.tree.map(cast, tree)
