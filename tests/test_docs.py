@@ -183,3 +183,21 @@ def test_sphinx_site_builds_without_warnings(tmp_path):
     # The benchmark plots are in the site.
     bench = pages[(out_dir / "guides" / "benchmarks.html").resolve()]
     assert sum("attention" in Path(s).name and s.endswith(".png") for s in bench.imgs) == 3, bench.imgs
+
+
+def test_tests_named_in_the_docs_exist():
+    # The reliability page names the test behind each guarantee; a renamed test must not leave it stale.
+    text = (DOCS / "guides" / "reliability.md").read_text(encoding="utf-8")
+    named, current = [], None
+    for m in re.finditer(r"`(test_\w+\.py)?::(test_\w+)`|`(test_\w+\.py)` \(|`(test_\w+)`", text):
+        if m.group(2):
+            current = m.group(1) or current
+            named.append((current, m.group(2)))
+        elif m.group(3):
+            current = m.group(3)
+        elif m.group(4) and current:
+            named.append((current, m.group(4)))
+    assert len(named) >= 40, named
+    missing = [f"{f}::{t}" for f, t in named
+               if not re.search(rf"^\s*def {t}\(", (ROOT / "tests" / f).read_text(encoding="utf-8"), re.M)]
+    assert not missing, missing
