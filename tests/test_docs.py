@@ -201,3 +201,9 @@ def test_tests_named_in_the_docs_exist():
     missing = [f"{f}::{t}" for f, t in named
                if not re.search(rf"^\s*def {t}\(", (ROOT / "tests" / f).read_text(encoding="utf-8"), re.M)]
     assert not missing, missing
+
+
+def test_readme_links_reach_files():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = [t.partition("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"^[a-z]+:", t)]
+    assert links and not [t for t in links if t and not (ROOT / t).exists()]
