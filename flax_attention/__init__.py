@@ -21,7 +21,7 @@ The names below are the public API.
 
 Shape legend (used in every docstring and einsum string of this package):
 
-====  ==========================================================
+=====  ==========================================================
 ``B``  batch; ``...`` stands for any number of leading batch dims
 ``T``  query length (target positions)
 ``S``  key/value length (source positions)
@@ -35,7 +35,7 @@ Shape legend (used in every docstring and einsum string of this package):
 ``F``  feed-forward hidden features (``d_ff``)
 ``A``  additive-attention size
 ``V``  vocabulary size
-====  ==========================================================
+=====  ==========================================================
 
 Mask convention, everywhere: a boolean array, ``True`` = attend, broadcastable
 to ``[..., N, T, S]`` (``[..., T, S]`` for additive attention, which has no

@@ -291,6 +291,24 @@ def scaled_dot_product_attention(
         mixed-dtype ``query``/``key``/``value``, a non-boolean mask, a boolean
         bias, an unknown alignment, a dropout rate outside [0, 1), an unknown
         implementation, or one that cannot serve the call on this platform.
+
+    Examples:
+      Grouped-query attention (8 query heads read 2 kv heads), causal, with a
+      batch element whose keys are all padding (its output is zeros):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import flax_attention as fa
+      >>> q = jnp.ones((2, 3, 8, 16))                  # [B, T, N, H]
+      >>> kv = jnp.ones((2, 5, 2, 16))                 # [B, S, K, H]
+      >>> mask = fa.key_mask(fa.padding_mask(jnp.array([5, 0]), 5))
+      >>> out = fa.scaled_dot_product_attention(q, kv, kv, mask=mask, is_causal=True)
+      >>> out.shape, float(jnp.abs(out[1]).max())
+      ((2, 3, 8, 16), 0.0)
+
+      Low precision in, the softmax in float32, the input dtype out:
+
+      >>> fa.scaled_dot_product_attention(q.astype(jnp.bfloat16), kv.astype(jnp.bfloat16)).dtype
+      dtype(bfloat16)
     """
     query, key, value, mask, bias, bias_keep = prepare(query, key, value, mask, bias, scale)
     if not 0.0 <= dropout_rate < 1.0:

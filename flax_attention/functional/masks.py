@@ -41,6 +41,13 @@ def padding_mask(lengths: Array, max_length: int) -> Array:
     Raises:
       ValueError: for non-integer lengths, a ``max_length`` that is not an int
         ``>= 0``, or negative lengths (checked when the lengths are concrete).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax_attention import padding_mask
+      >>> padding_mask(jnp.array([3, 1]), 4)
+      Array([[ True,  True,  True, False],
+             [ True, False, False, False]], dtype=bool)
     """
     lengths = jnp.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -77,6 +84,20 @@ def key_mask(key_valid: Array) -> Array:
 
     Use it when only the keys are padded (e.g. an encoder's source padding in
     cross-attention): every query and head sees the same keys.
+
+    Examples:
+      Key padding combined with a causal mask, ready for ``[B, N, T, S]`` logits:
+
+      >>> import jax.numpy as jnp
+      >>> from flax_attention import causal_mask, combine_masks, key_mask, padding_mask
+      >>> keys = key_mask(padding_mask(jnp.array([3]), 4))
+      >>> keys.shape
+      (1, 1, 1, 4)
+      >>> combine_masks(keys, causal_mask(4))[0, 0]
+      Array([[ True, False, False, False],
+             [ True,  True, False, False],
+             [ True,  True,  True, False],
+             [ True,  True,  True, False]], dtype=bool)
     """
     return _as_sequence_mask(key_valid, "key_valid", "S")[..., None, None, :]
 

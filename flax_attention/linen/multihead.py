@@ -43,7 +43,9 @@ RELATIVE_POSITIONS = (None, "rope", "alibi")
 class MultiHeadAttention(nn.Module):
     """Multi-head (and grouped-/multi-query) dot-product attention.
 
-    Attributes (flax's names and meanings unless stated):
+    The attributes have flax's names and meanings unless stated.
+
+    Attributes:
       num_heads: ``N``, query heads.
       dtype, param_dtype: computation / parameter dtype (logits and softmax
         are float32 regardless, so ``force_fp32_for_softmax`` is always on).
@@ -56,7 +58,7 @@ class MultiHeadAttention(nn.Module):
       dropout_rate: dropout on the attention weights.
       deterministic: as in flax: when ``dropout_rate > 0`` exactly one of this
         attribute and the call argument must be set (``nn.merge_param``).
-      precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias.
+      precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: as in flax.
       attention_fn: ``None`` = :func:`scaled_dot_product_attention`; or any
         function ``(query, key, value, **kw)`` such as ``nn.dot_product_attention``.
         It receives only the keyword arguments its signature names; causal and
@@ -65,9 +67,9 @@ class MultiHeadAttention(nn.Module):
       decode: autoregressive decoding with the ``"cache"`` collection.
       normalize_qk: LayerNorm on query and key heads (no bias), as flax.
       force_fp32_for_softmax: accepted for compatibility (always float32).
-      qkv_dot_general, out_dot_general, qkv_dot_general_cls,
-        out_dot_general_cls: the ``dot_general`` (or a factory of it, e.g.
-        AQT's) of the q/k/v and output projections, as in flax.
+      qkv_dot_general, out_dot_general, qkv_dot_general_cls, out_dot_general_cls: the
+        ``dot_general`` (or a factory of it, e.g. AQT's) of the q/k/v and
+        output projections, as in flax.
       qk_attn_weights_einsum_cls, attn_weights_value_einsum_cls: factories of
         the two attention einsums (both or neither), as in flax; with the
         default function they select
@@ -78,9 +80,23 @@ class MultiHeadAttention(nn.Module):
       window, implementation, scale: passed to the attention function (see
         :func:`scaled_dot_product_attention`).
       relative_position: ``None``, ``"rope"`` or ``"alibi"`` (see
-        :mod:`flax_attention.functional.positions`). rope_base: RoPE frequency base.
+        :mod:`flax_attention.functional.positions`).
+      rope_base: RoPE frequency base.
       alibi_directional: keys right of the query use the slopes in reversed
         head order (the symmetric form is mirror-invariant); no causal effect.
+
+    Examples:
+      Causal self-attention with 4 query heads sharing 2 kv heads:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from flax_attention import MultiHeadAttention
+      >>> layer = MultiHeadAttention(num_heads=4, num_kv_heads=2)
+      >>> x = jnp.ones((2, 6, 16))                      # [B, T, E]
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> layer.apply(variables, x, is_causal=True).shape
+      (2, 6, 16)
+      >>> variables["params"]["key"]["kernel"].shape    # [E, K, H]
+      (16, 2, 4)
     """
 
     num_heads: int

@@ -67,7 +67,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     * ``is_causal`` with ``T != S`` aligns the diagonal bottom-right (flax:
       top-left); ``causal_alignment="top_left"`` gives flax's.
 
-    Extra constructor options (keyword-only):
+    Extra constructor options (keyword-only), besides flax's:
+
+    Args:
       implementation: ``None`` (auto), ``"dense"``, ``"chunked"`` or a fused
         kernel, see :func:`~flax_attention.scaled_dot_product_attention`.
       window: sliding window ``w`` or ``(left, right)`` (also while decoding).
