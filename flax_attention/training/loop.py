@@ -101,6 +101,8 @@ def full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step: i
     tcfg, placement = configs["train"], placement or PmapPlacement()
     metrics: Dict[str, Any] = evaluate(p_eval, rstate, data, tcfg.eval_batch_size or tcfg.batch_size,
                                        placement=placement)
+    if task.eval_metrics is not None:  # e.g. perplexities from the mean loss
+        metrics.update(task.eval_metrics(metrics))
     if task.decode_eval is not None:
         metrics.update(task.decode_eval(model, placement.params(rstate), configs, data, workdir, step, final))
     return metrics
@@ -258,7 +260,7 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
         log.close()
     ckpt.wait()
     if primary:
-        what = (f"test accuracy: {metrics['accuracy']:.4f}" if task.decode_eval is None
+        what = (f"test accuracy: {metrics['accuracy']:.4f}" if task.decode_eval is None and task.eval_metrics is None
                 else f"evaluation: {task.summary(metrics)}")
         print(f"Final {what} on all {int(metrics['examples'])} {task.eval_name} "
               f"(step {placement.step(rstate)}, checkpoints in {workdir})")

@@ -100,6 +100,10 @@ class Task:
       preflight: optional ``(configs) -> None`` checking input files named by
         flags (e.g. ``--embeddings``) before anything is written; raises
         ValueError / FileNotFoundError.
+      eval_metrics: optional ``(means) -> metrics`` derived from the
+        evaluation's per-weight means and added to them (e.g. perplexities,
+        which are not means of per-batch sums); the selection metric may be
+        one of them.
     """
 
     name: str
@@ -122,6 +126,7 @@ class Task:
     added_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     test_eval: Optional[Callable] = None
     preflight: Optional[Callable[[Configs], None]] = None
+    eval_metrics: Optional[Callable[[Mapping[str, float]], Dict[str, float]]] = None
 
     def loss_fn(self, configs: Configs) -> Callable:
         return self.make_loss(configs) if self.make_loss is not None else self.loss_and_metrics
