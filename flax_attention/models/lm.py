@@ -40,9 +40,8 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from flax_attention.functional.masks import padding_mask, segment_mask
+from flax_attention.functional import lm_inputs
 from flax_attention.linen.layers import ACTIVATIONS, PositionwiseFeedForward
 from flax_attention.linen.multihead import MultiHeadAttention
 from flax_attention.linen.partitioning import logical
@@ -145,20 +144,9 @@ class LMConfig:
 
 
 def check_tokens(tokens, config: LMConfig, what: str = "tokens") -> None:
-    """Raises a ValueError for a non-integer ``[B, T]`` array, ``T > max_length`` or (when concrete)
-    ids outside ``[0, vocab_size)``; traced ids are not checked (the model makes their rows NaN)."""
-    if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"{what} must be an integer array [B, T], got "
-                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} {getattr(tokens, 'shape', '')}.")
-    if tokens.shape[1] > config.max_length:
-        raise ValueError(f"{what} length T={tokens.shape[1]} exceeds LMConfig.max_length={config.max_length}; "
-                         "truncate the input or raise max_length.")
-    if not isinstance(tokens, jax.core.Tracer):
-        arr = np.asarray(tokens)
-        bad = arr[(arr < 0) | (arr >= config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"{what} contain id {int(bad[0])} outside the vocabulary [0, {config.vocab_size}); "
-                             "encode with the model's own tokenizer (or raise vocab_size).")
+    """Raises a one-line ValueError for a non-integer ``[B, T]`` array, ``T > max_length`` or (when
+    concrete) ids outside ``[0, vocab_size)``; traced ids are not checked (the model makes their rows NaN)."""
+    lm_inputs.check_tokens(tokens, config.vocab_size, config.max_length, what)
 
 
 def _norm(config: LMConfig, name: str) -> nn.Module:
@@ -224,19 +212,10 @@ class LanguageModel(nn.Module):
                              "(right-padded prompts: pass lengths [B]).")
         mask = None
         if not decode:
-            ids = None if segment_ids is None else jnp.asarray(segment_ids)
-            if ids is not None and ids.shape != (b, t):
-                raise ValueError(f"segment_ids {ids.shape} must have the tokens' shape {(b, t)}.")
-            if lengths is not None:  # padding after lengths[b]: segment 0
-                real = padding_mask(jnp.asarray(lengths), t)
-                ids = jnp.where(real, 1 if ids is None else ids, 0).astype(jnp.int32)
-            if ids is not None:
-                mask = segment_mask(ids)  # [B, 1, T, T]; causality is added by the attention
-            if positions is not None and jnp.shape(positions) != (b, t):
-                raise ValueError(f"positions {jnp.shape(positions)} must have the tokens' shape {(b, t)}.")
+            mask = lm_inputs.lm_mask((b, t), segment_ids, lengths, positions)  # causality: the attention's
             lengths = None
         # Out-of-vocabulary ids that could not be checked (traced) give NaN rows, never a silent clamp.
-        valid = (tokens >= 0) & (tokens < c.vocab_size)
+        valid = lm_inputs.valid_tokens(tokens, c.vocab_size)
         x = self.embedding(tokens) * jnp.asarray(c.d_model**0.5, c.compute_dtype)
         x = jnp.where(valid[..., None], x, jnp.nan).astype(c.compute_dtype)
         x = self.dropout(x, deterministic=not train)
