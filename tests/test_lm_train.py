@@ -1,0 +1,131 @@
+"""train.py --model lm: loss and counts by hand, document isolation, flags, end-to-end run, resume, generate."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_attention.data import lm_corpus as C
+from flax_attention.training import lm as T
+from flax_attention.training.steps import summarize
+
+ROOT = Path(__file__).parents[1]
+
+
+def _hand_batch():
+    # Reviews [10 11 12] (2 words), [20] (1 word), [30..34] (4 words) in rows of L = 4: see test_lm_data.
+    c = C.EncodedCorpus(np.array([10, 11, 12, 20, 30, 31, 32, 33, 34], np.int32), np.array([0, 3, 4, 9]),
+                        np.array([2, 1, 4]))
+    return C.PackedRows(c, np.arange(3), 4).rows([0, 1, 2, 3, -1])
+
+
+def test_loss_token_and_word_counts_by_hand():
+    v = 40
+    batch = _hand_batch()
+
+    def uniform(variables, tokens, **kw):  # every token equally likely: NLL log V per target
+        return jnp.zeros(tokens.shape + (v,), jnp.float32)
+
+    loss_sum, sums = T.lm_loss({}, uniform, batch, {}, False)
+    # 12 targets = 9 pieces + 3 EOS; 10 words = (2 + 1) + (1 + 1) + (4 + 1); argmax 0 is never a counted target.
+    assert float(sums["weight"]) == 12 and float(sums["words"]) == 10 and float(sums["accuracy"]) == 0
+    np.testing.assert_allclose(float(loss_sum), 12 * math.log(v), rtol=1e-6)
+    m = summarize({k: float(x) for k, x in sums.items()})
+    p = T.perplexities(m)
+    np.testing.assert_allclose(p["token_perplexity"], v, rtol=1e-5)
+    np.testing.assert_allclose(p["word_perplexity"], math.exp(12 * math.log(v) / 10), rtol=1e-5)
+    np.testing.assert_allclose(p["log_likelihood"], -math.log(v), rtol=1e-6)
+    assert m["examples"] == 12
+
+
+def test_no_target_depends_on_another_review():
+    """Changing review 1's tokens leaves every per-target loss of review 2 (same packed row) unchanged."""
+    from flax_attention.models.lm import LanguageModel, LMConfig
+
+    model = LanguageModel(LMConfig(vocab_size=40, max_length=8, d_model=16, num_heads=2, num_layers=2, d_ff=32,
+                                   dropout_rate=0.0))
+    c = C.EncodedCorpus(np.array([5, 6, 7, 8, 9, 10], np.int32), np.array([0, 3, 6]), np.array([1, 1]))
+    batch = C.PackedRows(c, np.arange(2), 8).rows([0])  # [BOS 5 6 7 EOS BOS 8 9] -> [5 6 7 EOS BOS 8 9 10]
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(batch["inputs"]))["params"]
+
+    def per_target(b):
+        logits = model.apply({"params": params}, b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
+        return np.asarray(-jnp.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)[..., 0])
+
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["inputs"][0, 1:4] = [20, 21, 22]
+    changed["targets"][0, 0:3] = [20, 21, 22]
+    a, b = per_target(batch), per_target(changed)
+    second = batch["segment_ids"][0] == 2
+    assert second.sum() == 3 and batch["weights"][0, 4] == 0  # EOS -> BOS is not a target
+    np.testing.assert_array_equal(a[0, second], b[0, second])
+    assert not np.allclose(a[0, :3], b[0, :3])
+
+
+def test_flag_defaults_and_bad_generate_flags_fail_before_loading(tmp_path, capsys):
+    import train
+
+    _, _, task, configs = train.parse_args(["--model", "lm"])
+    assert task.name == "lm" and configs["model"].d_model == T.FLAG_DEFAULTS["d_model"]
+    assert configs["data"].max_length == configs["model"].max_length == T.FLAG_DEFAULTS["max_length"]
+    missing = str(tmp_path / "nothing")
+    for flags, message in [(["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+                           (["--top_k", "0"], "--top_k 0 must be >= 1"),
+                           (["--top_p", "1.5"], "--top_p 1.5 must be in (0, 1]"),
+                           (["--max_new_tokens", "-2"], "--max_new_tokens -2 must be >= 0"),
+                           (["--num_samples", "0"], "--num_samples 0 must be >= 1"),
+                           ([], "config.json not found")]:
+        assert train.main(["generate", "--workdir", missing, "--prompt", "a", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "nothing").exists()  # nothing written
+
+
+_E2E = """
+import sys, tensorflow_datasets as tfds, train
+w = sys.argv[1]
+tiny = ["--model", "lm", "--vocab_size", "40", "--max_length", "16", "--d_model", "16", "--num_heads", "2",
+        "--num_layers", "1", "--d_ff", "32", "--batch_size", "4", "--eval_batch_size", "8", "--learning_rate", "0.01",
+        "--lr_schedule", "constant", "--warmup_steps", "0", "--spm_sample_reviews", "0", "--train_reviews", "0"]
+with tfds.testing.mock_data(num_examples=20):
+    print("RC", train.main(tiny + ["--workdir", w, "--num_epochs", "2"]))
+    print("RC", train.main(tiny + ["--workdir", w, "--num_epochs", "3", "--mesh", "data=1"]))  # resume on jit
+print("RC", train.main(["generate", "--workdir", w, "--prompt", "ab", "--prompt", "", "--num_samples", "2",
+                        "--max_new_tokens", "6", "--top_k", "5", "--seed", "1"]))
+print("RC", train.main(["generate", "--workdir", w, "--prompt", "abc " * 20]))
+open(w + "/spm.model", "wb").write(b"damaged")
+print("RC", train.main(tiny + ["--workdir", w, "--num_epochs", "4"]))
+"""
+
+
+@pytest.mark.slow
+def test_train_py_lm_end_to_end_resume_and_generate(tmp_path):
+    w = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-c", _E2E, w], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rcs = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("RC ")]
+    assert rcs == ["0", "0", "0", "2", "2"], out.stdout + out.stderr[-3000:]
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["event"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2, 3]
+    ppl = [r["token_perplexity"] for r in evals]
+    assert ppl[0] > ppl[1] > ppl[2] and ppl[0] < 40, ppl  # below uniform over the 40 ids, and falling
+    assert all(r["word_perplexity"] > r["token_perplexity"] for r in evals)  # > 1 token per word on mock text
+    described = re.search(r"20 test reviews \((\d+) tokens", out.stdout)
+    assert "Resuming from step 16" in out.stdout and described, out.stdout
+    assert f"on all {described.group(1)} test tokens" in out.stdout  # the whole test split, every token once
+    samples = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert [s.split()[0] for s in samples] == ["[1.1]", "[1.2]", "[2.1]", "[2.2]"]
+    assert all(s.split(" ", 1)[1].startswith("ab") for s in samples[:2])
+    assert "exceeds the model's max_length 16" in out.stderr
+    assert "cannot read the SentencePiece model" in out.stderr and "restore it" in out.stderr
+    assert (tmp_path / "run" / "spm.model").read_bytes() == b"damaged"
