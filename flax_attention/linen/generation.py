@@ -105,15 +105,15 @@ def generate(model, params, prompts: Array, lengths: Optional[Array] = None, *, 
         out = jnp.zeros((b, 0), jnp.int32)
         return (out, jnp.zeros((b, 0, config.vocab_size), jnp.float32)) if return_logits else out
     key = jax.random.key(0) if key is None else key  # unused by greedy decoding
-    return _generate(model, params, prompts, lengths.astype(jnp.int32), key, max_new_tokens=int(max_new_tokens),
-                     temperature=float(temperature), top_k=None if top_k is None else int(top_k),
-                     top_p=float(top_p), eos_id=eos if stop_at_eos else None, pad_id=pad,
-                     return_logits=return_logits)
+    # EOS and PAD are traced (-1 never matches a token): changing them does not recompile.
+    return _generate(model, params, prompts, lengths.astype(jnp.int32), key, jnp.int32(eos if stop_at_eos else -1),
+                     jnp.int32(pad), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                     top_k=None if top_k is None else int(top_k), top_p=float(top_p), return_logits=return_logits)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "eos_id", "pad_id", "return_logits"))
-def _generate(model, params, prompts, lengths, key, *, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+                                             "return_logits"))
+def _generate(model, params, prompts, lengths, key, eos_id, pad_id, *, max_new_tokens, temperature, top_k, top_p,
               return_logits):
     b, t = prompts.shape
     n = max_new_tokens
@@ -131,7 +131,7 @@ def _generate(model, params, prompts, lengths, key, *, max_new_tokens, temperatu
     def choose(logits, i, done):
         tok = sample_logits(jax.random.fold_in(key, i), logits, temperature=temperature, top_k=top_k, top_p=top_p)
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
-        return tok, done | (tok == eos_id) if eos_id is not None else done
+        return tok, done | (tok == eos_id)
 
     # Prefill: every row's logits at its own last prompt token choose new token 0.
     logits, cache = run(cache, prompts, lengths)

@@ -243,7 +243,8 @@ class LanguageModel(nn.Module):
 
         Returns:
           float32 logits ``[B, T, V]``; rows of padding (and, with ``decode``, past ``lengths``)
-          are meaningless.
+          are meaningless. Under ``jit`` (ids cannot raise) an id outside ``[0, V)`` makes its
+          whole row NaN, never a silently clamped lookup.
         """
         h = self.hidden(tokens, positions=positions, segment_ids=segment_ids, train=train, decode=decode,
                         lengths=lengths)
