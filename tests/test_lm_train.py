@@ -129,3 +129,61 @@ def test_train_py_lm_end_to_end_resume_and_generate(tmp_path):
     assert "exceeds the model's max_length 16" in out.stderr
     assert "cannot read the SentencePiece model" in out.stderr and "restore it" in out.stderr
     assert (tmp_path / "run" / "spm.model").read_bytes() == b"damaged"
+
+
+@pytest.mark.slow
+def test_init_from_copies_the_lm_and_refuses_bad_workdirs_before_writing(tmp_path, capsys):
+    import shutil
+
+    import tensorflow_datasets as tfds
+
+    import train
+    from flax_attention.training import init_from
+    from flax_attention.training.inspector import load_for_inference
+
+    lm = str(tmp_path / "lm")
+    tiny_lm = ["--model", "lm", "--vocab_size", "40", "--max_length", "16", "--d_model", "16", "--num_heads", "2",
+               "--num_layers", "1", "--d_ff", "32", "--batch_size", "4", "--spm_sample_reviews", "0",
+               "--train_reviews", "0", "--num_epochs", "1", "--warmup_steps", "0"]
+    clf = ["--model", "transformer", "--max_length", "16", "--batch_size", "4", "--num_epochs", "1",
+           "--dropout_rate", "0.0"]
+    with tfds.testing.mock_data(num_examples=12):
+        assert train.main(tiny_lm + ["--workdir", lm]) == 0
+        (tmp_path / "bigru").mkdir()
+        (tmp_path / "bigru" / "config.json").write_text(json.dumps({"model_name": "bigru", "model": {}}))
+        shutil.copytree(lm, tmp_path / "wider")
+        saved = json.loads((tmp_path / "wider" / "config.json").read_text())
+        saved["model"]["d_model"] = 32
+        (tmp_path / "wider" / "config.json").write_text(json.dumps(saved))
+        capsys.readouterr()
+        for source, extra, message in [
+                (tmp_path / "nothing", [], "no config.json there"),
+                (tmp_path / "bigru", [], "holds a --model bigru run; give a --model lm workdir"),
+                (tmp_path / "wider", [], "does not fit the requested model (33 arrays differ, e.g. "
+                                         "params/embedding/embedding: checkpoint (40, 16), model (40, 32)"),
+                (lm, ["--max_length", "250"], "--max_length 250 exceeds the max_length 16"),
+                (lm, ["--pooling", "cls"], "leave --pooling at mean")]:
+            out = str(tmp_path / "never")
+            assert train.main(clf + ["--init_from", str(source), "--workdir", out] + extra) == 2
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1, err
+            assert not (tmp_path / "never").exists()  # refused before anything was written
+        run = str(tmp_path / "clf")
+        assert train.main(clf + ["--init_from", lm, "--workdir", run]) == 0
+    assert "classifier body initialised from" in capsys.readouterr().out
+    init = [json.loads(x) for x in (tmp_path / "clf" / "metrics.jsonl").read_text().splitlines()][0]
+    assert init["event"] == "init" and init["init_from_tensors"] > 5
+    assert (tmp_path / "clf" / "spm.model").read_bytes() == (tmp_path / "lm" / "spm.model").read_bytes()
+    assert train.main(["predict", "--workdir", run, "a great film"]) == 0
+
+    # The shared part, tree-equal: the classifier's "lm" subtree after init_params is the LM's best checkpoint.
+    _, _, _, configs = train.parse_args(clf + ["--init_from", lm, "--workdir", run])
+    model = init_from.build_classifier(configs)
+    fresh = model.init(jax.random.PRNGKey(1), jnp.ones((1, 16), jnp.int32), jnp.ones((1,), jnp.int32))["params"]
+    params, report = init_from.init_params(fresh, configs, None)
+    lm_params = load_for_inference(lm)[3]
+    assert jax.tree_util.tree_structure(params["lm"]) == jax.tree_util.tree_structure(lm_params)
+    for a, b in zip(jax.tree_util.tree_leaves(params["lm"]), jax.tree_util.tree_leaves(lm_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])  # the head stays fresh
+    assert report["init_from_tensors"] == len(jax.tree_util.tree_leaves(lm_params))
