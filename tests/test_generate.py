@@ -1,5 +1,7 @@
 """Cached generation of the decoder-only LM: == full recompute (ragged prompts), greedy, EOS, keys, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,15 +16,20 @@ PROMPTS = jnp.array([[1, 5, 6, 7, 8], [1, 9, 0, 0, 0], [1, 10, 11, 0, 0]], jnp.i
 LENGTHS = jnp.array([5, 2, 3], jnp.int32)
 
 
-@pytest.fixture(scope="module")
-def lm():
+@functools.lru_cache(maxsize=None)
+def make_lm(window=0):
     config = LMConfig(vocab_size=V, max_length=12, d_model=16, num_heads=4, num_kv_heads=2, num_layers=2,
-                      d_ff=32, dropout_rate=0.0)
+                      d_ff=32, dropout_rate=0.0, window=window)
     model = LanguageModel(config)
     params = jinit(model, jnp.zeros((1, 4), jnp.int32), seed=3)["params"]
     # A larger embedding makes the random model's distributions peaked: tie-free argmaxes.
     params = {**params, "embedding": {"embedding": 3.0 * params["embedding"]["embedding"]}}
     return model, params
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_lm()
 
 
 def full_forward_logits(model, params, out):
@@ -36,8 +43,9 @@ def full_forward_logits(model, params, out):
     return np.take_along_axis(np.asarray(full), idx[:, :, None], axis=1)
 
 
-def test_cached_logits_equal_full_recompute_with_ragged_prompts(lm):
-    model, params = lm
+@pytest.mark.parametrize("window", [0, 3])
+def test_cached_logits_equal_full_recompute_with_ragged_prompts(window):
+    model, params = make_lm(window)  # window 3: the cache's position-based window == the full forward's
     out, logits = generate(model, params, PROMPTS, LENGTHS, key=jax.random.key(0), max_new_tokens=N,
                            temperature=1.0, top_k=8, stop_at_eos=False, return_logits=True)
     assert out.shape == (3, N) and out.dtype == jnp.int32 and logits.shape == (3, N, V)
