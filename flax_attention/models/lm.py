@@ -29,7 +29,10 @@ with their ``lengths [B]``, then feed one token per call; positions come from
 each example's own fill level.
 
 Stable API (imported by the trainer): :class:`LMConfig`, :class:`LanguageModel`
-(``__call__`` and ``hidden``), :func:`init_cache`.
+(``__call__`` and ``hidden``), :func:`init_cache`, :func:`check_tokens`. Sampled
+generation (greedy / temperature / top-k / top-p, one jitted loop):
+:func:`flax_attention.linen.generation.generate`; the NNX twin:
+:class:`flax_attention.nnx.lm.LanguageModel`.
 """
 
 from __future__ import annotations
