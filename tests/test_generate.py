@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention.linen.generation import generate
+from flax_attention.linen.generation import _generate, generate
 from flax_attention.models.lm import LanguageModel, LMConfig
 from module_helpers import jinit
 
@@ -77,7 +77,9 @@ def test_eos_stops_each_row_and_keys_reproduce(lm):
     # and is unchanged before it, since step i's key does not depend on which rows are done.
     r, j = next((r, j) for r in range(3) for j in range(1, N - 1) if free[r, j] not in free[r, :j])
     eos = int(free[r, j])
+    compiled = _generate._cache_size()
     stopped = np.asarray(generate(model, params, PROMPTS, LENGTHS, eos_id=eos, pad_id=V - 1, **kw))
+    assert _generate._cache_size() == compiled  # keys, EOS and PAD ids are traced: no recompile
     assert stopped[r, j] == eos and np.all(stopped[r, j + 1:] == V - 1)
     for row in range(3):
         hits = np.flatnonzero(free[row] == eos)
