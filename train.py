@@ -137,6 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         command, args, task, configs = parse_args(sys.argv[1:] if argv is None else argv)
+        if command in ("predict", "translate", "visualize"):
+            from flax_attention.training.lm import refuse_lm_workdir
+
+            refuse_lm_workdir(args.workdir, command)
         if command == "predict":
             inspect.predict(args.workdir, args.texts, args.out)
         elif command == "translate":

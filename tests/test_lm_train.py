@@ -85,6 +85,13 @@ def test_flag_defaults_and_bad_generate_flags_fail_before_loading(tmp_path, caps
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "nothing").exists()  # nothing written
+    (tmp_path / "bigru").mkdir()
+    (tmp_path / "bigru" / "config.json").write_text(json.dumps({"model_name": "bigru", "model": {}}))
+    assert train.main(["generate", "--workdir", str(tmp_path / "bigru"), "--prompt", "a"]) == 2
+    assert "holds a --model bigru run; generate needs a --model lm workdir" in capsys.readouterr().err
+    assert train.main(["--model", "lm", "--eos_id", "3", "--workdir", missing]) == 2
+    assert "the SentencePiece model of --model lm uses 0/1/2" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
 
 
 TINY_LM = ["--model", "lm", "--vocab_size", "40", "--max_length", "16", "--d_model", "16", "--num_heads", "2",
@@ -140,6 +147,8 @@ def test_train_py_lm_end_to_end_resume_and_generate(lm_run, tmp_path, capsys):
 
     assert train.main(["generate", "--workdir", str(w), "--prompt", "abc " * 20]) == 2
     assert "exceeds the model's max_length 16" in capsys.readouterr().err
+    assert train.main(["predict", "--workdir", str(w), "a film"]) == 2
+    assert "holds a --model lm run, which predict does not apply to" in capsys.readouterr().err
     (w / "spm.model").write_bytes(b"damaged")
     assert train.main(TINY_LM + ["--workdir", str(w), "--num_epochs", "4"]) == 2
     err = capsys.readouterr().err

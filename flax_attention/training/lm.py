@@ -121,6 +121,24 @@ def _prepare(workdir, configs) -> LMData:
     return LMData(cfg, train, test, {"tokenizer": tok})
 
 
+def check_special_ids(configs) -> None:
+    """``--pad_id/--bos_id/--eos_id`` must be the ids the SentencePiece model is trained with."""
+    m = configs["model"]
+    if (m.pad_id, m.bos_id, m.eos_id) != (C.PAD_ID, C.BOS_ID, C.EOS_ID):
+        raise ValueError(f"--pad_id/--bos_id/--eos_id {m.pad_id}/{m.bos_id}/{m.eos_id}: the SentencePiece model "
+                         f"of --model lm uses {C.PAD_ID}/{C.BOS_ID}/{C.EOS_ID}; leave these flags out.")
+
+
+def refuse_lm_workdir(workdir, command: str) -> None:
+    """``predict``/``translate``/``visualize`` on an ``lm`` workdir: a one-line pointer to ``generate``."""
+    from flax_attention.training.checkpointing import read_config_file
+
+    path = Path(workdir) / "config.json"
+    if path.is_file() and read_config_file(path).get("model_name") == "lm":
+        raise ValueError(f"{workdir} holds a --model lm run, which {command} does not apply to; continue text "
+                         f"with `python train.py generate --workdir {workdir} --prompt \"...\"`.")
+
+
 def load_extras(workdir, configs) -> Dict[str, Any]:
     return {"tokenizer": C.load_tokenizer(workdir, configs["data"], train=False)}
 
@@ -178,6 +196,7 @@ LM = Task(
     summary=_summary,
     eval_name="test tokens",
     eval_metrics=perplexities,
+    preflight=check_special_ids,
 )
 
 
@@ -232,6 +251,7 @@ def generate_texts(workdir, prompts: Sequence[str], *, num_samples: int = 1, tem
       ``[prompt][sample]`` texts: the prompt followed by its continuation (until EOS).
     """
     from flax_attention.linen.generation import generate
+    from flax_attention.training.checkpointing import load_config
     from flax_attention.training.inspector import load_for_inference, load_run_config
 
     check_generate_flags(temperature, top_k, top_p, max_new_tokens, num_samples)
@@ -240,9 +260,10 @@ def generate_texts(workdir, prompts: Sequence[str], *, num_samples: int = 1, tem
     if not (Path(workdir) / "config.json").exists():
         raise FileNotFoundError(f"{workdir}/config.json not found: train first with "
                                 f"`python train.py --model lm --workdir {workdir}`.")
-    task, configs = load_run_config(workdir)
-    if task.name != "lm":
-        raise ValueError(f"{workdir} holds a --model {task.name} run; generate needs a --model lm workdir.")
+    name = load_config(workdir).get("model_name")
+    if name != "lm":
+        raise ValueError(f"{workdir} holds a --model {name} run; generate needs a --model lm workdir.")
+    _, configs = load_run_config(workdir)
     tok = load_extras(workdir, configs)["tokenizer"]
     ids, lengths, new = encode_prompts(tok, prompts, model_config(configs, {"tokenizer": tok}), max_new_tokens)
     _, _, model, params, _, step = load_for_inference(workdir)
