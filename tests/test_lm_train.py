@@ -94,6 +94,23 @@ def test_flag_defaults_and_bad_generate_flags_fail_before_loading(tmp_path, caps
     assert not (tmp_path / "nothing").exists()
 
 
+def test_default_warmup_longer_than_a_short_run_is_named_and_inference_builds_the_state(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    import train
+    from flax_attention.training.loop import create_train_state
+
+    tiny = TINY_LM[:TINY_LM.index("--learning_rate")] + ["--spm_sample_reviews", "0"]  # default cosine, warm-up 200
+    _, _, task, configs = train.parse_args(tiny)
+    assert configs["train"].lr_schedule == "cosine" and configs["train"].warmup_steps == 200
+    create_train_state(task, configs)  # what generate/--init_from do: a 1-epoch horizon must still build
+    with tfds.testing.mock_data(num_examples=8):
+        assert train.main(tiny + ["--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "--warmup_steps 200 leaves the cosine schedule no steps to decay over" in err and err.count("\n") == 1
+    assert not (tmp_path / "w" / "config.json").exists()
+
+
 TINY_LM = ["--model", "lm", "--vocab_size", "40", "--max_length", "16", "--d_model", "16", "--num_heads", "2",
            "--num_layers", "1", "--d_ff", "32", "--batch_size", "4", "--eval_batch_size", "8", "--learning_rate", "0.01",
            "--lr_schedule", "constant", "--warmup_steps", "0", "--spm_sample_reviews", "0", "--train_reviews", "0"]

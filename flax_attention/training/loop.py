@@ -45,8 +45,11 @@ def create_train_state(task, configs, extras=None, steps_per_epoch: int = 1):
     model = task.build_model(configs, extras)
     tcfg = configs["train"]
     frozen = task.frozen(configs) if task.frozen is not None else None
+    # Inference callers do not know the run's length; any horizon past the warm-up gives a valid schedule
+    # (optax's cosine needs one) and the same optimizer-state structure to restore into.
+    total = max(tcfg.num_epochs * steps_per_epoch, tcfg.warmup_steps + 1)
     return model, _create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
-                                total_steps=tcfg.num_epochs * steps_per_epoch, frozen=frozen)
+                                total_steps=total, frozen=frozen)
 
 
 def check_inputs(task, configs, resuming: bool = False) -> None:
@@ -152,6 +155,11 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir, mesh: Optional
         data = input_pipeline(task, configs, workdir)
     if data.steps_per_epoch(tcfg.batch_size) == 0:  # before config.json: a corrected rerun must be accepted
         raise ValueError(f"--batch_size {tcfg.batch_size} exceeds the {len(data.train)} training examples.")
+    total_steps = tcfg.num_epochs * data.steps_per_epoch(tcfg.batch_size)
+    if tcfg.lr_schedule == "cosine" and tcfg.warmup_steps >= total_steps:
+        raise ValueError(f"--warmup_steps {tcfg.warmup_steps} leaves the cosine schedule no steps to decay over: "
+                         f"the run has {total_steps} steps (--num_epochs x steps per epoch); lower --warmup_steps "
+                         "or train longer.")
     model = task.build_model(configs, data.extras)
     frozen = task.frozen(configs) if task.frozen is not None else None
     state = placement.create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
