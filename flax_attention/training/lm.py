@@ -170,10 +170,11 @@ def _summary(m: Dict[str, float]) -> str:
             f"(loss {m['loss']:.4f}, token acc {m['accuracy']:.4f})")
 
 
-# Defaults sized for the budget, pretraining in <= ~100 minutes on 2 CPU cores (measured on the 2-core
-# EPYC VM under heavy contention, so estimated from process CPU time: d_model 192 x 3 layers, 128-token rows, batch
-# 32 costs ~2.1 CPU-s per 4,096-token step, ~3,900 tokens/s with both cores busy, evaluation ~12,000 tokens/s):
-# 60,000 reviews (~19.6M target tokens) are ~85 minutes, the whole-test-split evaluation (7.96M tokens) ~11 more.
+# Defaults sized for the budget, pretraining in <= ~100 minutes on 2 CPU cores. Measured on the 2-core EPYC
+# VM only under contention (load average 6-10), so estimated from process CPU time: d_model 192 x 3 layers,
+# 128-token rows, batch 32 costs 1.7-2.1 CPU-s per 4,096-token step, i.e. ~3,900-4,700 tokens/s with both cores
+# busy (1,900 ms/step = 2,160 tokens/s wall at load 6); evaluation 12,000-14,000 tokens/s. 60,000 reviews
+# (~19.6M target tokens) are then ~70-85 minutes and the whole-test-split evaluation (7.96M tokens) ~10 more.
 # For that compute a small model seeing most of the corpus beats a larger one seeing half of it (Hoffmann et al.
 # 2022: ~20 tokens per parameter; this one has ~1.3M non-embedding parameters). --train_reviews 0 uses all 75,000.
 FLAG_DEFAULTS = {
