@@ -5,11 +5,13 @@
     python train.py --model translate                 # Transformer, Multi30k de->en, SentencePiece, sacreBLEU
     python train.py --model translate --source_lang en --target_lang de
     python train.py --model seq2seq --task reverse    # encoder-decoder on a synthetic task
+    python train.py --model lm                        # decoder-only LM on IMDB train + unsupervised reviews
     python train.py --mesh data=2,fsdp=4              # jax.jit on a device mesh instead of pmap
     python train.py --model translate --help          # every flag of that model, with its default
     python train.py predict --workdir checkpoints/bigru "A wonderful, moving film."
     python train.py translate --workdir checkpoints/translate_de_en "Ein Hund rennt über die Wiese."
     python train.py visualize --workdir checkpoints/bigru --num_examples 5
+    python train.py generate --workdir checkpoints/lm --prompt "This movie was" --num_samples 3 --top_p 0.9
     python train.py embed --out imdb_vectors.txt      # skip-gram vectors from IMDB train + unsupervised
     python train.py --embeddings imdb_vectors.txt --workdir checkpoints/bigru_vectors
 
@@ -25,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-COMMANDS = ("predict", "translate", "visualize", "embed")
+COMMANDS = ("predict", "translate", "visualize", "embed", "generate")
 
 
 def _embed_parser() -> argparse.ArgumentParser:
@@ -42,9 +44,27 @@ def _embed_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py generate", description="Continues prompts with a --model lm "
+                                "workdir's best checkpoint (KV-cached sampling, one jitted loop).")
+    p.add_argument("--workdir", required=True, help="directory written by `train.py --model lm`")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text to continue (repeat the flag for several prompts; \"\" starts a review from nothing)")
+    p.add_argument("--num_samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; 1 = the model's distribution")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="tokens to add (default: fill the model's max_length after the longest prompt)")
+    p.add_argument("--seed", type=int, default=0, help="sampling key (a fixed seed repeats the output)")
+    return p
+
+
 def _inspect_parser(command: str) -> argparse.ArgumentParser:
     if command == "embed":
         return _embed_parser()
+    if command == "generate":
+        return _generate_parser()
     p = argparse.ArgumentParser(prog=f"train.py {command}")
     p.add_argument("--workdir", required=True, help="directory written by `train.py`")
     if command in ("predict", "translate"):
@@ -85,7 +105,8 @@ def parse_args(argv: Sequence[str]):
     p.add_argument("--model", default="bigru", choices=sorted(REGISTRY),
                    help="bigru: BiGRU + additive attention (IMDB); transformer: Transformer-encoder classifier "
                         "(IMDB); translate: encoder-decoder Transformer on a TFDS translation dataset "
-                        "(Multi30k); seq2seq: the same on a synthetic --task. `--model M --help` lists M's flags.")
+                        "(Multi30k); seq2seq: the same on a synthetic --task; lm: decoder-only language model "
+                        "(IMDB reviews). `--model M --help` lists M's flags.")
     p.add_argument("--workdir", default=None, help="checkpoints, vocabulary, metrics, TensorBoard events "
                    "(default: checkpoints/<model>, checkpoints/translate_<src>_<tgt>, checkpoints/seq2seq_<task>)")
     g = p.add_argument_group("devices and processes (one process per host; see flax_attention.training.distributed)")
@@ -116,6 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         command, args, task, configs = parse_args(sys.argv[1:] if argv is None else argv)
+        if command in ("predict", "translate", "visualize"):
+            from flax_attention.training.lm import refuse_lm_workdir
+
+            refuse_lm_workdir(args.workdir, command)
         if command == "predict":
             inspector.predict(args.workdir, args.texts, args.out)
         elif command == "translate":
@@ -124,6 +149,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             inspector.visualize(args.workdir, args.num_examples, args.seed, args.out)
         elif command == "embed":
             embed(args)
+        elif command == "generate":
+            from flax_attention.training.lm import generate_texts  # checks the flags before loading anything
+
+            generate_texts(args.workdir, args.prompt, num_samples=args.num_samples, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
         else:
             maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
             train_and_evaluate(task, configs, args.workdir, mesh=args.mesh)

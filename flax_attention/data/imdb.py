@@ -60,6 +60,10 @@ class IMDBConfig:
         ``train.py embed``) that initialises the embedding table at the start
         of training; words it lacks keep their random init ("" = none).
       freeze_embeddings: keep the embedding table fixed during training.
+      init_from: ``--model transformer`` only: a ``--model lm`` workdir; the
+        classifier becomes that language model plus a pooled head, starts
+        from its best checkpoint and reads reviews with its SentencePiece
+        vocabulary (see :mod:`flax_attention.training.init_from`) ("" = off).
     """
 
     vocab_size: int = 10_000
@@ -67,6 +71,7 @@ class IMDBConfig:
     truncate: str = "pre"
     embeddings: str = ""
     freeze_embeddings: bool = False
+    init_from: str = ""
 
     def __post_init__(self):
         if self.vocab_size <= NUM_RESERVED:

@@ -5,5 +5,6 @@
 * :mod:`.layers` / :mod:`.positions`: ``TransformerConfig``, feed-forward, encoder/decoder layers,
   the sinusoidal position layer; :mod:`.transformer`: encoder, decoder, ``Transformer``;
 * :mod:`.decoding`: greedy and beam-search decoding of a ``Transformer`` with its KV cache;
+* :mod:`.generation`: sampled (greedy / temperature / top-k / top-p) generation of a decoder-only LM;
 * :mod:`.partitioning`: logical axis names on parameters (opt-in sharding metadata).
 """

@@ -7,5 +7,7 @@ from flax_attention.models.bigru import (
     bidirectional_gru,
     gru_recurrence,
 )
+from flax_attention.models.lm import LanguageModel, LMConfig
 
-__all__ = ["BiGRU", "BiGRUClassifier", "BiGRUConfig", "bidirectional_gru", "gru_recurrence"]
+__all__ = ["BiGRU", "BiGRUClassifier", "BiGRUConfig", "LMConfig", "LanguageModel", "bidirectional_gru",
+           "gru_recurrence"]

@@ -35,6 +35,7 @@ from flax_attention.linen.layers import SinusoidalPositionalEncoding, Transforme
 from flax_attention.functional.masks import key_mask, padding_mask
 from flax_attention.linen.partitioning import logical
 from flax_attention.linen.transformer import TransformerEncoder
+from flax_attention.models.lm import LanguageModel, LMConfig
 
 Array = jnp.ndarray
 
@@ -144,5 +145,35 @@ class TransformerClassifier(nn.Module):
             weights = real / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
             pooled = jnp.einsum("bs,bse->be", weights, h.astype(jnp.float32))
         pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
+        head = nn.Dense(1, name="head", kernel_init=logical(default_kernel_init, ("embed", None)))
+        return head(pooled)[..., 0], weights
+
+
+class LMClassifier(nn.Module):
+    """A pretrained decoder-only LM's blocks + masked mean pooling + one logit (``train.py --init_from``).
+
+    The body is :class:`~flax_attention.models.lm.LanguageModel` (parameters
+    under ``lm``, the same tree as the LM's own, so an ``lm`` workdir's
+    parameters drop in); its final-normed hidden states (causal attention,
+    RoPE positions, padding after ``lengths`` as segment 0) are averaged over
+    the real tokens, then ``Dropout -> Dense(1)`` (``head``). A causal body is
+    kept as pretrained (Howard & Ruder 2018; Dai & Le 2015 fine-tune their LM
+    as it is). Same interface as :class:`TransformerClassifier`.
+
+    Attributes:
+      config: the language model's :class:`~flax_attention.models.lm.LMConfig`.
+      dropout_rate: dropout on the pooled vector (the body uses ``config.dropout_rate``).
+    """
+
+    config: LMConfig
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, tokens: Array, lengths: Array, *, train: bool = False) -> Tuple[Array, Array]:
+        """``(logits [B], weights [B, S])`` for ``tokens [B, S]`` with true ``lengths [B]`` (>= 1)."""
+        h = LanguageModel(self.config, name="lm").hidden(tokens, lengths=lengths, train=train)
+        weights = padding_mask(lengths, tokens.shape[1]) / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
+        pooled = jnp.einsum("bs,bse->be", weights, h.astype(jnp.float32))
+        pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
         head = nn.Dense(1, name="head", kernel_init=logical(default_kernel_init, ("embed", None)))
         return head(pooled)[..., 0], weights

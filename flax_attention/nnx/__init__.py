@@ -14,6 +14,7 @@ from flax_attention.nnx.layers import (
     TransformerDecoderLayer,
     TransformerEncoderLayer,
 )
+from flax_attention.nnx.lm import LanguageModel
 from flax_attention.nnx.multihead import MultiHeadAttention
 from flax_attention.nnx.transformer import (
     SinusoidalPositionalEncoding,
@@ -28,6 +29,7 @@ from flax_attention.nnx.transformer import (
 __all__ = [
     "AdditiveAttention",
     "BahdanauAttention",
+    "LanguageModel",
     "MultiHeadAttention",
     "PositionwiseFeedForward",
     "SinusoidalPositionalEncoding",

@@ -45,8 +45,11 @@ def create_train_state(task, configs, extras=None, steps_per_epoch: int = 1):
     model = task.build_model(configs, extras)
     tcfg = configs["train"]
     frozen = task.frozen(configs) if task.frozen is not None else None
+    # Inference callers do not know the run's length; any horizon past the warm-up gives a valid schedule
+    # (optax's cosine needs one) and the same optimizer-state structure to restore into.
+    total = max(tcfg.num_epochs * steps_per_epoch, tcfg.warmup_steps + 1)
     return model, _create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
-                                total_steps=tcfg.num_epochs * steps_per_epoch, frozen=frozen)
+                                total_steps=total, frozen=frozen)
 
 
 def check_inputs(task, configs, resuming: bool = False) -> None:
@@ -101,6 +104,8 @@ def full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step: i
     tcfg, placement = configs["train"], placement or PmapPlacement()
     metrics: Dict[str, Any] = evaluate(p_eval, rstate, data, tcfg.eval_batch_size or tcfg.batch_size,
                                        placement=placement)
+    if task.eval_metrics is not None:  # e.g. perplexities from the mean loss
+        metrics.update(task.eval_metrics(metrics))
     if task.decode_eval is not None:
         metrics.update(task.decode_eval(model, placement.params(rstate), configs, data, workdir, step, final))
     return metrics
@@ -150,6 +155,11 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir, mesh: Optional
         data = input_pipeline(task, configs, workdir)
     if data.steps_per_epoch(tcfg.batch_size) == 0:  # before config.json: a corrected rerun must be accepted
         raise ValueError(f"--batch_size {tcfg.batch_size} exceeds the {len(data.train)} training examples.")
+    total_steps = tcfg.num_epochs * data.steps_per_epoch(tcfg.batch_size)
+    if tcfg.lr_schedule == "cosine" and tcfg.warmup_steps >= total_steps:
+        raise ValueError(f"--warmup_steps {tcfg.warmup_steps} leaves the cosine schedule no steps to decay over: "
+                         f"the run has {total_steps} steps (--num_epochs x steps per epoch); lower --warmup_steps "
+                         "or train longer.")
     model = task.build_model(configs, data.extras)
     frozen = task.frozen(configs) if task.frozen is not None else None
     state = placement.create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
@@ -258,7 +268,7 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
         log.close()
     ckpt.wait()
     if primary:
-        what = (f"test accuracy: {metrics['accuracy']:.4f}" if task.decode_eval is None
+        what = (f"test accuracy: {metrics['accuracy']:.4f}" if task.decode_eval is None and task.eval_metrics is None
                 else f"evaluation: {task.summary(metrics)}")
         print(f"Final {what} on all {int(metrics['examples'])} {task.eval_name} "
               f"(step {placement.step(rstate)}, checkpoints in {workdir})")

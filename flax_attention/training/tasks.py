@@ -100,6 +100,10 @@ class Task:
       preflight: optional ``(configs) -> None`` checking input files named by
         flags (e.g. ``--embeddings``) before anything is written; raises
         ValueError / FileNotFoundError.
+      eval_metrics: optional ``(means) -> metrics`` derived from the
+        evaluation's per-weight means and added to them (e.g. perplexities,
+        which are not means of per-batch sums); the selection metric may be
+        one of them.
     """
 
     name: str
@@ -122,6 +126,7 @@ class Task:
     added_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     test_eval: Optional[Callable] = None
     preflight: Optional[Callable[[Configs], None]] = None
+    eval_metrics: Optional[Callable[[Mapping[str, float]], Dict[str, float]]] = None
 
     def __post_init__(self):
         if (self.loss_and_metrics is None) == (self.make_loss is None):
@@ -153,11 +158,20 @@ def binary_classification_loss(params, apply_fn, batch, rngs, train: bool):
 
 
 def prepare_imdb(workdir, configs: Configs) -> Data:
+    if configs["data"].init_from:  # the LM's SentencePiece ids (flax_attention.training.init_from)
+        from flax_attention.training import init_from
+
+        tok, train, test = init_from.prepare(workdir, configs["data"])
+        return Data(train, test, {"tokenizer": tok})
     vocab, train, test = imdb.prepare(workdir, configs["data"])
     return Data(train, test, {"vocab": vocab})
 
 
 def load_imdb_extras(workdir, configs: Configs) -> Dict[str, Any]:
+    if configs["data"].init_from:
+        from flax_attention.data.sentencepiece_vocab import SPM_FILE, Tokenizer
+
+        return {"tokenizer": Tokenizer.load(Path(workdir) / SPM_FILE)}
     path = Path(workdir) / "vocab.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train first with `python train.py --workdir {workdir}`.")
@@ -170,8 +184,15 @@ def classify_texts(model, params, configs: Configs, extras, texts: Sequence[str]
     The model must return ``(logits [B], weights [B, S])`` (weights over token
     positions, e.g. additive attention pooling).
     """
-    vocab, cfg = extras["vocab"], configs["data"]
-    tokens, lengths = imdb.encode(texts, vocab, cfg)
+    cfg = configs["data"]
+    if "tokenizer" in extras:  # --init_from: SentencePiece pieces
+        from flax_attention.training.init_from import encode_reviews
+
+        tokens, lengths = encode_reviews(texts, extras["tokenizer"], cfg)
+        words = [extras["tokenizer"].pieces(tokens[b, :lengths[b]]) for b in range(len(texts))]
+    else:
+        tokens, lengths = imdb.encode(texts, extras["vocab"], cfg)
+        words = [imdb.kept_words(t, cfg) for t in texts]
     logits, weights = jax.jit(lambda p, t, l: model.apply({"params": p}, t, l))(params, tokens, lengths)
     probs = np.asarray(jax.nn.sigmoid(logits))
     weights = np.asarray(weights)
@@ -179,7 +200,7 @@ def classify_texts(model, params, configs: Configs, extras, texts: Sequence[str]
     for b in range(len(texts)):
         n = int(lengths[b])
         out.append({"prob": float(probs[b]), "label": "positive" if probs[b] >= 0.5 else "negative",
-                    "words": imdb.kept_words(texts[b], cfg),
+                    "words": words[b],
                     "weights": weights[b, :n].tolist()})
     return out
 
@@ -195,11 +216,24 @@ def _model(model_cls, config):
     return model_cls(config)
 
 
+def _build_classifier(model_cls, configs: Configs, extras):
+    if configs["data"].init_from and model_cls is TransformerClassifier:  # the LM's architecture
+        from flax_attention.training import init_from
+
+        return init_from.build_classifier(configs)
+    return _model(model_cls, configs["model"])
+
+
 def pretrained_embeddings(params, configs: Configs, data: Data):
-    """Initialises the embedding table from ``--embeddings`` (matched against the vocabulary)."""
+    """Initialises the embedding table from ``--embeddings`` (matched against the vocabulary),
+    or with ``--init_from`` the whole body from the language model."""
     from flax_attention.data.word_vectors import load_word_vectors, token_counts
     from flax_attention.embed.pretrained import EMBEDDING_PATH, init_embedding
 
+    if configs["data"].init_from:
+        from flax_attention.training import init_from
+
+        return init_from.init_params(params, configs, data)
     path = configs["data"].embeddings
     if not path:
         return params, {}
@@ -220,6 +254,13 @@ def check_embeddings_file(configs: Configs) -> None:
     from flax_attention.data.word_vectors import load_word_vectors
 
     path, model = configs["data"].embeddings, configs["model"]
+    if configs["data"].init_from:
+        if hasattr(model, "embed_dim"):
+            raise ValueError(f"--init_from applies to --model transformer (the LM's blocks are a Transformer); "
+                             f"--model bigru cannot start from {configs['data'].init_from}.")
+        from flax_attention.training import init_from
+
+        return init_from.preflight(configs)
     if not path:
         return
     if not Path(path).is_file():
@@ -242,14 +283,14 @@ def imdb_classifier(name: str, config_cls, model_cls) -> Task:
         config_classes={"model": config_cls, "data": imdb.IMDBConfig},
         prepare=prepare_imdb,
         load_extras=load_imdb_extras,
-        build_model=lambda configs, extras: _model(model_cls, configs["model"]),
+        build_model=functools.partial(_build_classifier, model_cls),
         init_inputs=_imdb_token_inputs,
         loss_and_metrics=binary_classification_loss,
         predict=classify_texts,
         init_params=pretrained_embeddings,
         preflight=check_embeddings_file,
         frozen=frozen_embeddings,
-        added_fields={"data.embeddings": "", "data.freeze_embeddings": False},
+        added_fields={"data.embeddings": "", "data.freeze_embeddings": False, "data.init_from": ""},
     )
 
 

@@ -1,0 +1,180 @@
+"""``train.py --model transformer --init_from W``: the IMDB classifier fine-tuned from a ``--model lm`` workdir.
+
+With ``--init_from W`` the classifier mirrors the language model of ``W``:
+
+* model: :class:`~flax_attention.models.classifier.LMClassifier` -- the LM's
+  blocks with ``W``'s :class:`~flax_attention.models.lm.LMConfig` (the
+  classifier's encoder flags ``d_model``, ``num_layers``, ... do not apply;
+  ``dropout_rate`` is the head's), masked mean pooling, one logit;
+* input: the labelled reviews cleaned as the LM's corpus
+  (:func:`flax_attention.data.lm_corpus.clean`) and encoded with ``W``'s
+  SentencePiece model (copied to ``WORKDIR/spm.model``) as ``[BOS] pieces``,
+  cut to ``--max_length`` tokens as ``--truncate`` says (``--vocab_size`` does
+  not apply); ``--max_length`` may not exceed the LM's;
+* parameters: the ``lm`` subtree starts as ``W``'s best checkpoint (by its
+  test log-likelihood), the head fresh.
+
+Everything is checked before the workdir is written: ``W`` must be an ``lm``
+workdir with a checkpoint, and every parameter the classifier's body expects
+must be in the checkpoint with the same shape and dtype (the first mismatch
+is named). Parameters of the LM the body does not use (an untied output
+layer) are left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attention.data import atomic, imdb
+from flax_attention.data import lm_corpus
+from flax_attention.data.sentencepiece_vocab import SPM_FILE, Tokenizer
+from flax_attention.models.classifier import LMClassifier
+from flax_attention.models.lm import LMConfig
+
+
+def _flag(path) -> str:
+    return f"--init_from {path}"
+
+
+@functools.lru_cache(maxsize=8)
+def lm_source(path: str) -> Tuple[LMConfig, Tokenizer]:
+    """``(LMConfig with the real vocabulary, tokenizer)`` of a ``--model lm`` workdir, or a one-line ValueError."""
+    from flax_attention.training.checkpointing import load_config
+    from flax_attention.training.config import configs_from_json
+    from flax_attention.training.lm import LM, model_config
+
+    w = Path(path)
+    if not (w / "config.json").is_file():
+        raise ValueError(f"{_flag(path)}: no config.json there; give a workdir written by "
+                         "`python train.py --model lm`.")
+    saved = load_config(w)
+    if saved.get("model_name") != "lm":
+        raise ValueError(f"{_flag(path)} holds a --model {saved.get('model_name')} run; give a --model lm workdir "
+                         "(its language model initialises the classifier).")
+    configs = configs_from_json(LM.config_classes, saved)
+    tok = lm_corpus.load_tokenizer(w, configs["data"], train=False)
+    return model_config(configs, {"tokenizer": tok}), tok
+
+
+@functools.lru_cache(maxsize=None)
+def _classifier(config: LMConfig, dropout_rate: float) -> LMClassifier:
+    return LMClassifier(config, dropout_rate)
+
+
+def build_classifier(configs) -> LMClassifier:
+    """The classifier on the LM's architecture; ValueError for a non-LM workdir or a too long ``--max_length``."""
+    data = configs["data"]
+    lm_config, _ = lm_source(data.init_from)
+    if data.max_length > lm_config.max_length:
+        raise ValueError(f"--max_length {data.max_length} exceeds the max_length {lm_config.max_length} the LM in "
+                         f"{data.init_from} was trained with; pass --max_length {lm_config.max_length} or less.")
+    return _classifier(lm_config, configs["model"].dropout_rate)
+
+
+@functools.lru_cache(maxsize=8)
+def lm_params(path: str):
+    """``(params, step)`` of the LM workdir's best checkpoint (read once per process)."""
+    from flax_attention.training.checkpointing import IncompatibleWorkdirError
+    from flax_attention.training.inspector import load_for_inference
+
+    try:
+        _, _, _, params, _, step = load_for_inference(path)
+    except FileNotFoundError as e:
+        raise ValueError(f"{_flag(path)}: {e}") from None
+    except IncompatibleWorkdirError as e:  # its config.json describes another model than its checkpoint holds
+        raise ValueError(f"{_flag(path)}: {str(e).split('. Use the settings')[0]}; restore that workdir's "
+                         "config.json, or retrain the LM.") from None
+    return jax.device_get(params), step
+
+
+def _name(keys) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in keys)
+
+
+def _leaves(tree) -> Dict[str, Any]:
+    return {_name(keys): leaf for keys, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_compatible(expected, got, path: str) -> None:
+    """Every leaf of ``expected`` (shapes) is in ``got`` with its shape and dtype; else a ValueError naming the first."""
+    have = _leaves(got)
+    for name, leaf in _leaves(expected).items():
+        if name not in have:
+            raise ValueError(f"{_flag(path)}: its checkpoint has no parameter {name} that the classifier's body "
+                             f"needs ({tuple(leaf.shape)}); it was written by another version: retrain the LM.")
+        g = have[name]
+        if tuple(np.shape(g)) != tuple(leaf.shape) or np.asarray(g).dtype != leaf.dtype:
+            raise ValueError(f"{_flag(path)}: parameter {name} is {np.asarray(g).dtype}{list(np.shape(g))} in its "
+                             f"checkpoint but the classifier built from its config.json expects "
+                             f"{leaf.dtype}{list(leaf.shape)}; restore the workdir's config.json, or retrain the LM.")
+
+
+def preflight(configs) -> None:
+    """Flag combinations, ``W``'s kind and its checkpoint's shapes, before anything is written."""
+    data, path = configs["data"], configs["data"].init_from
+    if data.embeddings or data.freeze_embeddings:
+        raise ValueError(f"--embeddings/--freeze_embeddings and {_flag(path)} both concern the embedding table; "
+                         "--init_from brings the LM's own: leave the other two out.")
+    if configs["model"].pooling != "mean":
+        raise ValueError(f"{_flag(path)} pools the LM's states by their mean; leave --pooling at mean "
+                         f"(got {configs['model'].pooling!r}).")
+    model = build_classifier(configs)
+    tokens = jnp.ones((1, data.max_length), jnp.int32)
+    expected = jax.eval_shape(lambda k: model.init(k, tokens, jnp.ones((1,), jnp.int32)), jax.random.PRNGKey(0))
+    check_compatible(expected["params"]["lm"], lm_params(path)[0], path)
+
+
+def init_params(params, configs, data) -> Tuple[Any, Dict[str, Any]]:
+    """The classifier's parameters with the ``lm`` subtree replaced by the LM's (values copied, dtypes kept)."""
+    path = configs["data"].init_from
+    source, step = lm_params(path)
+    check_compatible(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params["lm"]),
+                     source, path)
+    have = _leaves(source)
+    copied = jax.tree_util.tree_map_with_path(lambda keys, _: np.asarray(have[_name(keys)]), params["lm"])
+    n = len(jax.tree_util.tree_leaves(copied))
+    print(f"classifier body initialised from {path} (LM checkpoint step {step}, {n} tensors)")
+    return {**params, "lm": copied}, {"init_from_step": int(step), "init_from_tensors": n}
+
+
+def encode_reviews(texts, tok: Tokenizer, config: imdb.IMDBConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """``(tokens [N, S], lengths [N])``: ``[BOS] pieces`` of each cleaned review, cut to ``S = max_length``."""
+    s = config.max_length
+    rows = tok.encode([lm_corpus.clean(t) for t in texts])
+    tokens, lengths = np.zeros((len(rows), s), np.int32), np.zeros((len(rows),), np.int32)
+    for i, ids in enumerate(rows):
+        ids = ids[-(s - 1):] if config.truncate == "pre" else ids[:s - 1]
+        tokens[i, 0], tokens[i, 1:len(ids) + 1], lengths[i] = lm_corpus.BOS_ID, ids, len(ids) + 1
+    return tokens, lengths
+
+
+def prepare(workdir, config: imdb.IMDBConfig):
+    """``(tokenizer, train, test)`` encoded with the LM's SentencePiece model, cached under ``workdir``."""
+    _, tok = lm_source(config.init_from)
+    own = Path(workdir) / SPM_FILE
+    if own.exists() and own.read_bytes() != tok.proto:
+        raise ValueError(f"{own} differs from the SentencePiece model of {config.init_from}; this workdir was "
+                         "trained from another LM: use a fresh --workdir.")
+    if not own.exists():
+        tok.save(own)
+    key = f"{hashlib.sha256(tok.proto).hexdigest()[:16]}-{lm_corpus.CLEANUP_VERSION}-{config.max_length}-{config.truncate}"
+    splits = []
+    for split in ("train", "test"):
+        path = Path(workdir) / "data_cache" / f"spm-{split}-{key}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                splits.append(imdb.EncodedSplit(z["tokens"], z["lengths"], z["labels"]))
+            continue
+        texts, labels = imdb.load_split(split)
+        tokens, lengths = encode_reviews(texts, tok, config)
+        with atomic.atomic_open(path, "wb") as f:
+            np.savez(f, tokens=tokens, lengths=lengths, labels=labels)
+        splits.append(imdb.EncodedSplit(tokens, lengths, labels))
+    return tok, splits[0], splits[1]
