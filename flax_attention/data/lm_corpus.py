@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from flax_attention.data import atomic
 from flax_attention.data.sentencepiece_vocab import SPM_FILE, Tokenizer
@@ -231,7 +232,7 @@ class PackedRows:
       length: ``L``; rows hold ``L + 1`` tokens.
     """
 
-    def __init__(self, corpus: EncodedCorpus, order: np.ndarray, length: int):
+    def __init__(self, corpus: EncodedCorpus, order: npt.ArrayLike, length: int):
         self.corpus, self.order, self.length = corpus, np.asarray(order, np.int64), int(length)
         n = corpus.doc_lengths()[self.order]
         self.starts = np.zeros(len(n) + 1, np.int64)
@@ -242,7 +243,7 @@ class PackedRows:
         """Number of rows: every stream token after the first is the target of one row."""
         return max(0, -(-(self.total - 1) // self.length))
 
-    def rows(self, row_ids: Sequence[int]) -> Batch:
+    def rows(self, row_ids: npt.ArrayLike) -> Batch:
         """Rows ``row_ids`` (``-1``: an all-padding row) as model inputs.
 
         Returns:

@@ -30,13 +30,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from flax_attention.functional.sampling import check_sampling, sample_logits
 
 Array = jnp.ndarray
 
 
-def generate(model, params, prompts: Array, lengths: Optional[Array] = None, *, key: Optional[jax.Array] = None,
+def generate(model, params, prompts: ArrayLike, lengths: Optional[ArrayLike] = None, *, key: Optional[jax.Array] = None,
              max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
              eos_id: Optional[int] = None, stop_at_eos: bool = True, pad_id: Optional[int] = None,
              return_logits: bool = False):

@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ def lm_loss(params, apply_fn, batch, rngs, train: bool):
                       "words": jnp.sum(batch["words"].astype(jnp.float32)), "weight": jnp.sum(w)}
 
 
-def perplexities(metrics: Dict[str, float]) -> Dict[str, float]:
+def perplexities(metrics: Mapping[str, float]) -> Dict[str, float]:
     """Token and word perplexity and mean log-likelihood from the trainer's means.
 
     ``metrics["loss"]`` is NLL per token and ``metrics["words"]`` words per
@@ -165,7 +165,7 @@ def _init_inputs(configs):
     return (jnp.ones((1, configs["model"].max_length), jnp.int32),)
 
 
-def _summary(m: Dict[str, float]) -> str:
+def _summary(m: Mapping[str, float]) -> str:
     return (f"token perplexity {m['token_perplexity']:.2f}, word perplexity {m['word_perplexity']:.2f} "
             f"(loss {m['loss']:.4f}, token acc {m['accuracy']:.4f})")
 
