@@ -263,7 +263,12 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
             step = placement.step(rstate)
             metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step, True, placement)
         if task.test_eval is not None:  # the reported figure: the model chosen on validation
-            metrics.update(final_test(task, configs, model, ckpt, placement.host_template(rstate), data, workdir, log))
+            def evaluate_params(params, split):
+                return evaluate(p_eval, placement.with_params(rstate, params), split,
+                                tcfg.eval_batch_size or tcfg.batch_size, desc="test", placement=placement)
+
+            metrics.update(final_test(task, configs, model, ckpt, placement.host_template(rstate), data, workdir, log,
+                                      evaluate_params))
     finally:
         log.close()
     ckpt.wait()

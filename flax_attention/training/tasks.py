@@ -93,10 +93,13 @@ class Task:
       added_fields: ``{"section.field": value}`` of fields added after
         workdirs were written, with the value older runs used.
       test_eval: optional ``(model, params, configs, data, workdir,
-        selection) -> metrics``, run once after training on the *selected*
-        parameters (the best checkpoint by ``selection_metric``, or the
-        average of the newest ``--average_checkpoints``; ``selection`` says
-        which: ``selected_step`` or ``averaged_steps``): the reported figure.
+        selection, evaluate=...) -> metrics``, run once after training on the
+        *selected* parameters (the best checkpoint by ``selection_metric``, or
+        the average of the newest ``--average_checkpoints``; ``selection``
+        says which: ``selected_step`` or ``averaged_steps``): the reported
+        figure. ``evaluate(params, split)`` is the trainer's teacher-forced
+        evaluation (per-weight means) of any object with ``eval_batches`` and
+        ``num_eval_batches``, on the run's devices.
       preflight: optional ``(configs) -> None`` checking input files named by
         flags (e.g. ``--embeddings``) before anything is written; raises
         ValueError / FileNotFoundError.
