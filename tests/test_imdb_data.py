@@ -94,6 +94,28 @@ def test_prepare_on_mock_data_builds_vocab_and_caches(tmp_path):
     np.testing.assert_array_equal(train2.tokens, train.tokens)
 
 
+def test_validation_split_is_fixed_disjoint_and_kept_out_of_the_vocabulary(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    keep, valid = imdb.split_validation(12, 4)
+    assert len(valid) == 4 and sorted(np.concatenate([keep, valid]).tolist()) == list(range(12))
+    np.testing.assert_array_equal(imdb.split_validation(12, 4)[1], valid)  # no seed flag: always the same
+    with pytest.raises(ValueError, match="--valid_examples 12 leaves none of the 12 labelled training reviews"):
+        imdb.split_validation(12, 12)
+    with pytest.raises(ValueError, match="--valid_examples must be >= 0"):
+        imdb.IMDBConfig(valid_examples=-1)
+    cfg = imdb.IMDBConfig(vocab_size=40, max_length=12, valid_examples=4)
+    with tfds.testing.mock_data(num_examples=12):
+        texts, labels = imdb.load_split("train")
+        vocab, whole, _ = imdb.prepare(tmp_path, cfg)
+    train, held = imdb.carve_validation(whole, 4)
+    assert len(train) == 8 and len(held) == 4
+    np.testing.assert_array_equal(held.tokens, whole.tokens[valid])
+    np.testing.assert_array_equal(held.labels, labels[valid])
+    np.testing.assert_array_equal(train.labels, labels[keep])
+    expected = imdb.Vocabulary.build([imdb.tokenize(texts[i]) for i in keep], 40, tokenized=True)
+    assert vocab.words == expected.words  # built from the 8 training reviews only
+
+
 def test_missing_data_gives_actionable_message(tmp_path):
     code = "from flax_attention.data.imdb import load_split; load_split('test')"
     env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path)}

@@ -99,6 +99,24 @@ def test_config_rejects_bad_values():
         C.LMDataConfig(train_reviews=-1)
 
 
+def test_validation_split_is_fixed_disjoint_and_select_copies_reviews_by_hand():
+    train, valid = C.split_validation(20, 5)
+    assert len(valid) == 5 and len(train) == 15 and not set(train) & set(valid)
+    assert sorted(set(train) | set(valid)) == list(range(20))
+    np.testing.assert_array_equal(C.split_validation(20, 5)[1], valid)  # no seed flag: always the same reviews
+    with pytest.raises(ValueError, match="--valid_reviews 20 leaves none of the 20 training reviews"):
+        C.split_validation(20, 20)
+    # Reviews [10 11 12] (2 words), [20] (1 word), [30..34] (4 words); pick the third then the first.
+    c = C.EncodedCorpus(np.array([10, 11, 12, 20, 30, 31, 32, 33, 34], np.int32), np.array([0, 3, 4, 9]),
+                        np.array([2, 1, 4]))
+    s = c.select([2, 0])
+    np.testing.assert_array_equal(s.ids, [30, 31, 32, 33, 34, 10, 11, 12])
+    np.testing.assert_array_equal(s.offsets, [0, 5, 8])
+    np.testing.assert_array_equal(s.words, [4, 2])
+    with pytest.raises(ValueError, match="valid_reviews"):
+        C.LMDataConfig(valid_reviews=-1)
+
+
 def test_vocabulary_and_caches_on_mock_data_and_a_damaged_vocabulary(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     cfg = C.LMDataConfig(vocab_size=30, max_length=16, spm_sample_reviews=6)

@@ -91,6 +91,10 @@ def test_flag_defaults_and_bad_generate_flags_fail_before_loading(tmp_path, caps
     assert "holds a --model bigru run; generate needs a --model lm workdir" in capsys.readouterr().err
     assert train.main(["--model", "lm", "--eos_id", "3", "--workdir", missing]) == 2
     assert "the SentencePiece model of --model lm uses 0/1/2" in capsys.readouterr().err
+    assert configs["data"].valid_reviews == 1000
+    assert train.main(["--model", "lm", "--valid_reviews", "0", "--workdir", missing]) == 2
+    err = capsys.readouterr().err
+    assert "--valid_reviews 0: model selection needs validation reviews" in err and err.count("\n") == 1, err
     assert not (tmp_path / "nothing").exists()
 
 
@@ -100,7 +104,7 @@ def test_default_warmup_longer_than_a_short_run_is_named_and_inference_builds_th
     import train
     from flax_attention.training.loop import create_train_state
 
-    tiny = TINY_LM[:TINY_LM.index("--learning_rate")] + ["--spm_sample_reviews", "0"]  # default cosine, warm-up 200
+    tiny = TINY_LM[:TINY_LM.index("--learning_rate")] + ["--spm_sample_reviews", "0", "--valid_reviews", "2"]
     _, _, task, configs = train.parse_args(tiny)
     assert configs["train"].lr_schedule == "cosine" and configs["train"].warmup_steps == 200
     create_train_state(task, configs)  # what generate/--init_from do: a 1-epoch horizon must still build
@@ -113,7 +117,8 @@ def test_default_warmup_longer_than_a_short_run_is_named_and_inference_builds_th
 
 TINY_LM = ["--model", "lm", "--vocab_size", "40", "--max_length", "16", "--d_model", "16", "--num_heads", "2",
            "--num_layers", "1", "--d_ff", "32", "--batch_size", "4", "--eval_batch_size", "8", "--learning_rate", "0.01",
-           "--lr_schedule", "constant", "--warmup_steps", "0", "--spm_sample_reviews", "0", "--train_reviews", "0"]
+           "--lr_schedule", "constant", "--warmup_steps", "0", "--spm_sample_reviews", "0", "--train_reviews", "0",
+           "--valid_reviews", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +158,18 @@ def test_train_py_lm_end_to_end_resume_and_generate(lm_run, tmp_path, capsys):
     assert ppl[0] > ppl[1] > ppl[2] and ppl[0] < 40, ppl  # below uniform over the 40 ids, and falling
     assert all(r["word_perplexity"] > r["token_perplexity"] for r in evals)  # > 1 token per word on mock text
     described = re.search(r"20 test reviews \((\d+) tokens", out)
-    assert "Resuming from step 16" in out and described, out
+    assert "Resuming from step 12" in out and described, out
     assert f"on all {described.group(1)} test tokens" in out  # the whole test split, every token once
+    assert "6 validation reviews" in out and "34 training reviews" in out  # 40 mock reviews, 6 carved off
+    # Model selection on validation; the test split evaluated once per run, on the selected checkpoint.
+    records = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    tests = [r for r in records if r["event"] == "test"]
+    assert len(tests) == 2 and [t["step"] for t in tests] == [12, 18]  # the fixture's run, then this resume
+    best = max(evals, key=lambda r: r["log_likelihood"])["step"]
+    assert tests[-1]["selected_step"] == best
+    assert tests[-1]["test_examples"] == int(described.group(1))
+    np.testing.assert_allclose(tests[-1]["test_token_perplexity"], math.exp(tests[-1]["test_loss"]), rtol=1e-6)
+    assert out.count("test: token perplexity") == 1
 
     assert train.main(["generate", "--workdir", str(w), "--prompt", "ab", "--prompt", "", "--num_samples", "2",
                        "--max_new_tokens", "6", "--top_k", "5", "--seed", "1"]) == 0
@@ -166,6 +181,18 @@ def test_train_py_lm_end_to_end_resume_and_generate(lm_run, tmp_path, capsys):
     assert "exceeds the model's max_length 16" in capsys.readouterr().err
     assert train.main(["predict", "--workdir", str(w), "a film"]) == 2
     assert "holds a --model lm run, which predict does not apply to" in capsys.readouterr().err
+    # A workdir written before --valid_reviews existed (it selected on test) is refused for training, still loads.
+    old = tmp_path / "old"
+    shutil.copytree(w, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["data"]["valid_reviews"]
+    (old / "config.json").write_text(json.dumps(saved))
+    assert train.main(TINY_LM + ["--workdir", str(old), "--num_epochs", "4"]) == 2
+    assert "data.valid_reviews: saved 0, requested 6" in capsys.readouterr().err
+    assert train.main(TINY_LM[:-1] + ["0", "--workdir", str(old), "--num_epochs", "4"]) == 2
+    assert "retrain in a fresh --workdir" in capsys.readouterr().err
+    assert train.main(["generate", "--workdir", str(old), "--prompt", "ab", "--max_new_tokens", "2"]) == 0
+    capsys.readouterr()
     (w / "spm.model").write_bytes(b"damaged")
     assert train.main(TINY_LM + ["--workdir", str(w), "--num_epochs", "4"]) == 2
     err = capsys.readouterr().err

@@ -81,6 +81,31 @@ def _params(workdir):
     return step, jax.tree_util.tree_leaves(state["params"])
 
 
+def test_valid_examples_selects_on_validation_and_tests_the_selected_checkpoint_once(tmp_path, capsys):
+    """--valid_examples 8 of 24 mock reviews: per-epoch evaluation on them, one final test of the selected step."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import json
+
+    import train
+
+    run = TINY + ["--lr_schedule", "constant", "--valid_examples", "8", "--workdir", str(tmp_path / "w"), "--keep_checkpoints", "1"]
+    with tfds.testing.mock_data(num_examples=24):  # 16 train / 8 validation: 2 steps per epoch
+        assert train.main(run + ["--num_epochs", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "16 train / 8 validation / 24 test examples" in out and "(8 validation reviews)" in out
+        assert "Final validation accuracy" in out and out.count("on all 24 test reviews") == 1
+        assert train.main(run + ["--num_epochs", "3"]) == 0  # resume: one more epoch, the test once more
+    records = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    tests = [r for r in records if r["event"] == "test"]
+    assert [r["step"] for r in evals] == [2, 4, 6] and all(r["test_examples"] == 8 for r in evals)
+    assert [t["step"] for t in tests] == [4, 6] and all(t["test_examples"] == 24 for t in tests)
+    chosen = {r["step"]: r["test_accuracy"] for r in evals}[tests[-1]["selected_step"]]
+    assert chosen == max(r["test_accuracy"] for r in evals)  # "test_accuracy" of an eval event: validation
+    assert train.main(TINY + ["--average_checkpoints", "2", "--workdir", str(tmp_path / "never")]) == 2
+    assert "needs a validation split" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, schedule):

@@ -59,7 +59,7 @@ def _tree(path):
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--average_checkpoints", "5", "--keep_checkpoints", "3"], "--average_checkpoints 5 needs 0 <= K <= "
                                                                  "--keep_checkpoints (3)"),
-    (["--average_checkpoints", "2"], "--average_checkpoints applies to models with a final test split"),
+    (["--average_checkpoints", "2"], "--average_checkpoints 2 needs a validation split to judge it and a final test"),
     # Model-config errors surface before the workdir exists (they used to leave an empty one).
     ([*SEQ2SEQ, "--num_heads", "3"], "num_heads"),
     (["--model", "translate", "--d_model", "30", "--num_heads", "4"], "num_heads"),

@@ -64,6 +64,13 @@ class IMDBConfig:
         classifier becomes that language model plus a pooled head, starts
         from its best checkpoint and reads reviews with its SentencePiece
         vocabulary (see :mod:`flax_attention.training.init_from`) ("" = off).
+      valid_examples: ``N > 0`` carves ``N`` labelled reviews from the
+        training split (a fixed seeded sample, :func:`split_validation`;
+        never trained on, not in the word vocabulary): every epoch is
+        evaluated on them and the checkpoint selected by their accuracy, and
+        the whole test split is evaluated once, after training, on the
+        selected checkpoint. ``0`` (default, the original recipe): no
+        validation split; every epoch is evaluated on the test split.
     """
 
     vocab_size: int = 10_000
@@ -72,6 +79,7 @@ class IMDBConfig:
     embeddings: str = ""
     freeze_embeddings: bool = False
     init_from: str = ""
+    valid_examples: int = 0
 
     def __post_init__(self):
         if self.vocab_size <= NUM_RESERVED:
@@ -80,6 +88,8 @@ class IMDBConfig:
             raise ValueError(f"max_length must be >= 2 (start marker + a word), got {self.max_length}.")
         if self.truncate not in ("pre", "post"):
             raise ValueError(f"truncate must be 'pre' (keep the end) or 'post' (keep the start), got {self.truncate!r}.")
+        if self.valid_examples < 0:
+            raise ValueError(f"--valid_examples must be >= 0 (0 = no validation split), got {self.valid_examples}.")
 
 
 # --------------------------------------------------------------------------- text
@@ -241,15 +251,49 @@ def load_encoded(split: str, vocab: Vocabulary, config: IMDBConfig, cache_dir=No
     return EncodedSplit(tokens, lengths, labels)
 
 
+_VALID_SEED = 20_110_601  # fixed: the validation reviews depend on --valid_examples only, never on --seed
+
+
+def split_validation(num_examples: int, valid_examples: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(train indices, validation indices)`` into the training split: sorted, disjoint, a fixed seeded draw.
+
+    Raises:
+      ValueError: ``valid_examples`` leaves no example to train on.
+    """
+    if valid_examples >= num_examples:
+        raise ValueError(f"--valid_examples {valid_examples} leaves none of the {num_examples} labelled training "
+                         f"reviews to train on; lower it (e.g. --valid_examples {max(1, num_examples // 10)}).")
+    valid = np.sort(np.random.default_rng(_VALID_SEED).choice(num_examples, valid_examples, replace=False))
+    return np.setdiff1d(np.arange(num_examples), valid), valid
+
+
+def select(data: EncodedSplit, idx) -> EncodedSplit:
+    """The examples ``idx`` of an encoded split."""
+    return EncodedSplit(data.tokens[idx], data.lengths[idx], data.labels[idx])
+
+
+def carve_validation(train: EncodedSplit, valid_examples: int) -> Tuple[EncodedSplit, EncodedSplit]:
+    """``(train, validation)``: the encoded training split less / only its :func:`split_validation` reviews."""
+    keep, valid = split_validation(len(train), valid_examples)
+    return select(train, keep), select(train, valid)
+
+
 def prepare(workdir, config: IMDBConfig) -> Tuple[Vocabulary, EncodedSplit, EncodedSplit]:
-    """Vocabulary + encoded train/test splits, everything cached under ``workdir``."""
+    """Vocabulary + encoded (whole) train/test splits, everything cached under ``workdir``.
+
+    With ``valid_examples`` the vocabulary is built from the training reviews
+    outside the validation set (:func:`carve_validation` then splits ``train``).
+    """
     cache = Path(workdir) / "data_cache"
     vocab_path = Path(workdir) / "vocab.json"
-    train_raw = None
+    train_raw, vocab_texts = None, None
     if not vocab_path.exists():  # tokenise the training split once, for vocabulary and encoding
         texts, labels = load_split("train")
         train_raw = ([tokenize(t) for t in texts], labels)
-    vocab = load_vocabulary(workdir, config, None if train_raw is None else train_raw[0], tokenized=True)
+        vocab_texts = train_raw[0]
+        if config.valid_examples:
+            vocab_texts = [vocab_texts[i] for i in split_validation(len(labels), config.valid_examples)[0]]
+    vocab = load_vocabulary(workdir, config, vocab_texts, tokenized=True)
     train = load_encoded("train", vocab, config, cache, train_raw, tokenized=True)
     test = load_encoded("test", vocab, config, cache)
     return vocab, train, test

@@ -8,7 +8,7 @@ digits and punctuation are kept (a language model should write them).
 
 Vocabulary: a SentencePiece model (:class:`~flax_attention.data.sentencepiece_vocab.Tokenizer`,
 unigram by default, ids pad 0, bos 1, eos 2, unk 3) learned from the
-training text only -- from a fixed random sample of ``spm_sample_reviews``
+training text only (validation reviews excluded) -- from a fixed random sample of ``spm_sample_reviews``
 whole reviews (seeded independently of ``--seed``, so every run of a data
 configuration gets the same vocabulary; SentencePiece's own sampling is
 off because it is not reproducible across versions), saved as
@@ -38,7 +38,7 @@ target of exactly one row. Within a row:
 
 The rows are then shuffled too, and an epoch is its full batches (the rest of
 the rows wait for the next epoch's new packing); a run resumed at step ``k``
-sees the same batches. Evaluation packs the test reviews in their TFDS order
+sees the same batches. Evaluation packs the validation (or test) reviews in their order
 and reads every row once (the last batch is filled with all-padding rows).
 
 Counts (metric denominators): ``tokens`` = targets with weight 1 = for each
@@ -71,6 +71,7 @@ TEST_SPLIT = "test"
 CLEANUP_VERSION = "v1"  # bump when clean() changes: it invalidates the encoded caches
 CACHE_DIR = "lm_cache"
 _SPM_SAMPLE_SEED = 20_150_601  # fixed: the vocabulary depends on the data flags only, never on --seed
+_VALID_SEED = 20_150_602  # fixed likewise: every run of a data configuration validates on the same reviews
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
 Batch = Dict[str, np.ndarray]
@@ -87,9 +88,14 @@ class LMDataConfig:
       spm_model_type: SentencePiece algorithm, ``unigram`` or ``bpe``.
       spm_sample_reviews: reviews (a fixed random sample of the training text)
         the vocabulary is learned from (0 = all 75,000; slower).
-      train_reviews: train on the first N of the 75,000 training reviews only
-        (0 = all; quick trials and tests; evaluation always reads every test
-        review).
+      train_reviews: train on the first N of the training reviews left after
+        the validation set only (0 = all; quick trials and tests; evaluation
+        always reads every validation and test review).
+      valid_reviews: reviews carved from the 75,000 training reviews (a fixed
+        seeded sample) for per-epoch evaluation and checkpoint selection;
+        never trained on, never in the vocabulary's sample. ``0`` marks a
+        workdir written before this split existed (it selected on test): such
+        runs can be loaded (``generate``, ``--init_from``) but not trained.
     """
 
     vocab_size: int = 8000
@@ -97,6 +103,7 @@ class LMDataConfig:
     spm_model_type: str = "unigram"
     spm_sample_reviews: int = 20_000
     train_reviews: int = 0
+    valid_reviews: int = 1000
 
     def __post_init__(self):
         if self.vocab_size < 8:
@@ -108,6 +115,8 @@ class LMDataConfig:
         if self.spm_sample_reviews < 0 or self.train_reviews < 0:
             raise ValueError(f"--spm_sample_reviews and --train_reviews must be >= 0 (0 = all), got "
                              f"{self.spm_sample_reviews} and {self.train_reviews}.")
+        if self.valid_reviews < 0:
+            raise ValueError(f"--valid_reviews must be >= 1 (default 1000), got {self.valid_reviews}.")
 
 
 # --------------------------------------------------------------------------- text
@@ -128,6 +137,22 @@ def word_count(text: str) -> int:
 def read_reviews(splits: Sequence[str]) -> List[str]:
     """Cleaned review texts of the given ``imdb_reviews`` splits, concatenated in TFDS order."""
     return [clean(r["text"]) for split in splits for r in read_records(DATASET, split)]
+
+
+def split_validation(num_reviews: int, valid_reviews: int):
+    """``(train indices, validation indices)`` into the training reviews, both sorted and disjoint.
+
+    The validation set is ``valid_reviews`` indices drawn without replacement
+    with a fixed seed: a function of ``(num_reviews, valid_reviews)`` only.
+
+    Raises:
+      ValueError: ``valid_reviews`` leaves no review to train on.
+    """
+    if valid_reviews >= num_reviews:
+        raise ValueError(f"--valid_reviews {valid_reviews} leaves none of the {num_reviews} training reviews to "
+                         f"train on; lower it (e.g. --valid_reviews {max(1, num_reviews // 20)}).")
+    valid = np.sort(np.random.default_rng(_VALID_SEED).choice(num_reviews, valid_reviews, replace=False))
+    return np.setdiff1d(np.arange(num_reviews), valid), valid
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -181,6 +206,16 @@ class EncodedCorpus:
     def doc_lengths(self) -> np.ndarray:
         """Tokens per document, BOS and EOS included: ``[D]``."""
         return np.diff(self.offsets) + 2
+
+    def select(self, docs: npt.ArrayLike) -> "EncodedCorpus":
+        """The reviews ``docs`` (indices), in that order."""
+        docs = np.asarray(docs, np.int64)
+        lengths = np.diff(self.offsets)[docs]
+        offsets = np.zeros(len(docs) + 1, np.int64)
+        offsets[1:] = np.cumsum(lengths)
+        pieces = [self.ids[self.offsets[d]:self.offsets[d + 1]] for d in docs]
+        ids = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+        return EncodedCorpus(ids, offsets, self.words[docs])
 
     def first(self, n: int) -> "EncodedCorpus":
         """The first ``n`` reviews (all if ``n`` is 0)."""

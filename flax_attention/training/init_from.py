@@ -12,7 +12,12 @@ With ``--init_from W`` the classifier mirrors the language model of ``W``:
   cut to ``--max_length`` tokens as ``--truncate`` says (``--vocab_size`` does
   not apply); ``--max_length`` may not exceed the LM's;
 * parameters: the ``lm`` subtree starts as ``W``'s best checkpoint (by its
-  test log-likelihood), the head fresh.
+  validation log-likelihood), the head fresh.
+
+Recipe decisions (epochs, learning rate, freezing) belong on a validation
+split: ``--valid_examples N`` carves ``N`` labelled training reviews for the
+per-epoch evaluation and checkpoint selection, and the test split is then
+evaluated once, on the selected checkpoint.
 
 Everything is checked before the workdir is written: ``W`` must be an ``lm``
 workdir with a checkpoint, and every parameter the classifier's body expects

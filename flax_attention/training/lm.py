@@ -12,8 +12,14 @@ trainer. Metric sums per batch: ``loss`` (NLL, nats), ``accuracy`` (greedy
 next-token hits), ``words`` (whitespace words, see below) and ``weight``
 (counted target tokens); the trainer divides every sum by ``weight``.
 
-Evaluation after every epoch: the *whole* ``test`` split (25,000 reviews),
-packed the same way. Reported:
+Evaluation after every epoch: the validation set, ``--valid_reviews``
+(default 1,000) training reviews carved off by a fixed seed (never trained
+on, not in the vocabulary's sample), packed the same way; the checkpoint
+with the best validation ``log_likelihood`` is the selected one (what
+``train.py generate`` and ``--init_from`` load). After training, the selected
+parameters are evaluated *once* on the whole ``test`` split (25,000 reviews,
+:attr:`Task.test_eval`): the reported figures, logged as the ``test`` event
+with ``test_``-prefixed keys. Reported on both:
 
 * ``token_perplexity = exp(NLL / tokens)``, tokens = each review's
   SentencePiece pieces + its EOS (the BOS is an input only);
@@ -23,9 +29,7 @@ packed the same way. Reported:
   vocabularies and tokenisers;
 * ``log_likelihood = -NLL / tokens``, the selection metric (the trainer keeps
   the checkpoint with the *highest* selection metric; higher log-likelihood is
-  lower perplexity). Model selection on the test split only picks which
-  epoch's checkpoint ``train.py generate`` and ``--init_from`` load; the
-  perplexity the run reports is the last epoch's.
+  lower perplexity).
 """
 
 from __future__ import annotations
@@ -73,11 +77,30 @@ def perplexities(metrics: Mapping[str, float]) -> Dict[str, float]:
 
 
 @dataclasses.dataclass
+class EvalSplit:
+    """One evaluation corpus as the trainer's ``evaluate`` reads it (every row once)."""
+
+    corpus: C.EncodedCorpus
+    max_length: int
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict]:
+        return C.eval_batches(self.corpus, self.max_length, batch_size)
+
+    def num_eval_batches(self, batch_size: int) -> int:
+        return -(-C.num_rows(self.corpus, self.max_length) // batch_size)
+
+
+@dataclasses.dataclass
 class LMData:
-    """Training corpus (its rows for the trainer's length checks), test corpus and the tokenizer."""
+    """Training corpus (its rows for the trainer's length checks), validation and test corpora, the tokenizer.
+
+    ``eval_batches`` (the per-epoch evaluation) read the validation corpus;
+    the test corpus is read once, by :func:`test_eval`.
+    """
 
     config: C.LMDataConfig
     train_corpus: C.EncodedCorpus
+    valid_corpus: C.EncodedCorpus
     test_corpus: C.EncodedCorpus
     extras: Dict[str, Any]
 
@@ -89,40 +112,90 @@ class LMData:
     def test(self) -> C.EncodedCorpus:
         return self.test_corpus
 
+    def split(self, name: str) -> EvalSplit:
+        """``"valid"`` or ``"test"`` as an evaluation split."""
+        return EvalSplit({"valid": self.valid_corpus, "test": self.test_corpus}[name], self.config.max_length)
+
     @property
     def description(self) -> str:
-        tr, te, L = self.train_corpus, self.test_corpus, self.config.max_length
+        tr, va, te, L = self.train_corpus, self.valid_corpus, self.test_corpus, self.config.max_length
         return (f"IMDB language modelling: {len(tr)} training reviews ({len(tr.ids) + len(tr)} target tokens, "
-                f"{C.num_rows(tr, L)} rows of {L}), {len(te)} test reviews ({len(te.ids) + len(te)} tokens, "
-                f"{int(te.words.sum()) + len(te)} words), SentencePiece vocabulary "
-                f"{self.extras['tokenizer'].vocab_size}")
+                f"{C.num_rows(tr, L)} rows of {L}), {len(va)} validation reviews ({len(va.ids) + len(va)} tokens), "
+                f"{len(te)} test reviews ({len(te.ids) + len(te)} tokens, {int(te.words.sum()) + len(te)} words, "
+                f"evaluated once after training), SentencePiece vocabulary {self.extras['tokenizer'].vocab_size}")
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, start_step: int = 0) -> Iterator[dict]:
         return C.train_batches(self.train_corpus, self.config.max_length, batch_size, seed, epoch, start_step)
 
     def eval_batches(self, batch_size: int) -> Iterator[dict]:
-        return C.eval_batches(self.test_corpus, self.config.max_length, batch_size)
+        return self.split("valid").eval_batches(batch_size)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return C.num_rows(self.train_corpus, self.config.max_length) // batch_size
 
     def num_eval_batches(self, batch_size: int) -> int:
-        return -(-C.num_rows(self.test_corpus, self.config.max_length) // batch_size)
+        return self.split("valid").num_eval_batches(batch_size)
+
+
+def check_validation(cfg: C.LMDataConfig) -> None:
+    """Training needs a validation split: ``--valid_reviews 0`` only marks workdirs written before it existed."""
+    if cfg.valid_reviews < 1:
+        raise ValueError("--valid_reviews 0: model selection needs validation reviews carved from the training "
+                         "text (the test split is evaluated once, after training); give --valid_reviews N >= 1 "
+                         "(default 1000). A workdir written before --valid_reviews existed chose its checkpoints on "
+                         "the test split: retrain in a fresh --workdir.")
 
 
 def _prepare(workdir, configs) -> LMData:
     cfg = configs["data"]
-    train_texts = functools.lru_cache(maxsize=1)(lambda: C.read_reviews(C.TRAIN_SPLITS))
+    check_validation(cfg)
+    texts = functools.lru_cache(maxsize=1)(lambda: C.read_reviews(C.TRAIN_SPLITS))
+
+    def train_texts():  # the vocabulary never sees a validation review
+        keep, _ = C.split_validation(len(texts()), cfg.valid_reviews)
+        return [texts()[i] for i in keep]
+
     tok = C.load_tokenizer(workdir, cfg, train_texts, train=distributed.is_primary())
     if tok.vocab_size != cfg.vocab_size:
         print(f"note: SentencePiece made {tok.vocab_size} pieces (asked for {cfg.vocab_size}; the corpus has fewer)")
-    train = C.load_encoded(workdir, "train+unsupervised", tok, train_texts).first(cfg.train_reviews)
+    # The cache holds all 75,000 encoded reviews; the split is recomputed from their count (a pure function).
+    everything = C.load_encoded(workdir, "train+unsupervised", tok, texts)
+    keep, valid = C.split_validation(len(everything), cfg.valid_reviews)
+    train = everything.select(keep).first(cfg.train_reviews)
     test = C.load_encoded(workdir, C.TEST_SPLIT, tok, lambda: C.read_reviews([C.TEST_SPLIT]))
-    return LMData(cfg, train, test, {"tokenizer": tok})
+    return LMData(cfg, train, everything.select(valid), test, {"tokenizer": tok})
+
+
+def evaluate_test(model, params, configs, data: LMData, workdir, selection: Mapping[str, Any],
+              evaluate=None) -> Dict[str, Any]:
+    """The reported figures: the selected parameters' perplexities on the whole test split, computed once.
+
+    ``evaluate(params, split)``: the trainer's teacher-forced evaluation
+    (per-token means) on the run's devices. With ``--average_checkpoints`` the
+    average's validation perplexities are reported too (averaging is a recipe
+    choice, judged on validation).
+    """
+    assert evaluate is not None, "the trainer passes its evaluation function"
+    out: Dict[str, Any] = {}
+    averaged = selection.get("averaged_steps")
+    if averaged:
+        val = evaluate(params, data.split("valid"))
+        out.update({f"averaged_{k}": v for k, v in {**val, **perplexities(val)}.items()})
+        what = f"average of the checkpoints of steps {', '.join(map(str, averaged))}"
+    else:
+        what = f"best validation checkpoint, step {selection['selected_step']}"
+    test = evaluate(params, data.split("test"))
+    test.update(perplexities(test))
+    out.update({f"test_{k}": v for k, v in test.items()})
+    if distributed.is_primary():
+        print(f"test: {_summary(test)} ({what}) on all {int(test['examples'])} test tokens "
+              f"({len(data.test_corpus)} reviews)")
+    return out
 
 
 def check_special_ids(configs) -> None:
-    """``--pad_id/--bos_id/--eos_id`` must be the ids the SentencePiece model is trained with."""
+    """``--pad_id/--bos_id/--eos_id`` must be the ids the SentencePiece model is trained with; a validation split."""
+    check_validation(configs["data"])
     m = configs["model"]
     if (m.pad_id, m.bos_id, m.eos_id) != (C.PAD_ID, C.BOS_ID, C.EOS_ID):
         raise ValueError(f"--pad_id/--bos_id/--eos_id {m.pad_id}/{m.bos_id}/{m.eos_id}: the SentencePiece model "
@@ -179,7 +252,7 @@ def _summary(m: Mapping[str, float]) -> str:
 # 2022: ~20 tokens per parameter; this one has ~1.3M non-embedding parameters). --train_reviews 0 uses all 75,000.
 FLAG_DEFAULTS = {
     "vocab_size": 8000, "max_length": 128, "d_model": 192, "num_heads": 4, "num_kv_heads": 0, "num_layers": 3,
-    "d_ff": 768, "dropout_rate": 0.0, "train_reviews": 60_000,
+    "d_ff": 768, "dropout_rate": 0.0, "train_reviews": 60_000, "valid_reviews": 1000,
     "learning_rate": 1e-3, "lr_schedule": "cosine", "warmup_steps": 200, "adam_b2": 0.98, "clip_norm": 1.0,
     "batch_size": 32, "num_epochs": 1, "eval_batch_size": 128, "checkpoint_every": 500, "log_every": 20,
 }
@@ -195,9 +268,12 @@ LM = Task(
     selection_metric="log_likelihood",
     flag_defaults=FLAG_DEFAULTS,
     summary=_summary,
-    eval_name="test tokens",
+    eval_name="validation tokens",
     eval_metrics=perplexities,
     preflight=check_special_ids,
+    test_eval=evaluate_test,
+    # Written before the validation split: 0 marks them (loadable for generate/--init_from, refused for training).
+    added_fields={"data.valid_reviews": 0},
 )
 
 

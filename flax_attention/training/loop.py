@@ -62,7 +62,7 @@ def check_inputs(task, configs, resuming: bool = False) -> None:
     fresh run needs (``resuming``: the files were read at step 0).
     """
     if configs["train"].average_checkpoints and task.test_eval is None:
-        raise ValueError(f"--average_checkpoints applies to models with a final test split (translate); "
+        raise ValueError(f"--average_checkpoints applies to models with a final test split (translate, lm); "
                          f"--model {task.name} evaluates every epoch on its own: leave it at 0.")
     model = task.build_model(configs, None)
     try:
@@ -255,21 +255,28 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
             if primary:
                 print(f"epoch {epoch + 1}/{tcfg.num_epochs}: train loss {train_m.get('loss', float('nan')):.4f} "
                       f"acc {train_m.get('accuracy', float('nan')):.4f} ({train_time:.0f} s) | eval "
-                      f"{task.summary(metrics)} ({int(metrics['examples'])} {task.eval_name})")
+                      f"{task.summary(metrics)} ({int(metrics['examples'])} "
+                      f"{getattr(data, 'eval_name', None) or task.eval_name})")
             start = 0
             if epoch + 1 < tcfg.num_epochs and stop.requested():
                 raise stopped((epoch + 1) * spe)
         if not metrics:  # nothing left to train: evaluate the restored state
             step = placement.step(rstate)
             metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step, True, placement)
-        if task.test_eval is not None:  # the reported figure: the model chosen on validation
-            metrics.update(final_test(task, configs, model, ckpt, placement.host_template(rstate), data, workdir, log))
+        if task.test_eval is not None and getattr(data, "final_test", True):  # the model chosen on validation
+            def evaluate_params(params, split):
+                return evaluate(p_eval, placement.with_params(rstate, params), split,
+                                tcfg.eval_batch_size or tcfg.batch_size, desc="test", placement=placement)
+
+            metrics.update(final_test(task, configs, model, ckpt, placement.host_template(rstate), data, workdir, log,
+                                      evaluate_params))
     finally:
         log.close()
     ckpt.wait()
     if primary:
-        what = (f"test accuracy: {metrics['accuracy']:.4f}" if task.decode_eval is None and task.eval_metrics is None
-                else f"evaluation: {task.summary(metrics)}")
-        print(f"Final {what} on all {int(metrics['examples'])} {task.eval_name} "
+        eval_name = getattr(data, "eval_name", None) or task.eval_name
+        what = (f"{eval_name.split()[0]} accuracy: {metrics['accuracy']:.4f}"
+                if task.decode_eval is None and task.eval_metrics is None else f"evaluation: {task.summary(metrics)}")
+        print(f"Final {what} on all {int(metrics['examples'])} {eval_name} "
               f"(step {placement.step(rstate)}, checkpoints in {workdir})")
     return metrics

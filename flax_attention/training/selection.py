@@ -44,9 +44,13 @@ def select_params(ckpt, template_state, average: int) -> Tuple[Any, Dict[str, An
     return ckpt.restore(step, template_state)[0].params, {"selected_step": int(step)}
 
 
-def final_test(task, configs, model, ckpt, template_state, data, workdir, log) -> Dict[str, Any]:
-    """Runs ``task.test_eval`` on the selected parameters and logs the ``test`` event."""
+def final_test(task, configs, model, ckpt, template_state, data, workdir, log, evaluate=None) -> Dict[str, Any]:
+    """Runs ``task.test_eval`` on the selected parameters and logs the ``test`` event.
+
+    ``evaluate(params, split)``: the trainer's teacher-forced evaluation of
+    ``params`` on ``split`` (``eval_batches``/``num_eval_batches``), passed on.
+    """
     params, selection = select_params(ckpt, template_state, configs["train"].average_checkpoints)
-    out = {**selection, **task.test_eval(model, params, configs, data, workdir, selection)}
+    out = {**selection, **task.test_eval(model, params, configs, data, workdir, selection, evaluate=evaluate)}
     log(event="test", step=int(template_state.step), **out)
     return out

@@ -41,18 +41,42 @@ class Data:
     train: Any
     test: Any
     extras: Dict[str, Any]
+    valid: Any = None  # IMDB --valid_examples: evaluated every epoch instead of test (then read once at the end)
+
+    @property
+    def evaluated(self):
+        """The split every epoch's evaluation reads: validation if there is one, else test."""
+        return self.test if self.valid is None else self.valid
+
+    @property
+    def eval_name(self) -> str:
+        return "test reviews" if self.valid is None else "validation reviews"
+
+    @property
+    def final_test(self) -> bool:
+        """Whether the trainer evaluates the test split once after training (only with a validation split)."""
+        return self.valid is not None
+
+    @property
+    def description(self) -> str:
+        held = f" / {len(self.valid)} validation" if self.valid is not None else ""
+        return f"{len(self.train)} train{held} / {len(self.test)} test examples"
+
+    def test_split(self) -> "Data":
+        """The test split as the evaluated one (for :func:`imdb_test_eval`)."""
+        return dataclasses.replace(self, valid=None)
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, start_step: int = 0) -> Iterator[dict]:
         return imdb.train_batches(self.train, batch_size, seed, epoch, start_step)
 
     def eval_batches(self, batch_size: int) -> Iterator[dict]:
-        return imdb.eval_batches(self.test, batch_size)
+        return imdb.eval_batches(self.evaluated, batch_size)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return imdb.steps_per_epoch(self.train, batch_size)
 
     def num_eval_batches(self, batch_size: int) -> int:
-        return -(-len(self.test) // batch_size)
+        return -(-len(self.evaluated) // batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +117,13 @@ class Task:
       added_fields: ``{"section.field": value}`` of fields added after
         workdirs were written, with the value older runs used.
       test_eval: optional ``(model, params, configs, data, workdir,
-        selection) -> metrics``, run once after training on the *selected*
-        parameters (the best checkpoint by ``selection_metric``, or the
-        average of the newest ``--average_checkpoints``; ``selection`` says
-        which: ``selected_step`` or ``averaged_steps``): the reported figure.
+        selection, evaluate=...) -> metrics``, run once after training on the
+        *selected* parameters (the best checkpoint by ``selection_metric``, or
+        the average of the newest ``--average_checkpoints``; ``selection``
+        says which: ``selected_step`` or ``averaged_steps``): the reported
+        figure. ``evaluate(params, split)`` is the trainer's teacher-forced
+        evaluation (per-weight means) of any object with ``eval_batches`` and
+        ``num_eval_batches``, on the run's devices.
       preflight: optional ``(configs) -> None`` checking input files named by
         flags (e.g. ``--embeddings``) before anything is written; raises
         ValueError / FileNotFoundError.
@@ -158,13 +185,32 @@ def binary_classification_loss(params, apply_fn, batch, rngs, train: bool):
 
 
 def prepare_imdb(workdir, configs: Configs) -> Data:
-    if configs["data"].init_from:  # the LM's SentencePiece ids (flax_attention.training.init_from)
+    cfg = configs["data"]
+    extras: Dict[str, Any]
+    if cfg.init_from:  # the LM's SentencePiece ids (flax_attention.training.init_from)
         from flax_attention.training import init_from
 
-        tok, train, test = init_from.prepare(workdir, configs["data"])
-        return Data(train, test, {"tokenizer": tok})
-    vocab, train, test = imdb.prepare(workdir, configs["data"])
-    return Data(train, test, {"vocab": vocab})
+        tok, train, test = init_from.prepare(workdir, cfg)
+        extras = {"tokenizer": tok}
+    else:
+        vocab, train, test = imdb.prepare(workdir, cfg)
+        extras = {"vocab": vocab}
+    if not cfg.valid_examples:
+        return Data(train, test, extras)
+    train, valid = imdb.carve_validation(train, cfg.valid_examples)
+    return Data(train, test, extras, valid)
+
+
+def imdb_test_eval(model, params, configs: Configs, data: Data, workdir, selection: Mapping[str, Any],
+                   evaluate=None) -> Dict[str, Any]:
+    """``--valid_examples``: the selected checkpoint's accuracy on the whole test split, computed once."""
+    assert evaluate is not None, "the trainer passes its evaluation function"
+    m = evaluate(params, data.test_split())
+    what = (f"best validation checkpoint, step {selection['selected_step']}" if "selected_step" in selection
+            else f"average of the checkpoints of steps {', '.join(map(str, selection['averaged_steps']))}")
+    print(f"test accuracy {m['accuracy']:.4f} (loss {m['loss']:.4f}; {what}) on all {int(m['examples'])} "
+          "test reviews")
+    return {f"test_{k}": v for k, v in m.items()}
 
 
 def load_imdb_extras(workdir, configs: Configs) -> Dict[str, Any]:
@@ -254,6 +300,9 @@ def check_embeddings_file(configs: Configs) -> None:
     from flax_attention.data.word_vectors import load_word_vectors
 
     path, model = configs["data"].embeddings, configs["model"]
+    if configs["train"].average_checkpoints and not configs["data"].valid_examples:
+        raise ValueError(f"--average_checkpoints {configs['train'].average_checkpoints} needs a validation split "
+                         "to judge it and a final test: add --valid_examples N (e.g. 2500).")
     if configs["data"].init_from:
         if hasattr(model, "embed_dim"):
             raise ValueError(f"--init_from applies to --model transformer (the LM's blocks are a Transformer); "
@@ -290,7 +339,9 @@ def imdb_classifier(name: str, config_cls, model_cls) -> Task:
         init_params=pretrained_embeddings,
         preflight=check_embeddings_file,
         frozen=frozen_embeddings,
-        added_fields={"data.embeddings": "", "data.freeze_embeddings": False, "data.init_from": ""},
+        added_fields={"data.embeddings": "", "data.freeze_embeddings": False, "data.init_from": "",
+                      "data.valid_examples": 0},
+        test_eval=imdb_test_eval,
     )
 
 

@@ -136,7 +136,7 @@ def _decode_eval(model, params, configs, data, workdir, step: int, final: bool) 
                           f"step{step}")
 
 
-def _test_eval(model, params, configs, data, workdir, selection: Dict[str, Any]) -> Dict[str, Any]:
+def _test_eval(model, params, configs, data, workdir, selection: Dict[str, Any], evaluate=None) -> Dict[str, Any]:
     """The reported figure: the selected parameters (best or averaged checkpoint) on the test split."""
     cfg, dec = configs["data"], configs["decode"]
     out: Dict[str, Any] = {}
