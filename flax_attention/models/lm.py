@@ -61,8 +61,11 @@ class LMConfig:
     Attributes:
       vocab_size: ``V``.
       max_length: longest row, and longest prompt + generation (the cache length).
-      d_model: ``E``. num_heads: ``N``. num_kv_heads: ``K`` (``0`` = ``N``; grouped-query attention).
-      num_layers: decoder blocks. d_ff: ``F``, the feed-forward hidden size.
+      d_model: ``E``, the model width.
+      num_heads: ``N``, query heads.
+      num_kv_heads: ``K`` (``0`` = ``N``; grouped-query attention).
+      num_layers: decoder blocks.
+      d_ff: ``F``, the feed-forward hidden size.
       dropout_rate: embedding and residual dropout.
       attention_dropout_rate: dropout on attention weights.
       norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm), pre-norm.
@@ -76,7 +79,9 @@ class LMConfig:
       dtype: computation dtype name (``"float32"``, ``"bfloat16"``); logits are float32 always.
       attention_implementation: ``""`` (auto) or a name accepted by
         :func:`~flax_attention.scaled_dot_product_attention`.
-      pad_id, bos_id, eos_id: special token ids (the trainer's SentencePiece model uses these).
+      pad_id: the padding token id (the trainer's SentencePiece model uses 0).
+      bos_id: the begin-of-document token id (SentencePiece: 1).
+      eos_id: the end-of-document token id, where generation stops (SentencePiece: 2).
     """
 
     vocab_size: int = 8000
