@@ -83,7 +83,7 @@ def _params(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path, schedule, in_process_compilation_cache):
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, schedule):
     """A crash after step 4 of 12, then a resume, ends with the uninterrupted run's parameters.
 
     The constant schedule also extends the run (1 epoch, then 2) on resume; the
