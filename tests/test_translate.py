@@ -122,6 +122,24 @@ def read_scalars(folder: Path):
     return out
 
 
+VALIDATION_PAIRS = 256  # of 1014: per-epoch and recipe decodes of an untrained model need no more
+# Runs a script (train.py, the recipe) with the validation split cut to its first VALIDATION_PAIRS pairs
+# (official order): the validation decodes are most of an untrained run's time, and what is checked
+# on them (files, sacreBLEU, selection, the recipe) does not need the whole split. The test split stays
+# whole, and the checks that it is decoded whole (1000 lines) run on the same evaluate_split.
+_CUT_VALIDATION = f"""
+import runpy, sys
+from flax_attention.data import translate as D
+_pairs = D.sentence_pairs
+def sentence_pairs(dataset, split, *langs):
+    src, tgt = _pairs(dataset, split, *langs)
+    return (src[:{VALIDATION_PAIRS}], tgt[:{VALIDATION_PAIRS}]) if split == "validation" else (src, tgt)
+D.sentence_pairs = sentence_pairs
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def _sacrebleu(ref, hyp):
     """The ``sacrebleu`` command's cased BLEU of ``hyp`` against ``ref`` (no project code in the loop)."""
     cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b"],
@@ -146,14 +164,16 @@ def test_real_data_run_selects_averages_and_scores_like_sacrebleu(tmp_path):
     env = {**os.environ, "TFDS_DATA_DIR": str(REAL_DATA), "JAX_PLATFORMS": "cpu"}
 
     def run(*extra):
-        out = subprocess.run([sys.executable, "train.py", *TINY, "--workdir", str(w), *extra], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=1800)
+        out = subprocess.run([sys.executable, "-c", _CUT_VALIDATION, "train.py", *TINY, "--workdir", str(w), *extra],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout, [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
 
     stdout, records = run()
-    pairs = int(re.search(r"multi30k de->en: (\d+) training pairs", stdout).group(1))
-    assert 240 <= pairs <= 256 and "test BLEU" in stdout  # the first 256, minus those over 64 subwords
+    pairs = int(re.search(rf"multi30k de->en: (\d+) training pairs \(<= 64 subwords\), {VALIDATION_PAIRS} validation pairs",
+                          stdout).group(1))
+    assert 240 <= pairs <= 256  # the first 256, minus those over 64 subwords
+    assert "test BLEU" in stdout and "on all 1000 sentences" in stdout  # the test split is never cut
     per_epoch = pairs // 64
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [per_epoch * e for e in (1, 2, 3)]
@@ -163,10 +183,10 @@ def test_real_data_run_selects_averages_and_scores_like_sacrebleu(tmp_path):
     assert test["event"] == "test" and test["step"] == final["step"] and test["selected_step"] == best
     assert test["test_bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert test["test_bleu_lc_tok_signature"].startswith("lowercase+moses-norm+moses-tok(en)|")
-    # Every validation decode and the test decode: one line per sentence of the whole split, and the
-    # figure the sacrebleu command computes from the written files.
+    # Every validation decode (of the cut split) and the test decode (of the whole test split): one line
+    # per sentence, and the figure the sacrebleu command computes from the written files.
     translations = w / "translations"
-    checked = [(r["translations"], "validation", 1014, r["bleu"]) for r in evals]
+    checked = [(r["translations"], "validation", VALIDATION_PAIRS, r["bleu"]) for r in evals]
     checked.append((test["test_translations"], "test", 1000, test["test_bleu"]))
     for (path, split, n, bleu), name in zip(checked, [f"validation-step{r['step']}.en" for r in evals] +
                                             [f"test-step{best}.en"]):
@@ -199,7 +219,8 @@ def test_real_data_run_selects_averages_and_scores_like_sacrebleu(tmp_path):
     # best validation score of its second stage (beam x alpha on the parameters chosen greedily).
     written = sorted(p.name for p in translations.iterdir())
     report = tmp_path / "recipe.md"
-    rc = subprocess.run([sys.executable, "benchmarks/translate_recipe.py", "--workdir", str(w), "--average", "0,1",
+    rc = subprocess.run([sys.executable, "-c", _CUT_VALIDATION, "benchmarks/translate_recipe.py", "--workdir", str(w),
+                         "--average", "0,1",
                          "--beams", "1,2", "--alphas", "0.6,1.0", "--report", str(report)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rc.returncode == 0, rc.stderr[-2000:]
