@@ -32,3 +32,28 @@ def _child_compilation_cache(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def in_process_compilation_cache(_child_compilation_cache):
+    """The same cache for the test's own process, for tests that call ``train.main`` several times in-process.
+
+    Each in-process run builds new jitted closures, so JAX's in-memory cache never hits and
+    every run would compile the same programs again; the persistent cache hands the later runs
+    the executables of the first (same HLO -> same executable, so runs still compare like with
+    like). Switched on only for the test that asks for it, and off again afterwards.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    options = {"jax_compilation_cache_dir": _child_compilation_cache["JAX_COMPILATION_CACHE_DIR"],
+               "jax_persistent_cache_min_compile_time_secs": 0.0,
+               "jax_persistent_cache_min_entry_size_bytes": -1}
+    saved = {k: getattr(jax.config, k) for k in options}
+    for k, v in options.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()  # JAX decided at its first compilation that no cache is used
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()

@@ -64,6 +64,34 @@ def _start(devices, args, workdir, mock=True):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+_SEQUENCE_MAIN = """
+import json, sys, tensorflow_datasets as tfds, train
+mock, runs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for i, argv in enumerate(runs):
+    print(f"===== run {i}", flush=True)
+    if mock:
+        with tfds.testing.mock_data(num_examples=32):
+            rc = train.main(argv)
+    else:
+        rc = train.main(argv)
+    print(f"===== rc {rc}", flush=True)
+    if rc:
+        sys.exit(rc)
+"""
+
+
+def _run_in_one_process(devices, runs, mock=True, timeout=600):
+    """Trains ``[(args, workdir), ...]`` one after another in one process (one JAX start-up, one set of
+    imports; pmap and mesh runs share the 8-device process); all must succeed. Returns each run's stdout."""
+    argvs = [[*args, "--workdir", str(workdir)] for args, workdir in runs]
+    out = subprocess.run([sys.executable, "-c", _SEQUENCE_MAIN, json.dumps(mock), json.dumps(argvs)], cwd=ROOT,
+                         env=_env(devices), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    parts = out.stdout.split("===== run ")[1:]
+    assert len(parts) == len(runs) and all("===== rc 0" in p for p in parts), out.stdout[-3000:]
+    return parts
+
+
 def _run_all(*procs, timeout=600):
     """Waits for every process; all must succeed. Returns their stdouts."""
     outs = [p.communicate(timeout=timeout) for p in procs]
@@ -252,8 +280,9 @@ def test_parameters_and_optimizer_state_are_split_over_fsdp():
 def bigru_runs(tmp_path_factory):
     """pmap on 8 devices for 2 epochs; the mesh for 1 epoch (checkpoint at step 4), both 4 steps/epoch."""
     root = tmp_path_factory.mktemp("bigru")
-    _run_all(_start(8, BIGRU + ["--num_epochs", "2"], root / "pmap8"),
-             _start(8, BIGRU + ["--num_epochs", "1", "--mesh", "data=2,fsdp=4"], root / "mesh8"))
+    outs = _run_in_one_process(8, [(BIGRU + ["--num_epochs", "2"], root / "pmap8"),
+                                   (BIGRU + ["--num_epochs", "1", "--mesh", "data=2,fsdp=4"], root / "mesh8")])
+    assert ["on a mesh" in out for out in outs] == [False, True]
     return root
 
 
@@ -276,10 +305,11 @@ def test_checkpoints_move_between_device_counts_meshes_and_pmap(bigru_runs, tmp_
     shutil.copytree(bigru_runs / "mesh8", mesh_to_pmap)
     shutil.copytree(bigru_runs / "pmap8", pmap_to_mesh)
     shutil.rmtree(pmap_to_mesh / "checkpoints" / "8")  # resume from the pmap checkpoint of step 4
-    outs = _run_all(_start(4, BIGRU + ["--num_epochs", "2", "--mesh", "fsdp=4"], mesh_to_mesh),
-                    _start(4, BIGRU + ["--num_epochs", "2"], mesh_to_pmap),
-                    _start(4, BIGRU + ["--num_epochs", "2", "--mesh", "data=2,fsdp=2"], pmap_to_mesh))
+    outs = _run_in_one_process(4, [(BIGRU + ["--num_epochs", "2", "--mesh", "fsdp=4"], mesh_to_mesh),
+                                   (BIGRU + ["--num_epochs", "2"], mesh_to_pmap),
+                                   (BIGRU + ["--num_epochs", "2", "--mesh", "data=2,fsdp=2"], pmap_to_mesh)])
     reference = _losses(bigru_runs / "pmap8")
+    assert ["on a mesh" in out for out in outs] == [True, False, True]
     for w, out in zip((mesh_to_mesh, mesh_to_pmap, pmap_to_mesh), outs):
         assert "Resuming from step 4" in out and "4 device(s)" in out
         np.testing.assert_allclose(_losses(w), reference, rtol=1e-5, err_msg=str(w))
@@ -304,15 +334,23 @@ def test_two_processes_on_one_mesh_match_one_process(bigru_runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, mock", [(SEQ2SEQ, False), (TRANSFORMER, True)], ids=["seq2seq", "transformer"])
-def test_transformer_models_on_the_mesh_reproduce_the_pmap_losses(tmp_path, args, mock):
-    _run_all(_start(8, args, tmp_path / "pmap", mock),
-             _start(8, args + ["--mesh", "data=2,fsdp=4"], tmp_path / "mesh", mock))
-    np.testing.assert_allclose(_losses(tmp_path / "mesh"), _losses(tmp_path / "pmap"), rtol=1e-5)
-    for a, b in zip(_records(tmp_path / "pmap", "eval"), _records(tmp_path / "mesh", "eval")):
-        np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-5)
-        assert b.get("exact_match") == a.get("exact_match")  # greedy decoding of the seq2seq task
-    _assert_same_state(tmp_path / "pmap", tmp_path / "mesh")
+@pytest.mark.parametrize("args, mock, meshes", [
+    (SEQ2SEQ, False, ["data=2,fsdp=4", "data=2,seq=4"]),
+    (TRANSFORMER, True, ["data=2,fsdp=4", "data=2,seq=4", "data=2,seq=4:zigzag"]),
+], ids=["seq2seq", "transformer"])
+def test_transformer_models_on_the_mesh_reproduce_the_pmap_losses(tmp_path, args, mock, meshes):
+    """--mesh data=2,fsdp=4 (batch over data x fsdp, parameters over fsdp) and --mesh data=2,seq=4 (batch
+    over 2, every sequence over 4 with context-parallel attention, ring or zigzag): the losses, test losses,
+    greedy decodes and final state of the pmap run. One 8-device process trains them all (one pmap reference)."""
+    runs = [(args, tmp_path / "pmap")] + [(args + ["--mesh", m], tmp_path / f"mesh{i}") for i, m in enumerate(meshes)]
+    outs = _run_in_one_process(8, runs, mock)
+    assert "on a mesh" not in outs[0] and all("on a mesh" in out for out in outs[1:])  # each took its path
+    for _, w in runs[1:]:
+        np.testing.assert_allclose(_losses(w), _losses(tmp_path / "pmap"), rtol=1e-5, err_msg=str(w))
+        for a, b in zip(_records(tmp_path / "pmap", "eval"), _records(w, "eval")):
+            np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-5)
+            assert b.get("exact_match") == a.get("exact_match")  # greedy decoding of the seq2seq task
+        _assert_same_state(tmp_path / "pmap", w)
 
 
 _SEQ_CHILD = """
@@ -346,20 +384,6 @@ def test_seq_axis_splits_tokens_and_runs_the_ring():
     assert got["shape"] == [4, 8]  # 7 tokens padded to a multiple of seq = 4
     assert got["spec"] == "P(('data', 'fsdp'), 'seq')"
     assert got["impl"] == "context_parallel" and got["ppermute"]  # K/V blocks travel around the ring
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args, mock, mesh", [(SEQ2SEQ, False, "data=2,seq=4"), (TRANSFORMER, True, "data=2,seq=4"),
-                                              (TRANSFORMER, True, "data=2,seq=4:zigzag")],
-                         ids=["seq2seq", "transformer", "transformer-zigzag"])
-def test_sequence_parallel_mesh_reproduces_the_pmap_losses(tmp_path, args, mock, mesh):
-    """--mesh data=2,seq=4: batch over 2, every sequence over 4 with context-parallel attention."""
-    _run_all(_start(8, args, tmp_path / "pmap", mock),
-             _start(8, args + ["--mesh", mesh], tmp_path / "seq", mock))
-    np.testing.assert_allclose(_losses(tmp_path / "seq"), _losses(tmp_path / "pmap"), rtol=1e-5)
-    for a, b in zip(_records(tmp_path / "pmap", "eval"), _records(tmp_path / "seq", "eval")):
-        np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-5)
-    _assert_same_state(tmp_path / "pmap", tmp_path / "seq")
 
 
 @pytest.mark.slow

@@ -180,41 +180,42 @@ def _params(workdir, step):
 
 
 @pytest.mark.slow
-def test_seq2seq_resume_equals_uninterrupted_through_the_common_loop(tmp_path):
-    """With dropout on: a run cut after epoch 1 and resumed ends with the uninterrupted parameters."""
+def test_seq2seq_resume_refusal_translate_and_visualize_through_the_common_loop(tmp_path, capsys,
+                                                                                in_process_compilation_cache):
+    """With dropout on: a run cut after epoch 1 and resumed ends with the uninterrupted parameters; a changed
+    model is refused; the finished workdir translates and visualizes (heatmaps), and refuses bad symbols.
+
+    All in-process (``train.main`` with the CLI's argv): one trained workdir serves every check, and the
+    runs after the first reuse its compiled programs (tests/conftest.py)."""
     import train
 
     tiny = TINY + ["--dropout_rate", "0.1"]
-    assert train.main(tiny + ["--workdir", str(tmp_path / "a")]) == 0
-    assert train.main(tiny + ["--workdir", str(tmp_path / "b")]) == 0
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert train.main(tiny + ["--workdir", a]) == 0
+    out = capsys.readouterr().out
+    assert "exact match by length: 1:" in out and "Final evaluation" in out
+    assert train.main(tiny + ["--workdir", b]) == 0
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # "crash" after the epoch-1 checkpoint
-    assert train.main(tiny + ["--workdir", str(tmp_path / "b")]) == 0
-    for a, b in zip(_params(tmp_path / "a", 6), _params(tmp_path / "b", 6)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert train.main(tiny + ["--workdir", b]) == 0
+    assert "Resuming from step 3" in capsys.readouterr().out
+    for x, y in zip(_params(a, 6), _params(b, 6)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
     records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [3, 6] and "exact_match" in evals[-1] and "exact_len4" in evals[-1]
     # A changed model is refused with the field named; nothing is overwritten.
     before = (tmp_path / "a" / "config.json").read_text()
-    assert train.main(tiny + ["--workdir", str(tmp_path / "a"), "--d_ff", "64"]) == 2
+    assert train.main(tiny + ["--workdir", a, "--d_ff", "64"]) == 2
+    assert "model.d_ff" in capsys.readouterr().err
     assert (tmp_path / "a" / "config.json").read_text() == before
-
-
-@pytest.mark.slow
-def test_seq2seq_cli_translate_and_visualize_draw_heatmaps(tmp_path):
-    w = str(tmp_path / "run")
-    out = _train_py(*TINY, "--workdir", w)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "exact match by length: 1:" in out.stdout and "Final evaluation" in out.stdout
-    out = _train_py("translate", "--workdir", w, "1 2 3", "0 0")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "1 2 3 ->" in out.stdout
-    assert (tmp_path / "run" / "heatmaps" / "input_1" / "cross_layer0.png").stat().st_size > 1000
-    out = _train_py("visualize", "--workdir", w, "--num_examples", "2")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert len(list((tmp_path / "run" / "heatmaps").glob("example_*/encoder_self_layer0.png"))) == 2
-    bad = _train_py("translate", "--workdir", w, "7 x")
-    assert bad.returncode == 2 and "symbol indices" in bad.stderr
+    # translate / visualize on the finished workdir: cross-attention and encoder self-attention heatmaps.
+    assert train.main(["translate", "--workdir", a, "1 2 3", "0 0"]) == 0
+    assert "1 2 3 ->" in capsys.readouterr().out
+    assert (tmp_path / "a" / "heatmaps" / "input_1" / "cross_layer0.png").stat().st_size > 1000
+    assert train.main(["visualize", "--workdir", a, "--num_examples", "2"]) == 0
+    assert len(list((tmp_path / "a" / "heatmaps").glob("example_*/encoder_self_layer0.png"))) == 2
+    assert train.main(["translate", "--workdir", a, "7 x"]) == 2
+    assert "symbol indices" in capsys.readouterr().err
 
 
 def test_workdir_of_the_retired_seq2seq_trainer_is_refused_untouched(tmp_path):

@@ -17,11 +17,6 @@ TINY_SEQ2SEQ = ["--model", "seq2seq", "--task", "copy", "--num_symbols", "4", "-
                 "--eval_batch_size", "8"]
 
 
-def _train_py(*args, timeout=600):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_help_documents_every_model_with_its_own_defaults(capsys):
     sys.path.insert(0, str(ROOT))
     import train
@@ -71,33 +66,44 @@ def test_transformer_classifier_through_train_py(tmp_path):
 
 
 @pytest.mark.slow
-def test_seq2seq_through_train_py_resumes_and_refuses_schedule_changes(tmp_path):
+def test_seq2seq_through_train_py_resumes_and_refuses_schedule_changes(tmp_path, capsys,
+                                                                       in_process_compilation_cache):
+    # In-process train.main with the CLI's argv: seven commands, no process start-ups, and the runs after
+    # the first reuse its compiled programs (tests/conftest.py).
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    def train_py(*args):
+        rc = train.main(list(args))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
     w = str(tmp_path / "s2s")
-    out = _train_py(*TINY_SEQ2SEQ, "--workdir", w)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rc, out, err = train_py(*TINY_SEQ2SEQ, "--workdir", w)
+    assert rc == 0, out[-2000:] + err[-2000:]
     saved = json.loads((tmp_path / "s2s" / "config.json").read_text())
     assert saved["model_name"] == "seq2seq" and saved["data"]["task"] == "copy"
     evals = [json.loads(l) for l in (tmp_path / "s2s" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["event"] == "eval"] == [4]
     assert {f"exact_len{n}" for n in (1, 2, 3, 4)} <= set(evals[-1])
     # A finished run is found and not retrained; more epochs would bend the schedule -> refused.
-    again = _train_py(*TINY_SEQ2SEQ, "--workdir", w)
-    assert again.returncode == 0 and "Resuming from step 4" in again.stdout, again.stderr[-2000:]
-    longer = _train_py(*TINY_SEQ2SEQ, "--num_epochs", "2", "--workdir", w)  # the last flag wins
-    assert longer.returncode == 2 and "--num_epochs 1" in longer.stderr and "cooldown" in longer.stderr
+    rc, out, err = train_py(*TINY_SEQ2SEQ, "--workdir", w)
+    assert rc == 0 and "Resuming from step 4" in out, err[-2000:]
+    rc, out, err = train_py(*TINY_SEQ2SEQ, "--num_epochs", "2", "--workdir", w)  # the last flag wins
+    assert rc == 2 and "--num_epochs 1" in err and "cooldown" in err
     # Before any cooldown (here 10 % of 4 steps rounds to none in epoch 1), rsqrt may grow.
     w2 = str(tmp_path / "grow")
-    short = _train_py(*TINY_SEQ2SEQ, "--cooldown_fraction", "0.1", "--workdir", w2)
-    assert short.returncode == 0, short.stderr[-2000:]
-    grown = _train_py(*TINY_SEQ2SEQ, "--cooldown_fraction", "0.1", "--num_epochs", "2", "--workdir", w2)
-    assert grown.returncode == 0 and "Resuming from step 4" in grown.stdout, grown.stderr[-2000:]
+    rc, out, err = train_py(*TINY_SEQ2SEQ, "--cooldown_fraction", "0.1", "--workdir", w2)
+    assert rc == 0, err[-2000:]
+    rc, out, err = train_py(*TINY_SEQ2SEQ, "--cooldown_fraction", "0.1", "--num_epochs", "2", "--workdir", w2)
+    assert rc == 0 and "Resuming from step 4" in out, err[-2000:]
     evals = [json.loads(l) for l in (tmp_path / "grow" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["event"] == "eval"] == [4, 8]
     assert json.loads((tmp_path / "grow" / "config.json").read_text())["train"]["num_epochs"] == 2
-    pred = _train_py("predict", "--workdir", w, "a great film")  # predict on seq2seq = translate: symbols needed
-    assert pred.returncode == 2 and "symbol indices" in pred.stderr
-    bad = _train_py(*TINY_SEQ2SEQ, "--workdir", str(tmp_path / "bad"), "--cooldown_fraction", "2")
-    assert bad.returncode == 2 and "cooldown_fraction" in bad.stderr
+    rc, out, err = train_py("predict", "--workdir", w, "a great film")  # predict on seq2seq = translate: symbols
+    assert rc == 2 and "symbol indices" in err
+    rc, out, err = train_py(*TINY_SEQ2SEQ, "--workdir", str(tmp_path / "bad"), "--cooldown_fraction", "2")
+    assert rc == 2 and "cooldown_fraction" in err
 
 
 def test_a_task_takes_exactly_one_loss():

@@ -1,5 +1,6 @@
 """Translation: the Multi30k builder, SentencePiece, sacreBLEU, and a real-data run through train.py."""
 
+import gzip
 import json
 import os
 import struct
@@ -19,10 +20,11 @@ REAL_DATA = Path(os.environ.get("TFDS_DATA_DIR") or SHARED / "tensorflow_dataset
 RAW = SHARED / "multi30k" / "raw"
 HAS_MULTI30K = (REAL_DATA / "multi30k" / "1.0.0").is_dir()
 needs_multi30k = pytest.mark.skipif(not HAS_MULTI30K, reason="prepared multi30k not found (set TFDS_DATA_DIR)")
+# 3 epochs (3 checkpoints to select from and average), lr 0.01 so that they differ.
 TINY = ["--model", "translate", "--train_examples", "256", "--vocab_size", "500", "--d_model", "16",
         "--num_heads", "2", "--d_ff", "32", "--num_encoder_layers", "1", "--num_decoder_layers", "1",
-        "--batch_size", "64", "--warmup_steps", "2", "--num_epochs", "1", "--beam_size", "2",
-        "--decode_batch", "500", "--eval_batch_size", "500"]
+        "--batch_size", "64", "--warmup_steps", "2", "--num_epochs", "3", "--beam_size", "2",
+        "--decode_batch", "500", "--eval_batch_size", "500", "--learning_rate", "0.01"]
 
 
 @pytest.mark.skipif(not RAW.is_dir(), reason="raw Multi30k files not found")
@@ -120,65 +122,127 @@ def read_scalars(folder: Path):
     return out
 
 
+VALIDATION_PAIRS = 256  # of 1014: per-epoch and recipe decodes of an untrained model need no more
+# Runs a script (train.py, the recipe) with the validation split cut to its first VALIDATION_PAIRS pairs
+# (official order): the validation decodes are most of an untrained run's time, and what is checked
+# on them (files, sacreBLEU, selection, the recipe) does not need the whole split. The test split stays
+# whole, and the checks that it is decoded whole (1000 lines) run on the same evaluate_split.
+_CUT_VALIDATION = f"""
+import runpy, sys
+from flax_attention.data import translate as D
+_pairs = D.sentence_pairs
+def sentence_pairs(dataset, split, *langs):
+    src, tgt = _pairs(dataset, split, *langs)
+    return (src[:{VALIDATION_PAIRS}], tgt[:{VALIDATION_PAIRS}]) if split == "validation" else (src, tgt)
+D.sentence_pairs = sentence_pairs
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _sacrebleu(ref, hyp):
+    """The ``sacrebleu`` command's cased BLEU of ``hyp`` against ``ref`` (no project code in the loop)."""
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    return float(cli.stdout.strip())
+
+
 @pytest.mark.slow
 @needs_multi30k
-def test_real_data_run_bleu_equals_sacrebleu_on_the_written_files(tmp_path):
-    w = tmp_path / "run"
-    env = {**os.environ, "TFDS_DATA_DIR": str(REAL_DATA)}
-    out = subprocess.run([sys.executable, "train.py", *TINY, "--workdir", str(w)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_real_data_run_selects_averages_and_scores_like_sacrebleu(tmp_path):
+    """One real-data run serves every check of a finished translation workdir (one training, not two):
+    per-epoch validation decodes, the selected checkpoint's decode of the whole test split, the files
+    sacrebleu rescores, TensorBoard, the translate command, the recipe script, averaging on a finished run."""
     import re
 
-    pairs = int(re.search(r"multi30k de->en: (\d+) training pairs", out.stdout).group(1))
-    assert 240 <= pairs <= 256 and "test BLEU" in out.stdout  # the first 256, minus those over 64 subwords
-    step = pairs // 64
-    final, test = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()][-2:]
-    assert final["event"] == "eval" and final["step"] == step
-    assert test["event"] == "test" and test["step"] == step and test["selected_step"] == step  # one checkpoint
-    assert test["test_bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
-    for prefix, split, n, record in (("", "validation", 1014, final), ("test_", "test", 1000, test)):
-        hyp, ref = w / "translations" / f"{split}-step{step}.en", w / "translations" / f"{split}.ref.en"
-        assert record[f"{prefix}translations"] == str(hyp)
-        assert len(hyp.read_text(encoding="utf-8").splitlines()) == n == len(ref.read_text().splitlines())
-        cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-b"],
-                             capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 0, cli.stderr
-        assert float(cli.stdout.strip()) == pytest.approx(record[f"{prefix}bleu"], abs=0.006)
-    # References are the test sentences in the official raw files' order (TFDS's hash order undone).
     import tensorflow_datasets as tfds
 
     from flax_attention.data import multi30k
 
+    w = tmp_path / "run"
+    env = {**os.environ, "TFDS_DATA_DIR": str(REAL_DATA), "JAX_PLATFORMS": "cpu"}
+
+    def run(*extra):
+        out = subprocess.run([sys.executable, "-c", _CUT_VALIDATION, "train.py", *TINY, "--workdir", str(w), *extra],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout, [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+
+    stdout, records = run()
+    pairs = int(re.search(rf"multi30k de->en: (\d+) training pairs \(<= 64 subwords\), {VALIDATION_PAIRS} validation pairs",
+                          stdout).group(1))
+    assert 240 <= pairs <= 256  # the first 256, minus those over 64 subwords
+    assert "test BLEU" in stdout and "on all 1000 sentences" in stdout  # the test split is never cut
+    per_epoch = pairs // 64
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [per_epoch * e for e in (1, 2, 3)]
+    assert not any("test_bleu" in r for r in evals)  # epochs never look at the test split
+    final, best = evals[-1], max((r["bleu"], r["step"]) for r in evals)[1]
+    test = records[-1]
+    assert test["event"] == "test" and test["step"] == final["step"] and test["selected_step"] == best
+    assert test["test_bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert test["test_bleu_lc_tok_signature"].startswith("lowercase+moses-norm+moses-tok(en)|")
+    # Every validation decode (of the cut split) and the test decode (of the whole test split): one line
+    # per sentence, and the figure the sacrebleu command computes from the written files.
+    translations = w / "translations"
+    checked = [(r["translations"], "validation", VALIDATION_PAIRS, r["bleu"]) for r in evals]
+    checked.append((test["test_translations"], "test", 1000, test["test_bleu"]))
+    for (path, split, n, bleu), name in zip(checked, [f"validation-step{r['step']}.en" for r in evals] +
+                                            [f"test-step{best}.en"]):
+        hyp, ref = translations / name, translations / f"{split}.ref.en"
+        assert path == str(hyp)
+        assert len(hyp.read_text(encoding="utf-8").splitlines()) == n == len(ref.read_text().splitlines())
+        assert _sacrebleu(ref, hyp) == pytest.approx(bleu, abs=0.006)
+    # References are the test sentences in the official raw files' order (TFDS's hash order undone).
     targets = [r["en"].decode() for r in tfds.data_source("multi30k", split="test", data_dir=str(REAL_DATA))]
-    assert (w / "translations" / "test.ref.en").read_text(encoding="utf-8").splitlines() == \
-        multi30k.in_raw_order(targets, "test")
+    references = (translations / "test.ref.en").read_text(encoding="utf-8").splitlines()
+    assert references == multi30k.in_raw_order(targets, "test")
+    raw = REAL_DATA.parent / "multi30k" / "raw"  # beside the TFDS copy
+    if raw.is_dir():  # ... which is the official file itself
+        with gzip.open(raw / "test_2016_flickr.en.gz", "rt", encoding="utf-8") as f:
+            assert references == [x.strip() for x in f.read().splitlines()]
     assert (w / "spm.model").exists()
     scalars = read_scalars(w / "tensorboard")
     assert {"train/loss", "train/learning_rate", "eval/bleu", "eval/test_loss"} <= set(scalars)
-    assert scalars["eval/bleu"][-1] == (step, pytest.approx(final["bleu"], abs=1e-4))
-    # translate: a sentence from the command line, its translation and cross-attention heatmaps.
-    tr = subprocess.run([sys.executable, "train.py", "translate", "--workdir", str(w), "Ein Hund rennt."],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert scalars["eval/bleu"][-1] == (final["step"], pytest.approx(final["bleu"], abs=1e-4))
+
+    # translate: sentences from the command line (an empty line gives an empty line, not a refusal),
+    # their translations and cross-attention heatmaps.
+    tr = subprocess.run([sys.executable, "train.py", "translate", "--workdir", str(w), "Ein Hund rennt.", ""],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert tr.returncode == 0, tr.stderr[-2000:]
-    assert "Ein Hund rennt. ->" in tr.stdout
+    assert "Ein Hund rennt. ->" in tr.stdout and "'' -> ''" in tr.stdout
     assert (w / "heatmaps" / "input_1" / "cross_layer0.png").stat().st_size > 1000
+
     # The recipe is chosen on validation only: the script writes no translation, and its winner is the
     # best validation score of its second stage (beam x alpha on the parameters chosen greedily).
-    written = sorted(p.name for p in (w / "translations").iterdir())
+    written = sorted(p.name for p in translations.iterdir())
     report = tmp_path / "recipe.md"
-    rc = subprocess.run([sys.executable, "benchmarks/translate_recipe.py", "--workdir", str(w), "--average", "0,1",
+    rc = subprocess.run([sys.executable, "-c", _CUT_VALIDATION, "benchmarks/translate_recipe.py", "--workdir", str(w),
+                         "--average", "0,1",
                          "--beams", "1,2", "--alphas", "0.6,1.0", "--report", str(report)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rc.returncode == 0, rc.stderr[-2000:]
     result = json.loads(report.with_suffix(".json").read_text())
-    assert result["split"] == "validation" and sorted(p.name for p in (w / "translations").iterdir()) == written
+    assert result["split"] == "validation" and sorted(p.name for p in translations.iterdir()) == written
     greedy, decoded = result["rows"][:2], result["rows"][2:]
     assert [r["params"] for r in greedy] == ["best", "avg1"] and len(decoded) == 4
     assert result["chosen"]["params"] == max(greedy, key=lambda r: r["bleu"])["params"]
     assert result["chosen"]["validation_bleu"] == max(r["bleu"] for r in decoded)
-    assert greedy[0]["bleu"] == pytest.approx(final["bleu"], abs=0.006)  # the trainer's own validation score
-    # en->de from the same flags; the other direction's workdir name is the default.
+    best_eval = next(r for r in evals if r["step"] == best)
+    assert greedy[0]["bleu"] == pytest.approx(best_eval["bleu"], abs=0.006)  # the trainer's own validation score
+    assert greedy[1]["bleu"] == pytest.approx(final["bleu"], abs=0.006)  # avg1: the newest checkpoint alone
+
+    # Averaging may be switched on for a finished run: nothing is trained, the average is decoded.
+    _, records = run("--average_checkpoints", "2")
+    test = records[-1]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [r["step"] for r in evals]
+    assert test["event"] == "test" and test["averaged_steps"] == [r["step"] for r in evals][-2:]
+    assert 0 <= test["averaged_bleu"] <= 100 and "test_bleu" in test
+    assert Path(test["test_translations"]).name == f"test-avg{evals[-2]['step']}-{evals[-1]['step']}.en"
+
+    # A language the dataset lacks is refused with the flag named.
     wrong = subprocess.run([sys.executable, "train.py", *TINY, "--source_lang", "fr", "--workdir", str(tmp_path / "x")],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "no language 'fr'" in wrong.stderr

@@ -3,7 +3,6 @@ hypotheses scored by the ``sacrebleu`` command against the raw references, the l
 lowercased tokenised BLEU, model selection and checkpoint averaging for the test decode."""
 
 import gzip
-import json
 import os
 import re
 import subprocess
@@ -138,51 +137,6 @@ def test_checkpoint_averaging_is_the_mean_of_the_newest_k_and_selection_picks_th
     ckpt.close()
 
 
-TINY = ["--model", "translate", "--train_examples", "256", "--vocab_size", "500", "--d_model", "16",
-        "--num_heads", "2", "--d_ff", "32", "--num_encoder_layers", "1", "--num_decoder_layers", "1",
-        "--batch_size", "64", "--warmup_steps", "2", "--num_epochs", "3", "--beam_size", "2",
-        "--decode_batch", "500", "--eval_batch_size", "500", "--learning_rate", "0.01"]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_MULTI30K, reason="prepared multi30k not found (set TFDS_DATA_DIR)")
-def test_test_split_is_decoded_with_the_selected_or_averaged_checkpoint(tmp_path):
-    w = tmp_path / "run"
-    env = {**os.environ, "TFDS_DATA_DIR": str(REAL_DATA), "JAX_PLATFORMS": "cpu"}
-
-    def run(*extra):
-        out = subprocess.run([sys.executable, "train.py", *TINY, "--workdir", str(w), *extra], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=1800)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
-
-    records = run()
-    evals = [r for r in records if r["event"] == "eval"]
-    assert len(evals) == 3 and not any("test_bleu" in r for r in evals)  # epochs never look at the test split
-    best = max((r["bleu"], r["step"]) for r in evals)[1]
-    test = records[-1]
-    assert test["event"] == "test" and test["selected_step"] == best
-    hyp = w / "translations" / f"test-step{best}.en"
-    assert test["test_translations"] == str(hyp) and len(hyp.read_text(encoding="utf-8").splitlines()) == 1000
-    assert test["test_bleu_lc_tok_signature"].startswith("lowercase+moses-norm+moses-tok(en)|")
-    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(w / "translations" / "test.ref.en"), "-i", str(hyp),
-                          "-b"], capture_output=True, text=True, timeout=120)
-    assert float(cli.stdout) == pytest.approx(test["test_bleu"], abs=0.006)
-    # The references are the official file, in its order.
-    if RAW.is_dir():
-        assert (w / "translations" / "test.ref.en").read_text(encoding="utf-8").splitlines() == \
-            [x.strip() for x in _raw_lines("en").splitlines()]
-
-    # Averaging may be switched on for a finished run: nothing is trained, the average is decoded.
-    records = run("--average_checkpoints", "2")
-    test = records[-1]
-    steps = sorted(r["step"] for r in evals)
-    assert test["event"] == "test" and test["averaged_steps"] == steps[-2:]
-    assert 0 <= test["averaged_bleu"] <= 100 and "test_bleu" in test
-    assert Path(test["test_translations"]).name == f"test-avg{steps[-2]}-{steps[-1]}.en"
-
-    # translate: an empty line among sentences is translated to an empty line, not refused.
-    tr = subprocess.run([sys.executable, "train.py", "translate", "--workdir", str(w), "Ein Hund rennt.", ""],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert tr.returncode == 0, tr.stderr[-2000:]
-    assert "Ein Hund rennt. ->" in tr.stdout and "'' -> ''" in tr.stdout
+# The real-data run that selects / averages checkpoints and decodes the test split with them is
+# tests/test_translate.py::test_real_data_run_selects_averages_and_scores_like_sacrebleu (one
+# training serves every check of a finished translation workdir).
