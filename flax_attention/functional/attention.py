@@ -153,47 +153,6 @@ def attention_weights(
     return _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, precision)
 
 
-# Query rows per kv head (G·T) up to which the dense path multiplies and sums
-# instead of calling dot_general: see _few_query_rows.
-FEW_QUERY_ROWS = 8
-
-
-def _few_query_rows(t: int, g: int) -> bool:
-    """Whether the dense path takes its small-query-block (decode) form on this platform.
-
-    XLA:CPU runs a dot_general only with its batch dims (here ``[..., K]``)
-    major in both operands, so for the ``[..., S, K, H]`` key/value layout
-    (flax's KV cache) it copies the whole key and value into ``[..., K, H, S]``
-    / ``[..., K, S, D]`` before each dot: in a cached decode step, where the
-    dot is a matrix-vector product that reads the cache once, that copy is
-    most of the step's memory traffic. A broadcast multiply + sum over the
-    ``[..., S, K, H]`` operands fuses into one loop reading the cache in place
-    (the transposes left are of logits-sized arrays, ``T·S·N``). The
-    benchmarks/bench_generate.py LM (E=192, N=4, 3 layers, V=8000), one jitted
-    decode step, cache L=384, XLA:CPU cost analysis, bytes accessed: B=16
-    166 -> 110 MB (K=2 kv heads: 95 -> 67 MB), B=1 17.2 -> 13.7 MB; the six
-    cache-sized transposes per step are gone. Only for few query rows per kv
-    head (``G·T``; decode has ``T = 1``): larger blocks are matrix products
-    that the BLAS dot does best (training HLO is unchanged), and GPU/TPU keep
-    their dot units. Products are exact in the compute dtype, so ``precision``
-    has nothing to select here.
-    """
-    return 0 < t * g <= FEW_QUERY_ROWS and jax.default_backend() == "cpu"
-
-
-# jitted so that eager calls sum in the order of the fused, compiled form (jit == eager).
-@functools.partial(jax.jit, static_argnums=(2,))
-def _few_rows_qk(q: Array, key: Array, cdt) -> Array:
-    """``[..., 1, T, K, G, H]·[..., S, 1, K, 1, H]`` summed over H, in ``cdt``: ``[..., S, T, K, G]``."""
-    return jnp.sum(q.astype(cdt) * key.astype(cdt), axis=-1)
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _few_rows_pv(p: Array, value: Array, cdt) -> Array:
-    """``[..., S, T, K, G, 1]·[..., S, 1, K, 1, D]`` summed over S, in ``cdt``: ``[..., T, K, G, D]``."""
-    return jnp.sum(p.astype(cdt) * value.astype(cdt), axis=-5)
-
-
 def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, precision):
     """:func:`attention_weights` on validated arrays."""
     check_alignment(causal_alignment)  # checked even when unused: a typo is a bug
@@ -206,19 +165,13 @@ def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, p
     # Folding G into the query axis (Q = G·T rows per kv head) makes this one
     # batched matmul over [..., K]; measured ~1.5x faster on CPU than an
     # einsum that keeps K and G as separate output axes.
-    if _few_query_rows(t, g):
-        # [..., S, T, K, G]: products in the compute dtype (exact for bf16/f16 inputs), summed over H.
-        logits = _few_rows_qk(query.reshape(*batch, 1, t, k, g, h), key[..., :, None, :, None, :], cdt)
-        logits = jnp.moveaxis(logits, -4, -1).reshape(*batch, t, n, s)  # logits-sized, not cache-sized
-        logits = jnp.moveaxis(logits, -3, -2) * scale  # [..., N, T, S]
-    else:
-        q = jnp.moveaxis(query.reshape(*batch, t, k, g, h), -4, -2)  # [..., K, G, T, H]
-        q = q.reshape(*batch, k, g * t, h)
-        logits = jnp.einsum(
-            "...kqh,...skh->...kqs", q, key,
-            precision=precision, preferred_element_type=cdt,
-        )
-        logits = logits.reshape(*batch, n, t, s) * scale
+    q = jnp.moveaxis(query.reshape(*batch, t, k, g, h), -4, -2)  # [..., K, G, T, H]
+    q = q.reshape(*batch, k, g * t, h)
+    logits = jnp.einsum(
+        "...kqh,...skh->...kqs", q, key,
+        precision=precision, preferred_element_type=cdt,
+    )
+    logits = logits.reshape(*batch, n, t, s) * scale
     if bias is not None:
         logits = logits + bias.astype(cdt)  # finite: prepare moved -inf entries to bias_keep
     if is_causal:
@@ -384,12 +337,6 @@ def scaled_dot_product_attention(
     *batch, t, n, _ = query.shape
     s, k, d = value.shape[-3:]
     g = n // k
-    if _few_query_rows(t, g):  # sum over S of P [..., S, T, K, G, 1] · V [..., S, 1, K, 1, D]
-        # Probabilities rounded to the value dtype as the dot path's are, so both paths agree.
-        p = jnp.swapaxes(probs.astype(value.dtype), -1, -3).reshape(*batch, s, t, k, g, 1)  # logits-sized
-        out = _few_rows_pv(p, value[..., :, None, :, None, :], weights.dtype)
-        out = out.reshape(*batch, t, n, d).astype(query.dtype)
-        return (out, weights) if return_weights else out
     probs = probs.reshape(*batch, k, g * t, s).astype(value.dtype)  # same Q = G·T fold
     out = jnp.einsum(
         "...kqs,...skd->...kqd", probs, value,
