@@ -254,16 +254,21 @@ def load_encoded(split: str, vocab: Vocabulary, config: IMDBConfig, cache_dir=No
 _VALID_SEED = 20_110_601  # fixed: the validation reviews depend on --valid_examples only, never on --seed
 
 
-def split_validation(num_examples: int, valid_examples: int) -> Tuple[np.ndarray, np.ndarray]:
+def split_validation(num_examples: int, valid_examples: int, *, seed: int = _VALID_SEED,
+                     flag: str = "--valid_examples", what: str = "labelled training reviews",
+                     ) -> Tuple[np.ndarray, np.ndarray]:
     """``(train indices, validation indices)`` into the training split: sorted, disjoint, a fixed seeded draw.
+
+    ``seed`` fixes the draw (a function of the two counts only); ``flag`` and
+    ``what`` name the option and the examples in the error.
 
     Raises:
       ValueError: ``valid_examples`` leaves no example to train on.
     """
     if valid_examples >= num_examples:
-        raise ValueError(f"--valid_examples {valid_examples} leaves none of the {num_examples} labelled training "
-                         f"reviews to train on; lower it (e.g. --valid_examples {max(1, num_examples // 10)}).")
-    valid = np.sort(np.random.default_rng(_VALID_SEED).choice(num_examples, valid_examples, replace=False))
+        raise ValueError(f"{flag} {valid_examples} leaves none of the {num_examples} {what} to train on; "
+                         f"lower it (e.g. {flag} {max(1, num_examples // 10)}).")
+    valid = np.sort(np.random.default_rng(seed).choice(num_examples, valid_examples, replace=False))
     return np.setdiff1d(np.arange(num_examples), valid), valid
 
 

@@ -60,7 +60,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from flax_attention.data import atomic
+from flax_attention.data import atomic, imdb
 from flax_attention.data.sentencepiece_vocab import SPM_FILE, Tokenizer
 from flax_attention.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from flax_attention.data.tfds_source import read_records
@@ -143,16 +143,14 @@ def split_validation(num_reviews: int, valid_reviews: int):
     """``(train indices, validation indices)`` into the training reviews, both sorted and disjoint.
 
     The validation set is ``valid_reviews`` indices drawn without replacement
-    with a fixed seed: a function of ``(num_reviews, valid_reviews)`` only.
+    with a fixed seed: a function of ``(num_reviews, valid_reviews)`` only
+    (:func:`flax_attention.data.imdb.split_validation` with this corpus's seed).
 
     Raises:
       ValueError: ``valid_reviews`` leaves no review to train on.
     """
-    if valid_reviews >= num_reviews:
-        raise ValueError(f"--valid_reviews {valid_reviews} leaves none of the {num_reviews} training reviews to "
-                         f"train on; lower it (e.g. --valid_reviews {max(1, num_reviews // 20)}).")
-    valid = np.sort(np.random.default_rng(_VALID_SEED).choice(num_reviews, valid_reviews, replace=False))
-    return np.setdiff1d(np.arange(num_reviews), valid), valid
+    return imdb.split_validation(num_reviews, valid_reviews, seed=_VALID_SEED, flag="--valid_reviews",
+                                 what="training reviews")
 
 
 # --------------------------------------------------------------------------- vocabulary

@@ -65,3 +65,23 @@ def lm_mask(shape: Tuple[int, int], segment_ids: Optional[Array] = None, lengths
         real = padding_mask(jnp.asarray(lengths), shape[1])
         ids = jnp.where(real, 1 if ids is None else ids, 0).astype(jnp.int32)
     return None if ids is None else segment_mask(ids)
+
+
+def call_mask(shape: Tuple[int, int], decode: bool, positions: Optional[Array], segment_ids: Optional[Array],
+              lengths: Optional[Array]) -> Tuple[Optional[Array], Optional[Array]]:
+    """``(mask, lengths)`` for one call of either LM twin (linen and NNX share this rule).
+
+    Decoding reads positions from the cache, so it takes neither ``positions``
+    nor ``segment_ids`` and hands ``lengths`` (right-padded prompts) to the
+    cache; otherwise the packed-row mask of :func:`lm_mask` carries the
+    lengths and the attention adds causality.
+
+    Raises:
+      ValueError: ``decode`` with ``positions`` or ``segment_ids``.
+    """
+    if decode:
+        if positions is not None or segment_ids is not None:
+            raise ValueError("decode=True reads positions from the cache: pass neither positions nor segment_ids "
+                             "(right-padded prompts: pass lengths [B]).")
+        return None, lengths
+    return lm_mask(shape, segment_ids, lengths, positions), None

@@ -103,13 +103,7 @@ class LanguageModel(nnx.Module):
         c = self.config
         lm_inputs.check_tokens(tokens, c.vocab_size, c.max_length)
         b, t = tokens.shape
-        if decode and (positions is not None or segment_ids is not None):
-            raise ValueError("decode=True reads positions from the cache: pass neither positions nor segment_ids "
-                             "(right-padded prompts: pass lengths [B]).")
-        mask = None
-        if not decode:
-            mask = lm_inputs.lm_mask((b, t), segment_ids, lengths, positions)
-            lengths = None
+        mask, lengths = lm_inputs.call_mask((b, t), decode, positions, segment_ids, lengths)
         dtype = jnp.dtype(c.dtype)
         valid = lm_inputs.valid_tokens(tokens, c.vocab_size)
         x = self.embedding(tokens) * jnp.asarray(c.d_model**0.5, dtype)
