@@ -29,7 +29,9 @@ def test_help_documents_every_model_with_its_own_defaults(capsys):
 
     top = help_text()
     assert "--model transformer" in top and "--model seq2seq --task reverse" in top and "--model translate" in top
-    assert "{bigru,seq2seq,transformer,translate}" in top
+    assert "{bigru,lm,seq2seq,transformer,translate}" in top and "lm: decoder-only language model" in top
+    lm = help_text("--model", "lm")
+    assert "--valid_reviews" in lm and "--num_kv_heads" in lm and "(default: 192)" in lm
     tfm = help_text("--model", "transformer")
     assert "--pooling" in tfm and "--hidden_size" not in tfm
     s2s = help_text("--model", "seq2seq")
