@@ -8,16 +8,18 @@ the library; nothing in the package imports from here):
   ``train_step``/``eval_step``, metric sums;
 * :mod:`.loop`: ``train_and_evaluate`` (resume, evaluation, checkpoints,
   SIGTERM, divergence stop, metrics.jsonl + TensorBoard);
-* :mod:`.tasks`: the :class:`Task` interface and the IMDB classifiers;
+* :mod:`.task`: the :class:`Task` interface every model family implements;
+  :mod:`.tasks` the IMDB classifiers (``--init_from`` in :mod:`.init_from`);
   :mod:`.seq2seq` (losses in :mod:`.seq2seq_loss`) the synthetic seq2seq tasks;
-  :mod:`.translate` translation (BLEU in :mod:`.bleu`); :mod:`.registry` the
-  ``--model`` choices;
+  :mod:`.translate` translation (BLEU in :mod:`.bleu`); :mod:`.lm` the language
+  model and ``train.py generate``; :mod:`.registry` the ``--model`` choices;
 * :mod:`.placement`: where state and batches live, ``pmap`` replicas (default)
   or, with ``--mesh``, :mod:`.mesh`'s ``jax.jit`` + ``NamedSharding`` mesh;
 * :mod:`.checkpointing`, :mod:`.distributed`, :mod:`.bookkeeping`: orbax
   checkpoints, multi-process helpers, run bookkeeping;
 * :mod:`.selection`: the reported model (best or averaged checkpoints);
-* :mod:`.inspector`: ``predict`` / ``translate`` / ``visualize`` on a workdir
+* :mod:`.restore`: a workdir's configuration and best checkpoint for a known task;
+  :mod:`.inspector`: ``predict`` / ``translate`` / ``visualize`` on a workdir
   (pictures from :mod:`.heatmaps` and :mod:`.review_html`).
 """
 

@@ -86,11 +86,12 @@ def build_classifier(configs) -> LMClassifier:
 @functools.lru_cache(maxsize=8)
 def lm_params(path: str):
     """``(params, step)`` of the LM workdir's best checkpoint (read once per process)."""
+    from flax_attention.training import restore
     from flax_attention.training.checkpointing import IncompatibleWorkdirError
-    from flax_attention.training.inspector import load_for_inference
+    from flax_attention.training.lm import LM
 
     try:
-        _, _, _, params, _, step = load_for_inference(path)
+        _, params, _, step = restore.restore_best(path, LM, restore.task_configs(path, LM))
     except FileNotFoundError as e:
         raise ValueError(f"{_flag(path)}: {e}") from None
     except IncompatibleWorkdirError as e:  # its config.json describes another model than its checkpoint holds

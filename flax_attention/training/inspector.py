@@ -18,34 +18,24 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from flax_attention.training.checkpointing import Checkpointer, load_config
-from flax_attention.training.config import TrainConfig, configs_from_json
-from flax_attention.training.loop import check_not_legacy, create_train_state
+from flax_attention.training.checkpointing import load_config
+from flax_attention.training.loop import check_not_legacy
 from flax_attention.training.registry import get_task
+from flax_attention.training.restore import restore_best, task_configs
 
 def load_run_config(workdir):
     """``(task, configs)`` of a workdir; a workdir of the retired seq2seq trainer is refused clearly."""
     saved = load_config(workdir)
     check_not_legacy(saved, workdir)
     task = get_task(str(saved.get("model_name")))
-    saved = load_config(workdir, {**TrainConfig.added_fields(), **task.added_fields})
-    return task, configs_from_json({**task.config_classes, "train": TrainConfig}, saved)
+    return task, task_configs(workdir, task)
 
 
 def load_for_inference(workdir):
     """``(task, configs, model, params, extras, step)`` from a workdir's best checkpoint."""
     task, configs = load_run_config(workdir)
-    extras = task.load_extras(workdir, configs)
-    model, state = create_train_state(task, configs, extras)
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        step = ckpt.best_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first.")
-        state, _ = ckpt.restore(step, state)
-    finally:
-        ckpt.close()
-    return task, configs, model, state.params, extras, step
+    model, params, extras, step = restore_best(workdir, task, configs)
+    return task, configs, model, params, extras, step
 
 
 def predict(workdir, texts: Sequence[str],

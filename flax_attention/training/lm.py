@@ -48,7 +48,7 @@ import optax
 from flax_attention.data import lm_corpus as C
 from flax_attention.models.lm import LanguageModel, LMConfig
 from flax_attention.training import distributed
-from flax_attention.training.tasks import Task
+from flax_attention.training.task import Task
 
 
 def lm_loss(params, apply_fn, batch, rngs, train: bool):
@@ -328,8 +328,8 @@ def generate_texts(workdir, prompts: Sequence[str], *, num_samples: int = 1, tem
       ``[prompt][sample]`` texts: the prompt followed by its continuation (until EOS).
     """
     from flax_attention.linen.generation import generate
+    from flax_attention.training import restore
     from flax_attention.training.checkpointing import load_config
-    from flax_attention.training.inspector import load_for_inference, load_run_config
 
     check_generate_flags(temperature, top_k, top_p, max_new_tokens, num_samples)
     if not prompts:
@@ -340,10 +340,10 @@ def generate_texts(workdir, prompts: Sequence[str], *, num_samples: int = 1, tem
     name = load_config(workdir).get("model_name")
     if name != "lm":
         raise ValueError(f"{workdir} holds a --model {name} run; generate needs a --model lm workdir.")
-    _, configs = load_run_config(workdir)
+    configs = restore.task_configs(workdir, LM)
     tok = load_extras(workdir, configs)["tokenizer"]
     ids, lengths, new = encode_prompts(tok, prompts, model_config(configs, {"tokenizer": tok}), max_new_tokens)
-    _, _, model, params, _, step = load_for_inference(workdir)
+    model, params, _, step = restore.restore_best(workdir, LM, configs)
     ids, lengths = np.repeat(ids, num_samples, 0), np.repeat(lengths, num_samples, 0)
     out = np.asarray(generate(model, params, ids, lengths, key=jax.random.key(seed), max_new_tokens=new,
                               temperature=temperature, top_k=top_k, top_p=top_p))

@@ -6,7 +6,8 @@ from typing import Dict
 
 from flax_attention.training.lm import LM
 from flax_attention.training.seq2seq import SEQ2SEQ
-from flax_attention.training.tasks import BIGRU, TRANSFORMER, Task
+from flax_attention.training.task import Task
+from flax_attention.training.tasks import BIGRU, TRANSFORMER
 from flax_attention.training.translate import TRANSLATE
 
 REGISTRY: Dict[str, Task] = {t.name: t for t in (BIGRU, TRANSFORMER, SEQ2SEQ, TRANSLATE, LM)}

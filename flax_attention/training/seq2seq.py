@@ -23,7 +23,7 @@ from flax_attention.data import synthetic as T
 from flax_attention.data.synthetic import PAD_ID
 from flax_attention.linen.layers import TransformerConfig
 from flax_attention.training.seq2seq_loss import sequence_match, smoothed_cross_entropy
-from flax_attention.training.tasks import Task
+from flax_attention.training.task import Task
 from flax_attention.linen.transformer import Transformer
 
 

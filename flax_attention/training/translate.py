@@ -29,7 +29,7 @@ from flax_attention.training import distributed
 from flax_attention.training.bleu import bleu_score, literature_bleu
 from flax_attention.training.seq2seq import (DECODE_RESUMABLE, MODEL_ADDED_FIELDS, PAPER_OPTIMIZER, DecodeConfig, Seq2SeqModelConfig,
                                              build_transformer, decode_dataset, seq2seq_init_inputs, seq2seq_loss)
-from flax_attention.training.tasks import Task
+from flax_attention.training.task import Task
 from flax_attention.data import atomic
 
 MAX_POSITIONS = 256  # sinusoid table and decode cache bound; Multi30k sentences are far shorter
