@@ -225,7 +225,6 @@ def test_init_from_copies_the_lm_and_refuses_bad_workdirs_before_writing(lm_run,
                 (tmp_path / "bigru", [], "holds a --model bigru run; give a --model lm workdir"),
                 (tmp_path / "wider", [], "arrays differ, e.g. params/embedding/embedding: checkpoint (40, 16), "
                                          "model (40, 32)"),
-                (lm, ["--max_length", "250"], "--max_length 250 exceeds the max_length 16"),
                 (lm, ["--pooling", "cls"], "leave --pooling at mean")]:
             assert train.main(clf + ["--init_from", str(source), "--workdir", str(tmp_path / "never")] + extra) == 2
             err = capsys.readouterr().err
@@ -250,3 +249,10 @@ def test_init_from_copies_the_lm_and_refuses_bad_workdirs_before_writing(lm_run,
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])  # the head stays fresh
     assert report["init_from_tensors"] == len(jax.tree_util.tree_leaves(lm_params))
+    # Longer reviews than the LM's rows: the same tree (positions carry no parameters), a longer body.
+    _, _, _, longer = train.parse_args(clf[:2] + ["--max_length", "40"] + clf[4:] + ["--init_from", lm])
+    body = init_from.build_classifier(longer)
+    assert body.config.max_length == 40 and model.config.max_length == 16
+    shapes = jax.eval_shape(lambda k: body.init(k, jnp.ones((1, 40), jnp.int32), jnp.ones((1,), jnp.int32)),
+                            jax.random.PRNGKey(0))["params"]
+    init_from.check_compatible(shapes["lm"], lm_params, lm)

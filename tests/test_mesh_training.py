@@ -49,7 +49,7 @@ CACHE = {}
 def _env(devices):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     return {**env, **CACHE, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -29,7 +29,7 @@ RUN = ["--vocab_size", "60", "--embed_dim", "8", "--hidden_size", "6", "--attent
 
 def _env(devices):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
 
 
 def _free_port():

@@ -29,7 +29,8 @@ _MOCK_MAIN = ("import sys, tensorflow_datasets as tfds, train\n"
               "with tfds.testing.mock_data(num_examples=int(sys.argv[1])):\n"
               "    rc = train.main(sys.argv[2:])\n"
               "sys.exit(rc)\n")
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
+       "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -262,7 +263,7 @@ def test_bad_flags_fail_with_one_line(tmp_path):
     blocker.write_text("precious")
     argvs += [[*TINY, "--workdir", str(blocker / "run")], ["predict", "--workdir", str(tmp_path / "nothing"), "Great film"]]
     expected = [e for _, e in BAD_FLAGS] + ["is not a writable directory", "config.json not found"]
-    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # for the divisibility case
+    env = {**ENV, "XLA_FLAGS": ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}  # for the divisibility case
     out = subprocess.run([sys.executable, "-c", _BAD_FLAGS_CHILD, json.dumps(argvs)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]

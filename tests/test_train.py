@@ -61,7 +61,7 @@ def test_pmap_four_devices_matches_one_device():
     """
     runs = {}
     for n in (1, 4):
-        out = _run(_PMAP_SCRIPT, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"})
+        out = _run(_PMAP_SCRIPT, {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"})
         assert out.returncode == 0, out.stderr[-3000:]
         runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
         assert runs[n]["devices"] == n

@@ -172,7 +172,7 @@ RUN = [*BIGRU, "--num_epochs", "2", "--checkpoint_every", "1", "--log_every", "1
 
 
 def _train(workdir, *extra):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"}
     return subprocess.run([sys.executable, "-c", _MOCK_MAIN, *RUN, "--workdir", str(workdir), *extra], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
 

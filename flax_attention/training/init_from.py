@@ -10,7 +10,8 @@ With ``--init_from W`` the classifier mirrors the language model of ``W``:
   (:func:`flax_attention.data.lm_corpus.clean`) and encoded with ``W``'s
   SentencePiece model (copied to ``WORKDIR/spm.model``) as ``[BOS] pieces``,
   cut to ``--max_length`` tokens as ``--truncate`` says (``--vocab_size`` does
-  not apply); ``--max_length`` may not exceed the LM's;
+  not apply); ``--max_length`` may exceed the LM's (its positions carry no
+  parameters);
 * parameters: the ``lm`` subtree starts as ``W``'s best checkpoint (by its
   validation log-likelihood), the head fresh.
 
@@ -28,6 +29,7 @@ layer) are left out.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -74,12 +76,18 @@ def _classifier(config: LMConfig, dropout_rate: float) -> LMClassifier:
 
 
 def build_classifier(configs) -> LMClassifier:
-    """The classifier on the LM's architecture; ValueError for a non-LM workdir or a too long ``--max_length``."""
+    """The classifier on the LM's architecture (ValueError for a non-LM workdir).
+
+    ``--max_length`` may exceed the LM's row length: every position scheme of
+    :class:`~flax_attention.models.lm.LMConfig` (RoPE, ALiBi, none) is
+    parameter-free, so the body is the same tree at any length; positions past
+    the pretraining rows are first seen in fine-tuning (RoPE's rotations
+    extend to them unchanged, Su et al. 2021 eq. 34).
+    """
     data = configs["data"]
     lm_config, _ = lm_source(data.init_from)
     if data.max_length > lm_config.max_length:
-        raise ValueError(f"--max_length {data.max_length} exceeds the max_length {lm_config.max_length} the LM in "
-                         f"{data.init_from} was trained with; pass --max_length {lm_config.max_length} or less.")
+        lm_config = dataclasses.replace(lm_config, max_length=data.max_length)
     return _classifier(lm_config, configs["model"].dropout_rate)
 
 
