@@ -3,9 +3,10 @@
     python -m benchmarks.training_curve checkpoints/lm/metrics.jsonl benchmarks/results/lm/curve.png \
         --title "IMDB language model"
 
-The x axis is the optimizer step. The left panel is the training loss (the
-mean over each logging window, as ``metrics.jsonl`` records it) with every
-``eval`` record's loss on the same axis; the right panel is the same in
+The x axis is the optimizer step. The left panel is the training loss as
+``metrics.jsonl`` records it (the running mean since the epoch started, or
+since a resume: so it lags the current loss) with every ``eval`` record's
+loss on the same axis; the right panel is the same in
 perplexity (``exp(loss)``, per token for ``--model lm``) on a log scale, with
 the single ``test`` record (if any) as a marker at its selected step. Nothing
 is smoothed or dropped.
@@ -45,7 +46,7 @@ def plot(records: List[Dict], out, title: str) -> None:
         raise ValueError("no 'train' records to plot; give the metrics.jsonl of a run that logged training steps.")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, f, ylabel in ((left, lambda x: x, "loss (nats)"), (right, math.exp, "perplexity")):
-        ax.plot([r["step"] for r in train], [f(r["loss"]) for r in train], lw=1, label="training (window mean)")
+        ax.plot([r["step"] for r in train], [f(r["loss"]) for r in train], lw=1, label="training (running mean over the epoch)")
         if evals:
             ax.plot([r["step"] for r in evals], [f(r["test_loss"]) for r in evals], "o-", label="validation")
         for r in tests[-1:]:

@@ -243,16 +243,16 @@ def _summary(m: Mapping[str, float]) -> str:
             f"(loss {m['loss']:.4f}, token acc {m['accuracy']:.4f})")
 
 
-# Defaults sized for the budget, pretraining in <= ~100 minutes on 2 CPU cores. Measured on the 2-core EPYC
-# VM only under contention (load average 6-10), so estimated from process CPU time: d_model 192 x 3 layers,
-# 128-token rows, batch 32 costs 1.7-2.1 CPU-s per 4,096-token step, i.e. ~3,900-4,700 tokens/s with both cores
-# busy (1,900 ms/step = 2,160 tokens/s wall at load 6); evaluation 12,000-14,000 tokens/s. 60,000 reviews
-# (~19.6M target tokens) are then ~70-85 minutes and the whole-test-split evaluation (7.96M tokens) ~10 more.
-# For that compute a small model seeing most of the corpus beats a larger one seeing half of it (Hoffmann et al.
-# 2022: ~20 tokens per parameter; this one has ~1.3M non-embedding parameters). --train_reviews 0 uses all 75,000.
+# Defaults sized for the budget, pretraining in <= ~100 minutes on 2 CPU cores. Measured (2-core AMD EPYC
+# Zen 3 VM, 2026-12-07, `python train.py --model lm --train_reviews 40000`, the defaults now): 1.2-1.3 s per
+# 4,096-token step, 3,358 target tokens/s, 3,200 steps in 64.9 min; vocabulary and encoding 1.3 min; the
+# whole-test-split evaluation (7.97M tokens) 24.5 min while the test suite shared the cores (~13 min alone).
+# 60,000 reviews (the earlier default) would have been ~97 min of training on that VM. For that compute a small
+# model seeing most of the corpus beats a larger one seeing less of it (Hoffmann et al. 2022: ~20 tokens per
+# parameter; this one has ~1.3M non-embedding parameters). --train_reviews 0 uses all 74,000.
 FLAG_DEFAULTS = {
     "vocab_size": 8000, "max_length": 128, "d_model": 192, "num_heads": 4, "num_kv_heads": 0, "num_layers": 3,
-    "d_ff": 768, "dropout_rate": 0.0, "train_reviews": 60_000, "valid_reviews": 1000,
+    "d_ff": 768, "dropout_rate": 0.0, "train_reviews": 40_000, "valid_reviews": 1000,
     "learning_rate": 1e-3, "lr_schedule": "cosine", "warmup_steps": 200, "adam_b2": 0.98, "clip_norm": 1.0,
     "batch_size": 32, "num_epochs": 1, "eval_batch_size": 128, "checkpoint_every": 500, "log_every": 20,
 }
