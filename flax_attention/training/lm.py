@@ -247,9 +247,9 @@ def _summary(m: Mapping[str, float]) -> str:
 # Zen 3 VM, 2026-12-07, `python train.py --model lm --train_reviews 40000`, the defaults now): 1.2-1.3 s per
 # 4,096-token step, 3,358 target tokens/s, 3,200 steps in 64.9 min; vocabulary and encoding 1.3 min; the
 # whole-test-split evaluation (7.97M tokens) 24.5 min while the test suite shared the cores (~13 min alone).
-# 60,000 reviews (the earlier default) would have been ~97 min of training on that VM. For that compute a small
-# model seeing most of the corpus beats a larger one seeing less of it (Hoffmann et al. 2022: ~20 tokens per
-# parameter; this one has ~1.3M non-embedding parameters). --train_reviews 0 uses all 74,000.
+# 60,000 reviews (the earlier default, 4,786 steps) ran at 1.3 s/step there: ~106 min of training. For that
+# compute a small model seeing most of the corpus beats a larger one seeing less of it (Hoffmann et al. 2022: ~20
+# tokens per parameter; this one has ~1.3M non-embedding parameters). --train_reviews 0 uses all 74,000.
 FLAG_DEFAULTS = {
     "vocab_size": 8000, "max_length": 128, "d_model": 192, "num_heads": 4, "num_kv_heads": 0, "num_layers": 3,
     "d_ff": 768, "dropout_rate": 0.0, "train_reviews": 40_000, "valid_reviews": 1000,
