@@ -53,8 +53,8 @@ def _flag(path) -> str:
 @functools.lru_cache(maxsize=8)
 def lm_source(path: str) -> Tuple[LMConfig, Tokenizer]:
     """``(LMConfig with the real vocabulary, tokenizer)`` of a ``--model lm`` workdir, or a one-line ValueError."""
+    from flax_attention.training import restore
     from flax_attention.training.checkpointing import load_config
-    from flax_attention.training.config import configs_from_json
     from flax_attention.training.lm import LM, model_config
 
     w = Path(path)
@@ -65,7 +65,7 @@ def lm_source(path: str) -> Tuple[LMConfig, Tokenizer]:
     if saved.get("model_name") != "lm":
         raise ValueError(f"{_flag(path)} holds a --model {saved.get('model_name')} run; give a --model lm workdir "
                          "(its language model initialises the classifier).")
-    configs = configs_from_json(LM.config_classes, saved)
+    configs = restore.task_configs(w, LM)  # as lm_params and `train.py generate` read it (added fields filled)
     tok = lm_corpus.load_tokenizer(w, configs["data"], train=False)
     return model_config(configs, {"tokenizer": tok}), tok
 
