@@ -44,6 +44,9 @@ CASES = [
     ((2,), 6, 3, 2, 2, 4, 4, "random", True, "bottom_right", 0.3),  # T > S: empty rows
     ((1, 2), 3, 5, 6, 3, 2, 7, "padding", False, "top_left", None),
     ((3,), 4, 7, 2, 1, 5, 5, "random", True, "top_left", 2.0),
+    # T = 1 over several kv heads: a decode step, on CPU the one-query form (see the next test).
+    ((3,), 1, 6, 4, 2, 8, 5, "random", True, None, None),
+    ((2, 2), 1, 5, 3, 3, 4, 4, "padding", False, "bottom_right", 0.5),
 ]
 
 
@@ -183,6 +186,40 @@ def test_fully_masked_row_is_zero_with_finite_grads(dtype):
         assert np.all(np.isfinite(np.asarray(g, np.float32)))
     for b, t in dead:  # a dead query gets no gradient
         assert np.all(np.asarray(grads[0][b, t], np.float32) == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("n,k", [(4, 2), (3, 3)])
+def test_one_query_form_equals_the_general_form(n, k, dtype):
+    # A one-query call (B > 1, K > 1) on CPU folds (S, K) instead of transposing the keys; the
+    # same query duplicated (T = 2) takes the general form: both rows must give the same
+    # output, weights and gradients, a dead row included.
+    from flax_attention.functional import attention as impl
+
+    q, kk, v = (jnp.asarray(x, dtype) for x in _qkv((3,), 1, 6, n, k, 4, 5, seed=4))
+    mask = np.random.default_rng(1).random((3, n, 1, 6)) < 0.6
+    mask[2, 1] = False  # example 2, head 1: nothing to attend to
+    assert impl._one_query(q.shape, k) == (jax.default_backend() == "cpu")
+    assert not impl._one_query((3, 2, n, 4), k)
+
+    def run(q, kk, v, rows):
+        out, w = sdpa(jnp.repeat(q, rows, 1), kk, v, mask=jnp.repeat(jnp.asarray(mask), rows, 2),
+                      return_weights=True)
+        return out[:, :1], w[..., :1, :]
+
+    def loss(q, kk, v, rows):
+        return run(q, kk, v, rows)[0].astype(jnp.float32).sum()
+
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+    one, two = run(q, kk, v, 1), run(q, kk, v, 2)
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+    assert one[0].dtype == dtype and np.all(np.asarray(one[0][2, 0, 1], np.float32) == 0.0)
+    g1 = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, kk, v, 1)
+    g2 = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, kk, v, 2)
+    for a, b in zip(g1, g2):
+        assert np.all(np.isfinite(np.asarray(a, np.float32)))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
 
 
 def test_masked_softmax_all_masked_and_partial():

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_attention.linen import generation
 from flax_attention.linen.generation import _generate, generate
 from flax_attention.models.lm import LanguageModel, LMConfig
 from module_helpers import jinit
@@ -43,8 +44,11 @@ def full_forward_logits(model, params, out):
     return np.take_along_axis(np.asarray(full), idx[:, :, None], axis=1)
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_cached_logits_equal_full_recompute_with_ragged_prompts(window):
+@pytest.mark.parametrize("window,phase", [(0, 64), (3, 64), (0, 2)])
+def test_cached_logits_equal_full_recompute_with_ragged_prompts(window, phase, monkeypatch):
+    # phase 2: the cache grows between phases of 2 decode steps (lengths 7, 9, 10), not once.
+    monkeypatch.setattr(generation, "_PHASE", phase)
+    assert len(generation._phase_lengths(PROMPTS.shape[1], N)) == (1 if phase >= N else 3)
     model, params = make_lm(window)  # window 3: the cache's position-based window == the full forward's
     out, logits = generate(model, params, PROMPTS, LENGTHS, key=jax.random.key(0), max_new_tokens=N,
                            temperature=1.0, top_k=8, stop_at_eos=False, return_logits=True)

@@ -119,7 +119,8 @@ def test_linen_equals_nnx(overrides):
     @jax.jit
     def linen(variables):  # packed forward, hidden states, a ragged prefill and one cached step
         out = [model.apply(variables, toks, positions=pos, segment_ids=seg),
-               model.apply(variables, toks, method=model.hidden)]
+               model.apply(variables, toks, method=model.hidden),
+               model.apply(variables, toks, logits_at=jnp.array([7, 2]))]
         cache = {**variables, "cache": init_cache(model, 2, 12)}
         for step, kw in ((toks[:, :5], dict(lengths=lengths)), (toks[:, 5:6], {})):
             logits, mutated = model.apply(cache, step, decode=True, mutable=["cache"], **kw)
@@ -129,7 +130,7 @@ def test_linen_equals_nnx(overrides):
 
     @nnx.jit
     def twin_run(twin):
-        out = [twin(toks, positions=pos, segment_ids=seg), twin.hidden(toks)]
+        out = [twin(toks, positions=pos, segment_ids=seg), twin.hidden(toks), twin(toks, logits_at=jnp.array([7, 2]))]
         twin.init_cache(2, 12)
         out.append(twin(toks[:, :5], decode=True, lengths=lengths))
         out.append(twin(toks[:, 5:6], decode=True))
@@ -140,6 +141,20 @@ def test_linen_equals_nnx(overrides):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), linen_variables(twin)["cache"], cache)
+
+
+def test_logits_at_is_that_row_of_the_full_logits():
+    model, variables = tiny()
+    toks = tokens(4)
+    full = model.apply(variables, toks)
+    at = jnp.array([7, 0])
+    got = jax.jit(lambda v, a: model.apply(v, toks, logits_at=a))(variables, at)
+    assert got.shape == (2, 1, V) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got[:, 0], full[jnp.arange(2), at], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"logits_at must be in \[0, T=8\), got \[8, 0\]"):
+        model.apply(variables, toks, logits_at=jnp.array([8, 0]))
+    with pytest.raises(ValueError, match=r"logits_at must be int \[B=2\]"):
+        model.apply(variables, toks, logits_at=jnp.array([1, 2, 3]))
 
 
 def test_bad_inputs_and_config():

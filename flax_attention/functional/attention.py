@@ -165,18 +165,65 @@ def _dense_weights(query, key, mask, bias, scale, is_causal, causal_alignment, p
     # Folding G into the query axis (Q = G·T rows per kv head) makes this one
     # batched matmul over [..., K]; measured ~1.5x faster on CPU than an
     # einsum that keeps K and G as separate output axes.
-    q = jnp.moveaxis(query.reshape(*batch, t, k, g, h), -4, -2)  # [..., K, G, T, H]
-    q = q.reshape(*batch, k, g * t, h)
-    logits = jnp.einsum(
-        "...kqh,...skh->...kqs", q, key,
-        precision=precision, preferred_element_type=cdt,
-    )
-    logits = logits.reshape(*batch, n, t, s) * scale
+    if _one_query(query.shape, k):
+        logits = _one_query_logits(query, key, precision, cdt) * scale
+    else:
+        q = jnp.moveaxis(query.reshape(*batch, t, k, g, h), -4, -2)  # [..., K, G, T, H]
+        q = q.reshape(*batch, k, g * t, h)
+        logits = jnp.einsum(
+            "...kqh,...skh->...kqs", q, key,
+            precision=precision, preferred_element_type=cdt,
+        )
+        logits = logits.reshape(*batch, n, t, s) * scale
     if bias is not None:
         logits = logits + bias.astype(cdt)  # finite: prepare moved -inf entries to bias_keep
     if is_causal:
         mask = combine_masks(mask, causal_mask(t, s, alignment=causal_alignment))
     return _softmax(logits, mask)
+
+
+def _one_query(query_shape: tuple, k: int) -> bool:
+    """Whether a call takes the one-query form below (a CPU decode step, see there)."""
+    *batch, t, _, _ = query_shape
+    return t == 1 and k > 1 and int(np.prod(batch)) > 1 and jax.default_backend() == "cpu"
+
+
+def _own_head(n: int, k: int) -> Array:
+    """Boolean ``[N, K]``: query head ``i`` reads kv head ``i // G``."""
+    return (np.arange(n)[:, None] // (n // k)) == np.arange(k)[None, :]
+
+
+# A decode step's keys/values (a KV cache, [..., S, K, H]) are read in their own
+# layout: the batched matmul over [..., K] above needs them as [..., K, S, H],
+# and XLA:CPU materialises that transpose of the whole cache at every step
+# (47% of a B=16 step of the LM benchmark's generation loop, profiled). Folding (S, K)
+# into one axis instead makes both products plain matmuls over the stored
+# layout; every query head meets every kv head (K times the multiply-adds,
+# N·S·K·H: small next to the copy when T = 1) and the pairs i // G != k are
+# dropped. Measured in that loop on the 2-core AMD EPYC Zen 3 VM (decode
+# tokens/s, this form vs the transposing one): B=2 1308 vs 1222, B=4 1525 vs
+# 1119, B=16 2571 vs 1541, but B=1 1138 vs 2210 (a one-example transpose is
+# cheap), hence the batch > 1 condition; CPU only, as no other backend was measured
+# (docs/guides/benchmarks.md, "Generation with the decoder-only LM").
+def _one_query_logits(query: Array, key: Array, precision, cdt) -> Array:
+    """``query [..., 1, N, H]``, ``key [..., S, K, H]`` -> unscaled logits ``[..., N, 1, S]``."""
+    *batch, t, n, h = query.shape
+    s, k = key.shape[-3], key.shape[-2]
+    every = jnp.einsum("...xh,...qh->...xq", key.reshape(*batch, s * k, h), query.reshape(*batch, n, h),
+                       precision=precision, preferred_element_type=cdt).reshape(*batch, s, k, n)
+    # A select, not a product: a discarded cross-head logit never reaches the sum.
+    logits = jnp.sum(jnp.where(_own_head(n, k).T, every, 0), axis=-2)  # [..., S, N]
+    return jnp.swapaxes(logits, -1, -2)[..., :, None, :]
+
+
+def _one_query_values(probs: Array, value: Array, precision, cdt) -> Array:
+    """``probs [..., N, 1, S]``, ``value [..., S, K, D]`` -> ``[..., N, D]`` in ``cdt``."""
+    *batch, n, _, s = probs.shape
+    k, d = value.shape[-2:]
+    p = jnp.swapaxes(probs[..., 0, :], -1, -2)  # [..., S, N]
+    spread = jnp.where(_own_head(n, k).T, p[..., None, :], 0).reshape(*batch, s * k, n)
+    return jnp.einsum("...xq,...xd->...qd", spread, value.reshape(*batch, s * k, d),
+                      precision=precision, preferred_element_type=cdt)
 
 
 def _describe(query, key, value, mask, bias, scale, is_causal, causal_alignment, window,
@@ -337,11 +384,14 @@ def scaled_dot_product_attention(
     *batch, t, n, _ = query.shape
     s, k, d = value.shape[-3:]
     g = n // k
-    probs = probs.reshape(*batch, k, g * t, s).astype(value.dtype)  # same Q = G·T fold
-    out = jnp.einsum(
-        "...kqs,...skd->...kqd", probs, value,
-        precision=precision, preferred_element_type=weights.dtype,
-    )
-    out = jnp.moveaxis(out.reshape(*batch, k, g, t, d), -2, -4)  # [..., T, K, G, D]
+    if _one_query(query.shape, k):
+        out = _one_query_values(probs.astype(value.dtype), value, precision, weights.dtype)
+    else:
+        probs = probs.reshape(*batch, k, g * t, s).astype(value.dtype)  # same Q = G·T fold
+        out = jnp.einsum(
+            "...kqs,...skd->...kqd", probs, value,
+            precision=precision, preferred_element_type=weights.dtype,
+        )
+        out = jnp.moveaxis(out.reshape(*batch, k, g, t, d), -2, -4)  # [..., T, K, G, D]
     out = out.reshape(*batch, t, n, d).astype(query.dtype)
     return (out, weights) if return_weights else out

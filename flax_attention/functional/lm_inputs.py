@@ -85,3 +85,22 @@ def call_mask(shape: Tuple[int, int], decode: bool, positions: Optional[Array], 
                              "(right-padded prompts: pass lengths [B]).")
         return None, lengths
     return lm_mask(shape, segment_ids, lengths, positions), None
+
+
+def rows_at(hidden: Array, logits_at: Optional[Array]) -> Array:
+    """``hidden [B, T, E]`` at one position per row, ``logits_at`` int ``[B]``: ``[B, 1, E]`` (``None``: all).
+
+    A model's ``logits_at`` argument: generation needs only each prompt's last
+    position, and projecting ``T`` rows onto the vocabulary instead of one is most
+    of a prefill's work (``T·E·V`` multiply-adds). Concrete positions outside
+    ``[0, T)`` raise; traced ones are clamped by the gather.
+    """
+    if logits_at is None:
+        return hidden
+    b, t = hidden.shape[:2]
+    at = jnp.asarray(logits_at)
+    if at.shape != (b,) or not jnp.issubdtype(at.dtype, jnp.integer):
+        raise ValueError(f"logits_at must be int [B={b}] (one position per row), got {at.dtype} {at.shape}.")
+    if not isinstance(at, jax.core.Tracer) and ((np.asarray(at) < 0) | (np.asarray(at) >= t)).any():
+        raise ValueError(f"logits_at must be in [0, T={t}), got {np.asarray(at).tolist()}.")
+    return jnp.take_along_axis(hidden, at.astype(jnp.int32)[:, None, None], axis=1)

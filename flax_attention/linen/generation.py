@@ -1,19 +1,22 @@
 """Sampled generation from a decoder-only language model with its KV cache.
 
 :func:`generate` prefills the (right-padded, ragged) prompts into the cache in
-one call, then runs one decode step per new token inside a single
-``lax.while_loop``: one compile for the whole generation, no retrace per token,
-and the loop ends as soon as every row has emitted EOS. The sibling of
+one call, then runs one decode step per new token inside ``lax.while_loop``
+(one per phase of at least 64 tokens, each over a cache just long enough for
+it: ``_phase_lengths``): one compile for the whole generation, no retrace per
+token, and the loop ends as soon as every row has emitted EOS. The sibling of
 :mod:`flax_attention.linen.decoding` (greedy/beam search of the encoder-decoder
 Transformer); the token choice is :func:`flax_attention.functional.sampling.sample_logits`
 (greedy when ``temperature == 0``, else temperature / top-k / top-p sampling).
 
 The model is any linen causal LM with this package's decoding protocol, e.g.
 :class:`flax_attention.models.lm.LanguageModel`: ``model.apply(variables,
-tokens [B, T], decode=True, lengths=[B], mutable=['cache'])`` returns float32
-logits ``[B, T, V]`` and advances each row's cache by its own length (flax's
-``"cache"`` collection, allocated by ``model.init(rng, tokens [B, L],
-decode=True)``), and ``model.config`` has ``vocab_size``, ``max_length``,
+tokens [B, T], decode=True, lengths=[B], logits_at=[B] | None, mutable=['cache'])``
+returns float32 logits ``[B, T, V]`` (``[B, 1, V]``, row ``b`` at position
+``logits_at[b]``, when given) and advances each row's cache by its own length (flax's
+``"cache"`` collection in its layout, allocated by ``model.init(rng, tokens [B, L],
+decode=True)``; :func:`generate` lengthens ``cached_key``/``cached_value`` between
+phases), and ``model.config`` has ``vocab_size``, ``max_length``,
 ``eos_id`` and ``pad_id``. (This module takes it as an argument rather than
 importing it: imports run models -> linen.)
 
@@ -109,24 +112,25 @@ def generate(model, params, prompts: ArrayLike, lengths: Optional[ArrayLike] = N
     # EOS and PAD are traced (-1 never matches a token): changing them does not recompile.
     return _generate(model, params, prompts, lengths.astype(jnp.int32), key, jnp.int32(eos if stop_at_eos else -1),
                      jnp.int32(pad), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                     top_k=None if top_k is None else int(top_k), top_p=float(top_p), return_logits=return_logits)
+                     top_k=None if top_k is None else int(top_k), top_p=float(top_p), return_logits=return_logits,
+                     phases=_phase_lengths(t, int(max_new_tokens)))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "return_logits"))
+                                             "return_logits", "phases"))
 def _generate(model, params, prompts, lengths, key, eos_id, pad_id, *, max_new_tokens, temperature, top_k, top_p,
-              return_logits):
+              return_logits, phases):
     b, t = prompts.shape
     n = max_new_tokens
-    # The cache holds the padded prompt and every new token: T + N slots (rows with a
-    # shorter prompt continue from their own length and use fewer).
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((b, t + n), jnp.int32),
+    # The cache starts with the prompt's T slots and grows by whole phases (cache
+    # lengths `phases`, see _phase_lengths); rows with a shorter prompt continue from their own length.
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((b, t), jnp.int32),
                                                decode=True))["cache"]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    def run(cache, tokens, count):
+    def run(cache, tokens, count, at=None):
         logits, mutated = model.apply({"params": params, "cache": cache}, tokens, decode=True, lengths=count,
-                                      mutable=["cache"])
+                                      logits_at=at, mutable=["cache"])
         return logits.astype(jnp.float32), mutated["cache"]
 
     def choose(logits, i, done):
@@ -135,17 +139,13 @@ def _generate(model, params, prompts, lengths, key, eos_id, pad_id, *, max_new_t
         return tok, done | (tok == eos_id)
 
     # Prefill: every row's logits at its own last prompt token choose new token 0.
-    logits, cache = run(cache, prompts, lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    logits, cache = run(cache, prompts, lengths, at=lengths - 1)
+    last = logits[:, 0]  # [B, V]
     tok, done = choose(last, 0, jnp.zeros((b,), bool))
     out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     seen = jnp.zeros((b, n, last.shape[-1]) if return_logits else (0,), jnp.float32)
     if return_logits:
         seen = seen.at[:, 0].set(last)
-
-    def cond(state):
-        i, _, _, _, done, _ = state
-        return (i < n) & ~jnp.all(done)
 
     def body(state):
         i, cache, out, prev, done, seen = state
@@ -157,6 +157,37 @@ def _generate(model, params, prompts, lengths, key, eos_id, pad_id, *, max_new_t
             seen = jax.lax.dynamic_update_slice(seen, logits[:, :1], (zero, i, zero))
         return i + 1, cache, out, tok, done, seen
 
+    def running(end):  # the loop condition of a phase that ends before step `end`
+        return lambda state: (state[0] < end) & ~jnp.all(state[4])
+
     state = (jnp.int32(1), cache, out, tok, done, seen)
-    _, _, out, _, _, seen = jax.lax.while_loop(cond, body, state)
+    for length in phases:
+        # Step i writes slot lengths + i - 1 <= T + i - 1, so a cache of `length` slots serves i <= length - T.
+        state = state[:1] + (_grow(state[1], length),) + state[2:]
+        state = jax.lax.while_loop(running(min(n, length - t + 1)), body, state)
+    _, _, out, _, _, seen = state
     return (out, seen) if return_logits else out
+
+
+# Each decode step reads every slot of the cache, filled or not, so a cache of
+# T + N slots from the start makes early steps read up to N empty ones (an eager
+# loop, e.g. PyTorch's, slices the filled prefix instead). The loop therefore
+# runs in phases of at least _PHASE new tokens, each over a cache just long
+# enough for it (zero slots appended between phases: one copy per phase), and at
+# most _MAX_PHASES of them, as each phase compiles its own copy of the step.
+_PHASE, _MAX_PHASES = 64, 8
+
+
+def _phase_lengths(t: int, n: int) -> tuple:
+    """Cache lengths of the decode phases for a ``T``-token prompt and ``N`` new tokens (steps 1 .. N - 1)."""
+    step = max(_PHASE, -(-(n - 1) // _MAX_PHASES))
+    return tuple(min(t + n - 1, t + j) for j in range(step, n - 1 + step, step))
+
+
+def _grow(cache, length: int):
+    """The ``"cache"`` collection with every ``cached_key``/``cached_value [B, L, K, H]`` zero-padded to ``length`` slots."""
+    def pad(path, x):
+        if getattr(path[-1], "key", None) not in ("cached_key", "cached_value") or x.shape[1] == length:
+            return x
+        return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return jax.tree_util.tree_map_with_path(pad, cache)

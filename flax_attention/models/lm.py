@@ -227,7 +227,8 @@ class LanguageModel(nn.Module):
         return self.final_norm(x)
 
     def __call__(self, tokens: Array, *, positions: Optional[Array] = None, segment_ids: Optional[Array] = None,
-                 train: bool = False, decode: bool = False, lengths: Optional[Array] = None) -> Array:
+                 train: bool = False, decode: bool = False, lengths: Optional[Array] = None,
+                 logits_at: Optional[Array] = None) -> Array:
         """Next-token logits.
 
         Args:
@@ -242,14 +243,18 @@ class LanguageModel(nn.Module):
           lengths: int ``[B]``. With ``decode``: real tokens per example of a right-padded
             prefill (each cache advances by its own). Without: positions ``>= lengths`` are
             padding (segment 0).
+          logits_at: int ``[B]``: only the logits at this position of each row, ``[B, 1, V]``
+            (a prefill needs each prompt's last one; the vocabulary projection of every
+            other row is skipped).
 
         Returns:
-          float32 logits ``[B, T, V]``; rows of padding (and, with ``decode``, past ``lengths``)
-          are meaningless. Under ``jit`` (ids cannot raise) an id outside ``[0, V)`` makes its
+          float32 logits ``[B, T, V]`` (``[B, 1, V]`` with ``logits_at``); rows of padding
+          (and, with ``decode``, past ``lengths``) are meaningless. Under ``jit`` (ids cannot raise) an id outside ``[0, V)`` makes its
           whole row NaN, never a silently clamped lookup.
         """
         h = self.hidden(tokens, positions=positions, segment_ids=segment_ids, train=train, decode=decode,
                         lengths=lengths)
+        h = lm_inputs.rows_at(h, logits_at)
         if self.config.tie_embeddings:  # float32 logits: h Eᵀ (Press & Wolf 2017)
             return jnp.einsum("bte,ve->btv", h.astype(jnp.float32),
                               jnp.asarray(self.embedding.embedding, jnp.float32))

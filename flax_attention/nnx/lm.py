@@ -115,14 +115,16 @@ class LanguageModel(nnx.Module):
         return self.final_norm(x)
 
     def __call__(self, tokens: Array, *, positions: Optional[Array] = None, segment_ids: Optional[Array] = None,
-                 train: bool = False, decode: bool = False, lengths: Optional[Array] = None, rngs=None) -> Array:
-        """Float32 next-token logits ``[B, T, V]``.
+                 train: bool = False, decode: bool = False, lengths: Optional[Array] = None,
+                 logits_at: Optional[Array] = None, rngs=None) -> Array:
+        """Float32 next-token logits ``[B, T, V]`` (``[B, 1, V]`` with ``logits_at``).
 
         Arguments as the linen model's (``decode`` needs :meth:`init_cache` first);
         ``rngs``: the dropout stream when ``train`` (default: the module's own).
         """
         h = self.hidden(tokens, positions=positions, segment_ids=segment_ids, train=train, decode=decode,
                         lengths=lengths, rngs=rngs)
+        h = lm_inputs.rows_at(h, logits_at)
         if self.config.tie_embeddings:
             return jnp.einsum("bte,ve->btv", h.astype(jnp.float32),
                               jnp.asarray(self.embedding.embedding[...], jnp.float32))
