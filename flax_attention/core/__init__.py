@@ -10,5 +10,6 @@ these without either importing the other.
 * :mod:`.tracing`: which autodiff/``vmap`` traces enclose a call, ``shard_map``'s
   varying axes (``vary_like``);
 * :mod:`.masks`: causal / sliding-window masks, ``combine_masks``, the causal
-  alignments and window arithmetic.
+  alignments and window arithmetic;
+* :mod:`.reductions`: ``argmax`` as two plain reductions (XLA:CPU's own is a scalar loop).
 """

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from flax_attention.core.reductions import argmax
 from flax_attention.linen.transformer import init_cache
 
 Array = jnp.ndarray
@@ -108,7 +109,7 @@ def greedy_decode(
         log_probs, cache = _step(model, params, _join_memory(cache, memory), last, encoded_or_none, src,
                                  (pad_id, bos_id))
         cache, new_memory = _split_memory(cache)
-        tok = jnp.where(done, pad_id, jnp.argmax(log_probs, axis=-1)).astype(jnp.int32)
+        tok = jnp.where(done, pad_id, argmax(log_probs)).astype(jnp.int32)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (jnp.zeros_like(i), i))
         return (i + 1, cache, out, tok, done | (tok == eos_id)), new_memory
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flax_attention.core.reductions import top_token_hits
 from flax_attention.data import lm_corpus as C
 from flax_attention.models.lm import LanguageModel, LMConfig
 from flax_attention.training import distributed
@@ -58,7 +59,7 @@ def lm_loss(params, apply_fn, batch, rngs, train: bool):
     w = batch["weights"].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
     nll = jnp.where(w > 0, nll, 0.0)  # padding rows' logits are meaningless: keep them out of every sum
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    correct = top_token_hits(logits, batch["targets"]).astype(jnp.float32)
     loss_sum = jnp.sum(w * nll)
     return loss_sum, {"loss": loss_sum, "accuracy": jnp.sum(w * correct),
                       "words": jnp.sum(batch["words"].astype(jnp.float32)), "weight": jnp.sum(w)}

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from flax_attention.core.reductions import top_token_hits
 from flax_attention.data import synthetic as T
 from flax_attention.data.synthetic import PAD_ID
 from flax_attention.linen.layers import TransformerConfig
@@ -104,7 +105,7 @@ def seq2seq_loss(label_smoothing: float):
         logits = apply_fn({"params": params}, batch["src"], batch["tgt_in"], deterministic=not train, rngs=rngs)
         w = (batch["tgt_out"] != PAD_ID).astype(jnp.float32)
         loss_sum = jnp.sum(w * smoothed_cross_entropy(logits, batch["tgt_out"], label_smoothing))
-        correct = jnp.sum(w * (jnp.argmax(logits, -1) == batch["tgt_out"]))
+        correct = jnp.sum(w * top_token_hits(logits, batch["tgt_out"]))
         return loss_sum, {"loss": loss_sum, "accuracy": correct, "weight": jnp.sum(w)}
 
     return loss_and_metrics
