@@ -50,6 +50,38 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert kept(rows[1]) == [2, 4]
 
 
+def _reference_kept(row, k=None, p=None):
+    """The definitions by sorting, in float64 NumPy: top-k = the k largest and ties; top-p = the sorted
+    prefix whose mass ahead is below p, and ties with its last token."""
+    order = np.argsort(-row, kind="stable")
+    if k is not None:
+        return set(np.flatnonzero(row >= row[order[min(k, row.size) - 1]]))
+    probs = np.exp(row - row.max())
+    probs = probs / probs.sum()
+    ahead = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
+    last = order[np.sum(ahead < p) - 1]
+    return set(np.flatnonzero(row >= row[last]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_filters_equal_their_sorting_definitions_on_random_rows(dtype):
+    # The filters bisect over the logits' bit patterns instead of sorting: same sets, ties included
+    # (quarter-integer logits make ties common), negative and positive logits, -0.0 == 0.0.
+    r = np.random.default_rng(3)
+    rows = np.concatenate([r.integers(-12, 12, (20, 40)) / 4.0, r.standard_normal((20, 40)) * 5])
+    rows[0, :3] = [0.0, -0.0, 0.0]
+    with jax.enable_x64(dtype == np.float64):
+        x = jnp.asarray(rows, dtype)
+        for k in (1, 3, 17, 39):
+            got = np.asarray(top_k_filter(x, k)) > EXCLUDED / 2
+            assert [set(np.flatnonzero(g)) for g in got] == [_reference_kept(row, k=k) for row in rows], k
+        for p in (0.05, 0.5, 0.9, 0.999):
+            got = np.asarray(top_p_filter(x, p)) > EXCLUDED / 2
+            assert [set(np.flatnonzero(g)) for g in got] == [_reference_kept(row, p=p) for row in rows], p
+        kept = np.asarray(top_k_filter(x, 3))
+        np.testing.assert_array_equal(kept[kept > EXCLUDED / 2], rows[kept > EXCLUDED / 2].astype(dtype))
+
+
 def test_filter_order_temperature_then_top_k_then_top_p():
     # Temperature 2 flattens the distribution: sqrt(p) renormalised.
     flat = np.sqrt(PROBS) / np.sqrt(PROBS).sum()

@@ -99,6 +99,7 @@ def test_valid_examples_selects_on_validation_and_tests_the_selected_checkpoint_
     evals = [r for r in records if r["event"] == "eval"]
     tests = [r for r in records if r["event"] == "test"]
     assert [r["step"] for r in evals] == [2, 4, 6] and all(r["test_examples"] == 8 for r in evals)
+    assert all(r["split"] == "validation" for r in evals)
     assert [t["step"] for t in tests] == [4, 6] and all(t["test_examples"] == 24 for t in tests)
     chosen = {r["step"]: r["test_accuracy"] for r in evals}[tests[-1]["selected_step"]]
     assert chosen == max(r["test_accuracy"] for r in evals)  # "test_accuracy" of an eval event: validation
@@ -223,7 +224,7 @@ def test_train_py_end_to_end_on_mock_data(tmp_path):
     assert "different configuration" in out.stderr and "hidden_size" in out.stderr
     assert "non-empty review" in out.stderr and "--batch_size must be >= 1" in out.stderr
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["event"] == "eval" and records[-1]["test_examples"] == 20
+    assert records[-1]["event"] == "eval" and records[-1]["test_examples"] == 20 and records[-1]["split"] == "test"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["hidden_size"] == 6
     page = (tmp_path / "run" / "attention.html").read_text()
     assert page.count("class=card") == 3 and "rgba(255,0,0," in page

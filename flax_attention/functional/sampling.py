@@ -88,8 +88,9 @@ def top_k_filter(logits: Array, k: int) -> Array:
     logits = _float(logits)
     if k >= logits.shape[-1]:
         return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits >= kth, logits, EXCLUDED)
+    keys = _order_keys(logits)
+    kth = _smallest_key(keys, lambda v: jnp.sum(keys > v, axis=-1, keepdims=True) < k)  # the k-th largest
+    return jnp.where(keys >= kth, logits, EXCLUDED)
 
 
 def top_p_filter(logits: Array, p: float) -> Array:
@@ -111,16 +112,44 @@ def top_p_filter(logits: Array, p: float) -> Array:
     logits = _float(logits)
     if p >= 1.0:
         return logits
-    ordered = -jnp.sort(-logits, axis=-1)                      # descending
-    probs = jax.nn.softmax(ordered, axis=-1)
-    # Mass strictly ahead of each token: an exclusive cumsum, monotone in floating point too.
-    before = jnp.cumsum(probs, axis=-1)
-    before = jnp.concatenate([jnp.zeros_like(before[..., :1]), before[..., :-1]], axis=-1)
-    # The kept tokens are a prefix of the sorted order (``before`` only grows), never empty
-    # (``before[0] = 0 < p``); the last kept logit is the threshold.
-    count = jnp.sum(before < p, axis=-1, keepdims=True, dtype=jnp.int32)
-    threshold = jnp.take_along_axis(ordered, count - 1, axis=-1)
-    return jnp.where(logits >= threshold, logits, EXCLUDED)
+    # Token i is kept iff the mass of the tokens strictly more likely, m(x_i) = P(x > x_i), is
+    # below p: in sorted order those are the tokens whose mass ahead is below p, plus ties. m only
+    # falls as the logit grows, so the kept set is {x >= v*}, v* the smallest logit with m(v*) < p
+    # (the top token's m is 0: never empty).
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _order_keys(logits)
+    threshold = _smallest_key(keys, lambda v: jnp.sum(jnp.where(keys > v, probs, 0), axis=-1, keepdims=True) < p)
+    return jnp.where(keys >= threshold, logits, EXCLUDED)
+
+
+# The k-th largest logit and the nucleus threshold are found by bisection over the
+# logits' bit patterns (one compare-and-sum over [..., V] per bit) instead of
+# jax.lax.top_k / jnp.sort, which XLA:CPU runs as a sort of every row: measured on
+# one core of a 2-core AMD EPYC VM (family 26 = Zen 5) for [16, 8000] float32
+# logits, 646 us per threshold against 16.4 ms (top_k 50) and 19.9 ms (sort); a
+# B=16 generation step of the LM benchmark is ~3 ms, so the sort made top-k/top-p
+# sampling ~7x slower than greedy. The result is exact (every bit is decided).
+def _order_keys(x: Array) -> Array:
+    """Signed integers of ``x``'s width with the order of the float values (``-0.0`` as ``0.0``)."""
+    itype = {4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), itype)
+    # Negative floats order backwards as integers: flip their magnitude bits.
+    return bits ^ ((bits >> (8 * x.dtype.itemsize - 1)) & jnp.asarray(np.iinfo(itype).max, itype))
+
+
+def _smallest_key(keys: Array, holds) -> Array:
+    """Per row of ``keys [..., V]``, the smallest integer ``v`` in ``[min, max]`` with ``holds(v)``
+    (``[..., 1]``), for ``holds`` false-then-true in ``v`` and true at the row's maximum."""
+    lo = jnp.min(keys, axis=-1, keepdims=True)
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without overflow
+        ok = holds(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    return jax.lax.fori_loop(0, 8 * keys.dtype.itemsize, halve, (lo, hi))[1]
 
 
 def filter_logits(logits: Array, *, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -215,6 +215,8 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
         what = getattr(data, "description", None) or f"{len(data.train)} train / {len(data.test)} test examples"
         print(f"{task.name}: {what}, {spe} steps/epoch, {placement.describe()} "
               f"[{jax.devices()[0].platform}] in {jax.process_count()} process(es), global batch {tcfg.batch_size}")
+    final_test_run = task.test_eval is not None and getattr(data, "final_test", True)
+    eval_split = "validation" if final_test_run else "test"  # what every epoch's evaluation reads
     metrics: Dict[str, Any] = {}
     try:
         for epoch in range(epoch, tcfg.num_epochs):
@@ -249,7 +251,8 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
             score = metrics[task.selection_metric]
             save_if_finite(ckpt, (epoch + 1) * spe, rstate, {"next_epoch": epoch + 1, "next_step": 0, "accuracy": score},
                            metrics={"accuracy": score}, placement=placement)  # "accuracy": the selection metric
-            log(event="eval", epoch=epoch + 1, step=(epoch + 1) * spe,
+            # The keys keep their historic test_ prefix; `split` names what they were measured on.
+            log(event="eval", epoch=epoch + 1, step=(epoch + 1) * spe, split=eval_split,
                 **{f"test_{k}" if k in ("loss", "accuracy", "examples") else k: v for k, v in metrics.items()},
                 train_loss=train_m.get("loss"), train_accuracy=train_m.get("accuracy"), epoch_seconds=train_time)
             if primary:
@@ -263,7 +266,7 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
         if not metrics:  # nothing left to train: evaluate the restored state
             step = placement.step(rstate)
             metrics = full_evaluation(task, configs, model, p_eval, rstate, data, workdir, step, True, placement)
-        if task.test_eval is not None and getattr(data, "final_test", True):  # the model chosen on validation
+        if final_test_run:  # the model chosen on validation
             def evaluate_params(params, split):
                 return evaluate(p_eval, placement.with_params(rstate, params), split,
                                 tcfg.eval_batch_size or tcfg.batch_size, desc="test", placement=placement)
