@@ -94,6 +94,7 @@ def test_valid_examples_selects_on_validation_and_tests_the_selected_checkpoint_
         out = capsys.readouterr().out
         assert "16 train / 8 validation / 24 test examples" in out and "(8 validation reviews)" in out
         assert "Final validation accuracy" in out and out.count("on all 24 test reviews") == 1
+        assert "the reported model is the tested one above, step" in out
         assert train.main(run + ["--num_epochs", "3"]) == 0  # resume: one more epoch, the test once more
     records = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]

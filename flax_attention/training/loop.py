@@ -280,6 +280,8 @@ def _train_loop(task, configs, workdir: Path, data, model, rstate, ckpt, write_c
         eval_name = getattr(data, "eval_name", None) or task.eval_name
         what = (f"{eval_name.split()[0]} accuracy: {metrics['accuracy']:.4f}"
                 if task.decode_eval is None and task.eval_metrics is None else f"evaluation: {task.summary(metrics)}")
+        chosen = (f"; the reported model is the tested one above, step {metrics['selected_step']}"
+                  if "selected_step" in metrics else "")  # the last epoch need not be the best on validation
         print(f"Final {what} on all {int(metrics['examples'])} {eval_name} "
-              f"(step {placement.step(rstate)}, checkpoints in {workdir})")
+              f"(step {placement.step(rstate)}, checkpoints in {workdir}{chosen})")
     return metrics
