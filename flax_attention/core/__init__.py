@@ -11,5 +11,6 @@ these without either importing the other.
   varying axes (``vary_like``);
 * :mod:`.masks`: causal / sliding-window masks, ``combine_masks``, the causal
   alignments and window arithmetic;
-* :mod:`.reductions`: ``argmax`` as two plain reductions (XLA:CPU's own is a scalar loop).
+* :mod:`.reductions`: ``argmax`` as two plain reductions (XLA:CPU's own is a scalar loop) and the
+  token-accuracy hits ``top_token_hits``.
 """
