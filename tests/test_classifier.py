@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_attention.models.classifier import TransformerClassifier, TransformerClassifierConfig
+from flax_attention.models.classifier import TransformerClassifier, TransformerClassifierConfig, concat_pool
 
 
 def small(pooling, **kw):
@@ -13,7 +13,7 @@ def small(pooling, **kw):
                                        max_len=32, pooling=pooling, attention_size=8, **kw)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "attention", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "attention", "cls", "concat"])
 def test_shapes_weights_and_padding_invariance(pooling):
     model = TransformerClassifier(small(pooling))
     rng = np.random.default_rng(0)
@@ -39,6 +39,22 @@ def test_shapes_weights_and_padding_invariance(pooling):
         assert np.all(np.asarray(weights)[np.arange(8) >= np.asarray(lengths)[:, None]] == 0)
 
 
+def test_concat_pool_by_hand():
+    # Two rows of states [S=3, E=2]; row 0 has 2 real tokens, row 1 none.
+    h = jnp.asarray([[[1.0, -4.0], [3.0, -2.0], [100.0, 100.0]],
+                     [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]], jnp.float32)
+    lengths = jnp.asarray([2, 0], jnp.int32)
+    pooled, weights = concat_pool(h, lengths)
+    # [last real state, max over real, mean over real]; padding (100s) never enters.
+    np.testing.assert_array_equal(pooled[0], [3.0, -2.0, 3.0, -2.0, 2.0, -3.0])
+    np.testing.assert_array_equal(pooled[1], np.zeros(6))  # nothing to pool: zeros, not -inf
+    np.testing.assert_array_equal(weights, [[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    grad = jax.grad(lambda x: concat_pool(x, lengths)[0].sum())(h)
+    # d/dh: last (1) + max (1, both features at token 1) + mean (1/2 each real token).
+    np.testing.assert_array_equal(grad[0], [[0.5, 0.5], [2.5, 2.5], [0.0, 0.0]])
+    np.testing.assert_array_equal(grad[1], np.zeros((3, 2)))
+
+
 def test_dropout_only_in_training():
     model = TransformerClassifier(small("mean", dropout_rate=0.5))
     tokens = jnp.asarray(np.random.default_rng(1).integers(3, 50, size=(2, 6)), jnp.int32)
@@ -55,6 +71,8 @@ def test_dropout_only_in_training():
 def test_bad_config_and_too_long_input():
     with pytest.raises(ValueError, match="pooling"):
         TransformerClassifierConfig(pooling="max")
+    with pytest.raises(ValueError, match="lm_dropout_rate"):
+        TransformerClassifierConfig(lm_dropout_rate=1.0)
     with pytest.raises(ValueError, match="divisible"):
         TransformerClassifierConfig(d_model=30, num_heads=4)
     model = TransformerClassifier(small("cls"))

@@ -225,7 +225,7 @@ def test_init_from_copies_the_lm_and_refuses_bad_workdirs_before_writing(lm_run,
                 (tmp_path / "bigru", [], "holds a --model bigru run; give a --model lm workdir"),
                 (tmp_path / "wider", [], "arrays differ, e.g. params/embedding/embedding: checkpoint (40, 16), "
                                          "model (40, 32)"),
-                (lm, ["--pooling", "cls"], "leave --pooling at mean")]:
+                (lm, ["--pooling", "cls"], "with --pooling mean or concat (got 'cls')")]:
             assert train.main(clf + ["--init_from", str(source), "--workdir", str(tmp_path / "never")] + extra) == 2
             err = capsys.readouterr().err
             assert message in err and err.count("\n") == 1, err
@@ -255,4 +255,12 @@ def test_init_from_copies_the_lm_and_refuses_bad_workdirs_before_writing(lm_run,
     assert body.config.max_length == 40 and model.config.max_length == 16
     shapes = jax.eval_shape(lambda k: body.init(k, jnp.ones((1, 40), jnp.int32), jnp.ones((1,), jnp.int32)),
                             jax.random.PRNGKey(0))["params"]
+    init_from.check_compatible(shapes["lm"], lm_params, lm)
+    # Fine-tuning's options: ULMFiT's concat pooling (a 3E-wide head) and dropout inside the body.
+    _, _, _, tuned = train.parse_args(clf + ["--init_from", lm, "--pooling", "concat", "--lm_dropout_rate", "0.25"])
+    concat = init_from.build_classifier(tuned)
+    assert concat.pooling == "concat" and concat.config.dropout_rate == 0.25 and model.config.dropout_rate == 0.0
+    shapes = jax.eval_shape(lambda k: concat.init(k, jnp.ones((1, 16), jnp.int32), jnp.ones((1,), jnp.int32)),
+                            jax.random.PRNGKey(0))["params"]
+    assert shapes["head"]["kernel"].shape == (3 * model.config.d_model, 1)
     init_from.check_compatible(shapes["lm"], lm_params, lm)

@@ -19,6 +19,9 @@ Pooling (``pooling``):
 * ``"cls"``: a learned vector is prepended at position 0 and its final state
   is classified (BERT style); it is not a pooling over tokens, so ``weights``
   is all zeros. ``max_len`` must leave room for it (``S + 1``).
+* ``"concat"``: ULMFiT's concat pooling (:func:`concat_pool`): the last real
+  token's state, the masked max and the masked mean side by side (``3E``
+  features); ``weights`` are the mean's.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from flax_attention.models.lm import LanguageModel, LMConfig
 
 Array = jnp.ndarray
 
-POOLINGS = ("mean", "attention", "cls")
+POOLINGS = ("mean", "attention", "cls", "concat")
+LM_POOLINGS = ("mean", "concat")  # the poolings over a pretrained LM's states (LMClassifier)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +58,12 @@ class TransformerClassifierConfig:
       dropout_rate: embedding, residual and head dropout.
       attention_dropout_rate: dropout on attention weights.
       max_len: longest input (``S``, plus 1 with ``cls`` pooling).
-      pooling: ``"mean"``, ``"attention"`` or ``"cls"``.
+      pooling: ``"mean"``, ``"attention"``, ``"cls"`` or ``"concat"``.
       attention_size: ``A`` of the ``"attention"`` pooling.
       pre_ln: pre-LN encoder layers (stable with a plain warm-up; the paper is post-LN).
+      lm_dropout_rate: only with ``train.py --init_from``: embedding and residual
+        dropout inside the pretrained LM's blocks while fine-tuning (the encoder
+        above uses ``dropout_rate``; the LM's own rate is its pretraining's).
     """
 
     vocab_size: int = 10_000
@@ -71,12 +78,15 @@ class TransformerClassifierConfig:
     pooling: str = "mean"
     attention_size: int = 64
     pre_ln: bool = True
+    lm_dropout_rate: float = 0.0
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} must be one of {POOLINGS}.")
         if self.num_layers < 1 or self.attention_size < 1:
             raise ValueError(f"num_layers ({self.num_layers}) and attention_size must be >= 1.")
+        if not 0.0 <= self.lm_dropout_rate < 1.0:
+            raise ValueError(f"lm_dropout_rate={self.lm_dropout_rate} must be in [0, 1).")
         self.encoder_config()  # validates heads, dropout, sizes
 
     def encoder_config(self) -> TransformerConfig:
@@ -88,6 +98,32 @@ class TransformerClassifierConfig:
             attention_dropout_rate=self.attention_dropout_rate, max_len=self.max_len,
             pre_ln=self.pre_ln,
         )
+
+
+def mean_pool(h: Array, lengths: Array) -> Tuple[Array, Array]:
+    """``(pooled [B, E] float32, weights [B, S])``: the mean of ``h [B, S, E]`` over the first ``lengths`` tokens."""
+    weights = padding_mask(lengths, h.shape[1]) / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
+    return jnp.einsum("bs,bse->be", weights, h.astype(jnp.float32)), weights
+
+
+def concat_pool(h: Array, lengths: Array) -> Tuple[Array, Array]:
+    """ULMFiT's concat pooling (Howard & Ruder 2018, sec. 3.3): ``[h_last, max(H), mean(H)]`` over the real tokens.
+
+    Args:
+      h: ``[B, S, E]`` states, padding after ``lengths``.
+      lengths: int ``[B]`` true lengths (a row of length 0 pools to zeros).
+
+    Returns:
+      ``(pooled [B, 3E] float32, weights [B, S])``; ``weights`` are the mean's.
+    """
+    mean, weights = mean_pool(h, lengths)
+    h = h.astype(jnp.float32)
+    real = padding_mask(lengths, h.shape[1])[..., None]
+    # -inf at padding (not a large finite value): a padded state can never be the max.
+    top = jnp.where(lengths[:, None] > 0, jnp.max(jnp.where(real, h, -jnp.inf), axis=1), 0.0)
+    last = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
+    last = jnp.where(lengths[:, None] > 0, last, 0.0)
+    return jnp.concatenate([last, top, mean], axis=-1), weights
 
 
 class TransformerClassifier(nn.Module):
@@ -142,38 +178,42 @@ class TransformerClassifier(nn.Module):
         elif cfg.pooling == "attention":
             pooled, weights = AdditiveAttention(cfg.attention_size, name="pool")(h, real)
         else:
-            weights = real / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
-            pooled = jnp.einsum("bs,bse->be", weights, h.astype(jnp.float32))
+            pooled, weights = (concat_pool if cfg.pooling == "concat" else mean_pool)(h, lengths)
         pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
         head = nn.Dense(1, name="head", kernel_init=logical(default_kernel_init, ("embed", None)))
         return head(pooled)[..., 0], weights
 
 
 class LMClassifier(nn.Module):
-    """A pretrained decoder-only LM's blocks + masked mean pooling + one logit (``train.py --init_from``).
+    """A pretrained decoder-only LM's blocks + mean or concat pooling + one logit (``train.py --init_from``).
 
     The body is :class:`~flax_attention.models.lm.LanguageModel` (parameters
     under ``lm``, the same tree as the LM's own, so an ``lm`` workdir's
     parameters drop in); its final-normed hidden states (causal attention,
-    RoPE positions, padding after ``lengths`` as segment 0) are averaged over
-    the real tokens, then ``Dropout -> Dense(1)`` (``head``). A causal body is
+    RoPE positions, padding after ``lengths`` as segment 0) are pooled over
+    the real tokens (``"mean"``, or ``"concat"``: :func:`concat_pool`, whose
+    last state is the only one that has read the whole review), then
+    ``Dropout -> Dense(1)`` (``head``). A causal body is
     kept as pretrained (Howard & Ruder 2018; Dai & Le 2015 fine-tune their LM
     as it is). Same interface as :class:`TransformerClassifier`.
 
     Attributes:
       config: the language model's :class:`~flax_attention.models.lm.LMConfig`.
       dropout_rate: dropout on the pooled vector (the body uses ``config.dropout_rate``).
+      pooling: ``"mean"`` or ``"concat"``.
     """
 
     config: LMConfig
     dropout_rate: float = 0.1
+    pooling: str = "mean"
 
     @nn.compact
     def __call__(self, tokens: Array, lengths: Array, *, train: bool = False) -> Tuple[Array, Array]:
         """``(logits [B], weights [B, S])`` for ``tokens [B, S]`` with true ``lengths [B]`` (>= 1)."""
         h = LanguageModel(self.config, name="lm").hidden(tokens, lengths=lengths, train=train)
-        weights = padding_mask(lengths, tokens.shape[1]) / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
-        pooled = jnp.einsum("bs,bse->be", weights, h.astype(jnp.float32))
+        if self.pooling not in LM_POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} must be one of {LM_POOLINGS} on a pretrained LM.")
+        pooled, weights = (concat_pool if self.pooling == "concat" else mean_pool)(h, lengths)
         pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
         head = nn.Dense(1, name="head", kernel_init=logical(default_kernel_init, ("embed", None)))
         return head(pooled)[..., 0], weights

@@ -5,7 +5,8 @@ With ``--init_from W`` the classifier mirrors the language model of ``W``:
 * model: :class:`~flax_attention.models.classifier.LMClassifier` -- the LM's
   blocks with ``W``'s :class:`~flax_attention.models.lm.LMConfig` (the
   classifier's encoder flags ``d_model``, ``num_layers``, ... do not apply;
-  ``dropout_rate`` is the head's), masked mean pooling, one logit;
+  ``dropout_rate`` is the head's, ``lm_dropout_rate`` the body's), mean or
+  concat pooling (``--pooling``), one logit;
 * input: the labelled reviews cleaned as the LM's corpus
   (:func:`flax_attention.data.lm_corpus.clean`) and encoded with ``W``'s
   SentencePiece model (copied to ``WORKDIR/spm.model``) as ``[BOS] pieces``,
@@ -42,7 +43,7 @@ import numpy as np
 from flax_attention.data import atomic, imdb
 from flax_attention.data import lm_corpus
 from flax_attention.data.sentencepiece_vocab import SPM_FILE, Tokenizer
-from flax_attention.models.classifier import LMClassifier
+from flax_attention.models.classifier import LM_POOLINGS, LMClassifier
 from flax_attention.models.lm import LMConfig
 
 
@@ -71,12 +72,12 @@ def lm_source(path: str) -> Tuple[LMConfig, Tokenizer]:
 
 
 @functools.lru_cache(maxsize=None)
-def _classifier(config: LMConfig, dropout_rate: float) -> LMClassifier:
-    return LMClassifier(config, dropout_rate)
+def _classifier(config: LMConfig, dropout_rate: float, pooling: str) -> LMClassifier:
+    return LMClassifier(config, dropout_rate, pooling)
 
 
 def build_classifier(configs) -> LMClassifier:
-    """The classifier on the LM's architecture (ValueError for a non-LM workdir).
+    """The classifier on the LM's architecture (ValueError for a non-LM workdir or a pooling it lacks).
 
     ``--max_length`` may exceed the LM's row length: every position scheme of
     :class:`~flax_attention.models.lm.LMConfig` (RoPE, ALiBi, none) is
@@ -84,11 +85,15 @@ def build_classifier(configs) -> LMClassifier:
     the pretraining rows are first seen in fine-tuning (RoPE's rotations
     extend to them unchanged, Su et al. 2021 eq. 34).
     """
-    data = configs["data"]
+    data, model = configs["data"], configs["model"]
+    if model.pooling not in LM_POOLINGS:
+        raise ValueError(f"{_flag(data.init_from)} pools the LM's states with --pooling mean or concat "
+                         f"(got {model.pooling!r}).")
     lm_config, _ = lm_source(data.init_from)
-    if data.max_length > lm_config.max_length:
-        lm_config = dataclasses.replace(lm_config, max_length=data.max_length)
-    return _classifier(lm_config, configs["model"].dropout_rate)
+    # Fine-tuning's own dropout in the body; the LM's rate was its pretraining's (parameters unchanged).
+    lm_config = dataclasses.replace(lm_config, max_length=max(data.max_length, lm_config.max_length),
+                                    dropout_rate=model.lm_dropout_rate)
+    return _classifier(lm_config, model.dropout_rate, model.pooling)
 
 
 @functools.lru_cache(maxsize=8)
@@ -136,9 +141,6 @@ def preflight(configs) -> None:
     if data.embeddings or data.freeze_embeddings:
         raise ValueError(f"--embeddings/--freeze_embeddings and {_flag(path)} both concern the embedding table; "
                          "--init_from brings the LM's own: leave the other two out.")
-    if configs["model"].pooling != "mean":
-        raise ValueError(f"{_flag(path)} pools the LM's states by their mean; leave --pooling at mean "
-                         f"(got {configs['model'].pooling!r}).")
     model = build_classifier(configs)
     tokens = jnp.ones((1, data.max_length), jnp.int32)
     expected = jax.eval_shape(lambda k: model.init(k, tokens, jnp.ones((1,), jnp.int32)), jax.random.PRNGKey(0))

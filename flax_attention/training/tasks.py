@@ -248,7 +248,7 @@ def imdb_classifier(name: str, config_cls, model_cls) -> Task:
         preflight=check_embeddings_file,
         frozen=frozen_embeddings,
         added_fields={"data.embeddings": "", "data.freeze_embeddings": False, "data.init_from": "",
-                      "data.valid_examples": 0},
+                      "data.valid_examples": 0, "model.lm_dropout_rate": 0.0},
         test_eval=imdb_test_eval,
     )
 
