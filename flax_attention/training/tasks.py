@@ -235,6 +235,9 @@ def frozen_embeddings(configs: Configs):
 
 def imdb_classifier(name: str, config_cls, model_cls) -> Task:
     """IMDB pipeline, vocabulary, loss, evaluation, checkpoints, predict/visualize; only the model differs."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    # Model fields added after workdirs were written with this model, filled in when those resume.
+    added_model_fields = {f"model.{k}": v for k, v in {"lm_dropout_rate": 0.0}.items() if k in fields}
     return Task(
         name=name,
         config_classes={"model": config_cls, "data": imdb.IMDBConfig},
@@ -248,7 +251,7 @@ def imdb_classifier(name: str, config_cls, model_cls) -> Task:
         preflight=check_embeddings_file,
         frozen=frozen_embeddings,
         added_fields={"data.embeddings": "", "data.freeze_embeddings": False, "data.init_from": "",
-                      "data.valid_examples": 0, "model.lm_dropout_rate": 0.0},
+                      "data.valid_examples": 0, **added_model_fields},
         test_eval=imdb_test_eval,
     )
 
