@@ -73,6 +73,8 @@ def test_bad_config_and_too_long_input():
         TransformerClassifierConfig(pooling="max")
     with pytest.raises(ValueError, match="lm_dropout_rate"):
         TransformerClassifierConfig(lm_dropout_rate=1.0)
+    with pytest.raises(ValueError, match="lm_lr_decay=0.5 must be >= 1"):
+        TransformerClassifierConfig(lm_lr_decay=0.5)
     with pytest.raises(ValueError, match="divisible"):
         TransformerClassifierConfig(d_model=30, num_heads=4)
     model = TransformerClassifier(small("cls"))

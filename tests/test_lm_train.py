@@ -7,6 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from flax_attention.data import lm_corpus as C
@@ -230,8 +231,12 @@ def test_init_from_copies_the_lm_and_refuses_bad_workdirs_before_writing(lm_run,
             err = capsys.readouterr().err
             assert message in err and err.count("\n") == 1, err
             assert not (tmp_path / "never").exists()  # refused before anything was written
-        run = str(tmp_path / "clf")
-        assert train.main(clf + ["--init_from", lm, "--workdir", run]) == 0
+        assert train.main(clf + ["--lm_lr_decay", "2", "--workdir", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert "--lm_lr_decay 2.0 sets per-layer rates" in err and "add --init_from W" in err and err.count("\n") == 1
+        assert not (tmp_path / "never").exists()
+        run = str(tmp_path / "clf")  # trained (and restored by predict) with discriminative rates
+        assert train.main(clf + ["--init_from", lm, "--workdir", run, "--lm_lr_decay", "2.6"]) == 0
     assert "classifier body initialised from" in capsys.readouterr().out
     init = [json.loads(x) for x in (tmp_path / "clf" / "metrics.jsonl").read_text().splitlines()][0]
     assert init["event"] == "init" and init["init_from_tensors"] > 5
@@ -264,3 +269,20 @@ def test_init_from_copies_the_lm_and_refuses_bad_workdirs_before_writing(lm_run,
                             jax.random.PRNGKey(0))["params"]
     assert shapes["head"]["kernel"].shape == (3 * model.config.d_model, 1)
     init_from.check_compatible(shapes["lm"], lm_params, lm)
+    # Discriminative rates (ULMFiT eq. 2): with SGD(1) and unit gradients each update is -decay^-depth,
+    # depth 0 for the head and final norm, 1 for the top block ... L + 1 for the embedding.
+    assert init_from.layer_rates(configs) is None  # --lm_lr_decay 1: plain Adam, earlier runs' state
+    _, _, _, discr = train.parse_args(clf + ["--init_from", lm, "--lm_lr_decay", "2"])
+    tx = init_from.layer_rates(discr)(optax.sgd(1.0), fresh)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, fresh), tx.init(fresh), fresh)
+    layers = model.config.num_layers
+    expected = {"head": 0, "lm/final_norm": 0, f"lm/layers_{layers - 1}": 1, "lm/layers_0": layers,
+                "lm/embedding": layers + 1}
+    seen = set()
+    for keys, u in jax.tree_util.tree_leaves_with_path(updates):
+        name = "/".join(k.key for k in keys)
+        for prefix, depth in expected.items():
+            if name.startswith(prefix + "/"):
+                np.testing.assert_array_equal(np.asarray(u), -(2.0 ** -depth), err_msg=name)
+                seen.add(prefix)
+    assert seen == set(expected)

@@ -64,6 +64,10 @@ class TransformerClassifierConfig:
       lm_dropout_rate: only with ``train.py --init_from``: embedding and residual
         dropout inside the pretrained LM's blocks while fine-tuning (the encoder
         above uses ``dropout_rate``; the LM's own rate is its pretraining's).
+      lm_lr_decay: only with ``train.py --init_from``: discriminative fine-tuning
+        (Howard & Ruder 2018, eq. 2): the head and final norm learn at the
+        run's rate, each block below at ``1 / lm_lr_decay`` of the one above,
+        the embedding below the lowest block (``1.0`` = one rate; ULMFiT uses 2.6).
     """
 
     vocab_size: int = 10_000
@@ -79,6 +83,7 @@ class TransformerClassifierConfig:
     attention_size: int = 64
     pre_ln: bool = True
     lm_dropout_rate: float = 0.0
+    lm_lr_decay: float = 1.0
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -87,6 +92,9 @@ class TransformerClassifierConfig:
             raise ValueError(f"num_layers ({self.num_layers}) and attention_size must be >= 1.")
         if not 0.0 <= self.lm_dropout_rate < 1.0:
             raise ValueError(f"lm_dropout_rate={self.lm_dropout_rate} must be in [0, 1).")
+        if not self.lm_lr_decay >= 1.0:
+            raise ValueError(f"lm_lr_decay={self.lm_lr_decay} must be >= 1 (1 = one rate for every layer; "
+                             "ULMFiT uses 2.6).")
         self.encoder_config()  # validates heads, dropout, sizes
 
     def encoder_config(self) -> TransformerConfig:
@@ -118,12 +126,11 @@ def concat_pool(h: Array, lengths: Array) -> Tuple[Array, Array]:
     """
     mean, weights = mean_pool(h, lengths)
     h = h.astype(jnp.float32)
-    real = padding_mask(lengths, h.shape[1])[..., None]
+    nonempty = lengths[:, None] > 0
     # -inf at padding (not a large finite value): a padded state can never be the max.
-    top = jnp.where(lengths[:, None] > 0, jnp.max(jnp.where(real, h, -jnp.inf), axis=1), 0.0)
+    top = jnp.max(jnp.where((weights > 0)[..., None], h, -jnp.inf), axis=1)
     last = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
-    last = jnp.where(lengths[:, None] > 0, last, 0.0)
-    return jnp.concatenate([last, top, mean], axis=-1), weights
+    return jnp.where(nonempty, jnp.concatenate([last, top, mean], axis=-1), 0.0), weights
 
 
 class TransformerClassifier(nn.Module):

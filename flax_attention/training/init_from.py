@@ -14,7 +14,9 @@ With ``--init_from W`` the classifier mirrors the language model of ``W``:
   not apply); ``--max_length`` may exceed the LM's (its positions carry no
   parameters);
 * parameters: the ``lm`` subtree starts as ``W``'s best checkpoint (by its
-  validation log-likelihood), the head fresh.
+  validation log-likelihood), the head fresh;
+* optimiser: one rate for every layer, or with ``--lm_lr_decay D``
+  discriminative rates (:func:`layer_rates`).
 
 Recipe decisions (epochs, learning rate, freezing) belong on a validation
 split: ``--valid_examples N`` carves ``N`` labelled training reviews for the
@@ -39,6 +41,7 @@ from typing import Any, Dict, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from flax_attention.data import atomic, imdb
 from flax_attention.data import lm_corpus
@@ -96,6 +99,46 @@ def build_classifier(configs) -> LMClassifier:
     return _classifier(lm_config, model.dropout_rate, model.pooling)
 
 
+def layer_depth(path: Tuple[str, ...], num_layers: int) -> int:
+    """How many layer groups below the top a parameter of :class:`LMClassifier` sits.
+
+    0: the head and the LM's final norm; ``num_layers - i``: block ``i``
+    (``lm/layers_i``); ``num_layers + 1``: the embedding table.
+    """
+    if len(path) > 1 and path[0] == "lm":
+        if path[1] == "embedding":
+            return num_layers + 1
+        if path[1].startswith("layers_"):
+            return num_layers - int(path[1][len("layers_"):])
+    return 0
+
+
+def layer_rates(configs):
+    """``(tx, params) -> tx`` giving layer group ``d`` (:func:`layer_depth`) ``lm_lr_decay ** -d`` of the rate.
+
+    Discriminative fine-tuning, Howard & Ruder (2018) eq. 2 (``eta^(l-1) =
+    eta^l / 2.6``): lower layers hold more general features and should move
+    less. The multipliers scale Adam's *updates*, which is the same as scaling
+    each group's learning rate (Adam's step does not depend on the gradient's
+    scale), while clipping stays global. ``None`` for ``lm_lr_decay == 1``
+    (plain Adam, the optimiser state of earlier runs).
+    """
+    decay = configs["model"].lm_lr_decay
+    if decay == 1.0:
+        return None
+    depth = build_classifier(configs).config.num_layers
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda kp, _: f"depth_{layer_depth(_key_path(kp), depth)}", params)
+
+    scales = {f"depth_{d}": optax.scale(decay ** -d) for d in range(depth + 2)}
+    return lambda tx, params: optax.chain(tx, optax.multi_transform(scales, labels))
+
+
+def _key_path(keys) -> Tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
+
+
 @functools.lru_cache(maxsize=8)
 def lm_params(path: str):
     """``(params, step)`` of the LM workdir's best checkpoint (read once per process)."""
@@ -114,7 +157,7 @@ def lm_params(path: str):
 
 
 def _name(keys) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in keys)
+    return "/".join(_key_path(keys))
 
 
 def _leaves(tree) -> Dict[str, Any]:

@@ -44,12 +44,12 @@ def create_train_state(task, configs, extras=None, steps_per_epoch: int = 1):
     """
     model = task.build_model(configs, extras)
     tcfg = configs["train"]
-    frozen = task.frozen(configs) if task.frozen is not None else None
+    wrap = task.optimizer(configs) if task.optimizer is not None else None
     # Inference callers do not know the run's length; any horizon past the warm-up gives a valid schedule
     # (optax's cosine needs one) and the same optimizer-state structure to restore into.
     total = max(tcfg.num_epochs * steps_per_epoch, tcfg.warmup_steps + 1)
     return model, _create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
-                                total_steps=total, frozen=frozen)
+                                total_steps=total, wrap_optimizer=wrap)
 
 
 def check_inputs(task, configs, resuming: bool = False) -> None:
@@ -161,9 +161,9 @@ def train_and_evaluate(task, configs: Mapping[str, Any], workdir, mesh: Optional
                          f"the run has {total_steps} steps (--num_epochs x steps per epoch); lower --warmup_steps "
                          "or train longer.")
     model = task.build_model(configs, data.extras)
-    frozen = task.frozen(configs) if task.frozen is not None else None
+    wrap = task.optimizer(configs) if task.optimizer is not None else None
     state = placement.create_state(model, task.init_inputs(configs), tcfg, jax.random.PRNGKey(tcfg.seed),
-                                   tcfg.num_epochs * data.steps_per_epoch(tcfg.batch_size), frozen)
+                                   tcfg.num_epochs * data.steps_per_epoch(tcfg.batch_size), wrap)
     ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     try:
         with StopSignal() as stop:

@@ -129,7 +129,7 @@ class MeshPlacement:
 
     # ------------------------------------------------------------------ state
 
-    def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, frozen=None):
+    def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, wrap_optimizer=None):
         """A fresh ``TrainState`` (same values as the pmap path's) initialised in its sharded layout.
 
         With a ``seq`` axis the state's ``apply_fn`` is the model with
@@ -144,10 +144,7 @@ class MeshPlacement:
 
         def optimizer(params):
             tx = make_optimizer(config, max(int(total_steps), 1))
-            if frozen is None:
-                return tx
-            from flax_attention.embed.pretrained import freeze
-            return freeze(tx, params, frozen)
+            return tx if wrap_optimizer is None else wrap_optimizer(tx, params)
 
         def init(key, annotated: bool, tx):
             return TrainState.create(apply_fn=apply_fn, params=init_params(key, annotated), tx=tx,

@@ -38,8 +38,8 @@ class PmapPlacement:
     def check_model(self, model) -> None:
         """Raises ValueError for a model this placement cannot train (every model fits pmap)."""
 
-    def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, frozen=None):
-        return replicate(create_train_state(model, init_inputs, config, rng, total_steps, frozen))
+    def create_state(self, model, init_inputs: Tuple, config, rng, total_steps: int, wrap_optimizer=None):
+        return replicate(create_train_state(model, init_inputs, config, rng, total_steps, wrap_optimizer))
 
     def restore_latest(self, ckpt, state, report=print) -> Tuple[Any, Dict[str, Any]]:
         """``(state, meta)`` of the newest intact checkpoint (see :meth:`Checkpointer.restore_latest`)."""

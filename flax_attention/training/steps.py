@@ -45,21 +45,21 @@ def all_finite(tree) -> bool:
 
 
 def create_train_state(model, init_inputs: Tuple, config: TrainConfig, rng: jax.Array,
-                       total_steps: int = 1, frozen: Optional[Callable] = None) -> TrainState:
+                       total_steps: int = 1, wrap_optimizer: Optional[Callable] = None) -> TrainState:
     """Initialises parameters and the Adam optimiser (unreplicated).
 
     Args:
       total_steps: length of the whole run in optimiser steps; the horizon of a
         decaying ``config.lr_schedule`` and of the cooldown.
-      frozen: optional predicate on a parameter's key path; those parameters
-        never change (see :func:`flax_attention.embed.freeze`).
+      wrap_optimizer: optional ``(tx, params) -> tx`` adapting the optimiser to
+        the parameter tree (a frozen table, per-layer rates): a task's
+        :attr:`~flax_attention.training.task.Task.optimizer`.
     """
     init_key, dropout_key = jax.random.split(rng)
     variables = jax.jit(lambda k: model.init(k, *init_inputs))(init_key)
     tx = make_optimizer(config, max(int(total_steps), 1))
-    if frozen is not None:
-        from flax_attention.embed.pretrained import freeze
-        tx = freeze(tx, variables["params"], frozen)
+    if wrap_optimizer is not None:
+        tx = wrap_optimizer(tx, variables["params"])
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, dropout_key=dropout_key)
 
 

@@ -53,8 +53,10 @@ class Task:
       init_params: optional ``(params, configs, data) -> (params, report)``
         applied once, before the first step of a fresh run (e.g. pretrained
         word vectors); ``report`` is logged.
-      frozen: optional ``(configs) -> predicate or None`` naming parameters
-        that never change (by key path).
+      optimizer: optional ``(configs) -> wrap or None`` where ``wrap(tx, params)
+        -> tx`` adapts the run's optimiser to the parameter tree: parameters
+        that never change, per-layer learning rates. A run must resume with
+        the settings it started with (the optimiser state's tree follows).
       added_fields: ``{"section.field": value}`` of fields added after
         workdirs were written, with the value older runs used.
       test_eval: optional ``(model, params, configs, data, workdir,
@@ -90,7 +92,7 @@ class Task:
     summary: Callable[[Mapping[str, float]], str] = lambda m: f"loss {m['loss']:.4f} acc {m['accuracy']:.4f}"
     eval_name: str = "test reviews"
     init_params: Optional[Callable] = None
-    frozen: Optional[Callable] = None
+    optimizer: Optional[Callable] = None
     added_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     test_eval: Optional[Callable] = None
     preflight: Optional[Callable[[Configs], None]] = None

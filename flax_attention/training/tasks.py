@@ -211,6 +211,9 @@ def check_embeddings_file(configs: Configs) -> None:
     if configs["train"].average_checkpoints and not configs["data"].valid_examples:
         raise ValueError(f"--average_checkpoints {configs['train'].average_checkpoints} needs a validation split "
                          "to judge it and a final test: add --valid_examples N (e.g. 2500).")
+    if getattr(model, "lm_lr_decay", 1.0) != 1.0 and not configs["data"].init_from:
+        raise ValueError(f"--lm_lr_decay {model.lm_lr_decay} sets per-layer rates of a pretrained LM's blocks: "
+                         "add --init_from W (a --model lm workdir), or leave it at 1.")
     if configs["data"].init_from:
         if hasattr(model, "embed_dim"):
             raise ValueError(f"--init_from applies to --model transformer (the LM's blocks are a Transformer); "
@@ -227,17 +230,25 @@ def check_embeddings_file(configs: Configs) -> None:
     load_word_vectors(path, [], dim=dim, check_all=True)  # no vocabulary yet: format and values only
 
 
-def frozen_embeddings(configs: Configs):
-    from flax_attention.embed.pretrained import EMBEDDING_PATH, path_is
+def classifier_optimizer(configs: Configs):
+    """``(tx, params) -> tx`` for a frozen embedding table or the LM's per-layer rates; ``None`` for plain Adam."""
+    from flax_attention.embed.pretrained import EMBEDDING_PATH, freeze, path_is
 
-    return path_is(EMBEDDING_PATH) if configs["data"].freeze_embeddings else None
+    if configs["data"].freeze_embeddings:
+        return lambda tx, params: freeze(tx, params, path_is(EMBEDDING_PATH))
+    if configs["data"].init_from:
+        from flax_attention.training import init_from
+
+        return init_from.layer_rates(configs)
+    return None
 
 
 def imdb_classifier(name: str, config_cls, model_cls) -> Task:
     """IMDB pipeline, vocabulary, loss, evaluation, checkpoints, predict/visualize; only the model differs."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
     # Model fields added after workdirs were written with this model, filled in when those resume.
-    added_model_fields = {f"model.{k}": v for k, v in {"lm_dropout_rate": 0.0}.items() if k in fields}
+    added = {"lm_dropout_rate": 0.0, "lm_lr_decay": 1.0}
+    added_model_fields = {f"model.{k}": v for k, v in added.items() if k in fields}
     return Task(
         name=name,
         config_classes={"model": config_cls, "data": imdb.IMDBConfig},
@@ -249,7 +260,7 @@ def imdb_classifier(name: str, config_cls, model_cls) -> Task:
         predict=classify_texts,
         init_params=pretrained_embeddings,
         preflight=check_embeddings_file,
-        frozen=frozen_embeddings,
+        optimizer=classifier_optimizer,
         added_fields={"data.embeddings": "", "data.freeze_embeddings": False, "data.init_from": "",
                       "data.valid_examples": 0, **added_model_fields},
         test_eval=imdb_test_eval,
