@@ -43,6 +43,20 @@ def test_lm_perplexities_on_the_pages_are_the_run_s_test_record():
     assert f"training **{minutes:.1f} min**" in page and f"training {minutes:.1f} min" in readme
 
 
+def test_longer_pretraining_figures_on_the_results_page_are_its_test_record():
+    test, records = _test_record("lm_all")
+    config = json.loads((RESULTS / "config_lm_all.json").read_text())
+    assert config["model_name"] == "lm" and config["data"]["train_reviews"] == 0
+    page = (ROOT / "docs" / "guides" / "results.md").read_text(encoding="utf-8")
+    section = page[page.index("### A longer pretraining"):page.index("### The IMDB classifier fine-tuned")]
+    token, word = f"{test['test_token_perplexity']:.2f}", f"{test['test_word_perplexity']:.2f}"
+    assert f"token perplexity **{token}**, word perplexity **{word}**" in section
+    evals = [r for r in records if r["event"] == "eval"]
+    best = max(evals, key=lambda r: r["log_likelihood"])
+    assert test["selected_step"] == best["step"] and f"{best['token_perplexity']:.2f}" in section
+    assert f"training **{sum(r['epoch_seconds'] for r in evals) / 60:.1f} min**" in section
+
+
 def test_fine_tuned_classifier_accuracy_on_the_pages_is_the_run_s_test_record():
     test, records = _test_record("lm_clf")
     config = json.loads((RESULTS / "config_lm_clf.json").read_text())
