@@ -136,7 +136,9 @@ def layer_rates(configs):
 
 
 def _key_path(keys) -> Tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
+    from flax_attention.embed.pretrained import _key_str  # the freeze predicate's reading of a key path
+
+    return tuple(_key_str(k) for k in keys)
 
 
 @functools.lru_cache(maxsize=8)
