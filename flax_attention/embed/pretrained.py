@@ -102,6 +102,11 @@ def _key_str(k: Any) -> str:
     return str(k)
 
 
+def key_path(keys) -> Tuple[str, ...]:
+    """A ``jax.tree_util`` key path as the names :func:`freeze` predicates read, e.g. ``("embed", "embedding")``."""
+    return tuple(_key_str(k) for k in keys)
+
+
 def freeze(tx: optax.GradientTransformation, params,
            frozen: Callable[[Tuple[str, ...]], bool]) -> optax.GradientTransformation:
     """``tx`` for the trainable leaves, exact zero updates for the frozen ones.
@@ -124,7 +129,7 @@ def freeze(tx: optax.GradientTransformation, params,
       A :class:`optax.GradientTransformation` over the whole tree.
     """
     labels = jax.tree_util.tree_map_with_path(
-        lambda kp, _: "frozen" if frozen(tuple(_key_str(k) for k in kp)) else "trainable", params)
+        lambda kp, _: "frozen" if frozen(key_path(kp)) else "trainable", params)
     if "frozen" not in jax.tree_util.tree_leaves(labels):
         raise ValueError("freeze(): the predicate matches no parameter; check the path "
                          f"(the IMDB classifiers' embedding is {'/'.join(EMBEDDING_PATH)!r}).")

@@ -46,6 +46,7 @@ import optax
 from flax_attention.data import atomic, imdb
 from flax_attention.data import lm_corpus
 from flax_attention.data.sentencepiece_vocab import SPM_FILE, Tokenizer
+from flax_attention.embed.pretrained import key_path
 from flax_attention.models.classifier import LM_POOLINGS, LMClassifier
 from flax_attention.models.lm import LMConfig
 
@@ -129,16 +130,10 @@ def layer_rates(configs):
     depth = build_classifier(configs).config.num_layers
 
     def labels(params):
-        return jax.tree_util.tree_map_with_path(lambda kp, _: f"depth_{layer_depth(_key_path(kp), depth)}", params)
+        return jax.tree_util.tree_map_with_path(lambda kp, _: f"depth_{layer_depth(key_path(kp), depth)}", params)
 
     scales = {f"depth_{d}": optax.scale(decay ** -d) for d in range(depth + 2)}
     return lambda tx, params: optax.chain(tx, optax.multi_transform(scales, labels))
-
-
-def _key_path(keys) -> Tuple[str, ...]:
-    from flax_attention.embed.pretrained import _key_str  # the freeze predicate's reading of a key path
-
-    return tuple(_key_str(k) for k in keys)
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,7 +154,7 @@ def lm_params(path: str):
 
 
 def _name(keys) -> str:
-    return "/".join(_key_path(keys))
+    return "/".join(key_path(keys))
 
 
 def _leaves(tree) -> Dict[str, Any]:
