@@ -12,6 +12,7 @@
     python train.py translate --workdir checkpoints/translate_de_en "Ein Hund rennt über die Wiese."
     python train.py visualize --workdir checkpoints/bigru --num_examples 5
     python train.py generate --workdir checkpoints/lm --prompt "This movie was" --num_samples 3 --top_p 0.9
+    python train.py ensemble --workdir checkpoints/lm_clf --workdir checkpoints/lm_clf_all --split test
     python train.py embed --out imdb_vectors.txt      # skip-gram vectors from IMDB train + unsupervised
     python train.py --embeddings imdb_vectors.txt --workdir checkpoints/bigru_vectors
 
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-COMMANDS = ("predict", "translate", "visualize", "embed", "generate")
+COMMANDS = ("predict", "translate", "visualize", "embed", "generate", "ensemble")
 
 
 def _embed_parser() -> argparse.ArgumentParser:
@@ -60,11 +61,26 @@ def _generate_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ensemble_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py ensemble", description="Averages the probabilities of IMDB "
+                                "classifier workdirs (each at the checkpoint its run selected) and prints the "
+                                "accuracy of every member and of the ensemble.")
+    p.add_argument("--workdir", action="append", required=True,
+                   help="a classifier workdir trained with --valid_examples N (repeat: two or more, the same N)")
+    p.add_argument("--split", default="validation", choices=("validation", "test"),
+                   help="choose the members on validation; read test once, for the ensemble you report")
+    p.add_argument("--batch_size", type=int, default=128, help="reviews per forward pass")
+    p.add_argument("--out", default=None, help="also append the result as one JSON line to this file")
+    return p
+
+
 def _inspect_parser(command: str) -> argparse.ArgumentParser:
     if command == "embed":
         return _embed_parser()
     if command == "generate":
         return _generate_parser()
+    if command == "ensemble":
+        return _ensemble_parser()
     p = argparse.ArgumentParser(prog=f"train.py {command}")
     p.add_argument("--workdir", required=True, help="directory written by `train.py`")
     if command in ("predict", "translate"):
@@ -149,6 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             inspector.visualize(args.workdir, args.num_examples, args.seed, args.out)
         elif command == "embed":
             embed(args)
+        elif command == "ensemble":
+            from flax_attention.training.ensemble import ensemble
+
+            ensemble(args.workdir, args.split, args.batch_size, args.out)
         elif command == "generate":
             from flax_attention.training.lm import generate_texts  # checks the flags before loading anything
 

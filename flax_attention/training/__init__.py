@@ -20,7 +20,8 @@ the library; nothing in the package imports from here):
 * :mod:`.selection`: the reported model (best or averaged checkpoints);
 * :mod:`.restore`: a workdir's configuration and best checkpoint for a known task;
   :mod:`.inspector`: ``predict`` / ``translate`` / ``visualize`` on a workdir
-  (pictures from :mod:`.heatmaps` and :mod:`.review_html`).
+  (pictures from :mod:`.heatmaps` and :mod:`.review_html`); :mod:`.ensemble`:
+  ``train.py ensemble``, the mean probability of several classifier workdirs.
 """
 
 from flax_attention.training.bookkeeping import (DivergenceError, MetricsLog, StopRequested, StopSignal,
