@@ -93,3 +93,34 @@ def test_the_curve_is_drawn_from_the_records(tmp_path):
     with pytest.raises(ValueError, match="no 'train' records"):
         training_curve.plot([r for r in records if r["event"] != "train"], tmp_path / "none.png", "lm")
     assert not (tmp_path / "none.png").exists()
+
+
+# The workdirs named in the ensemble records and the committed records of those runs.
+ENSEMBLE_MEMBERS = {"checkpoints/lm_clf": "lm_clf", "checkpoints/lm_clf_all": "lm_clf_lmall3",
+                    "checkpoints/lm_clf_seed1": "lm_clf_seed1", "checkpoints/bigru_vectors": "bigru_vectors"}
+
+
+def test_ensemble_on_the_pages_is_the_validation_best_one_and_its_members_are_the_committed_runs():
+    records = training_curve.read_records(RESULTS / "metrics_lm_clf_ensemble.jsonl")
+    assert records and all(r["event"] == "ensemble" for r in records)
+    members = lambda r: tuple(m["workdir"] for m in r["members"])  # noqa: E731
+    valid = [r for r in records if r["split"] == "validation"]
+    best = max(valid, key=lambda r: r["accuracy"])  # chosen on validation ...
+    tests = [r for r in records if r["split"] == "test" and members(r) == members(best)]
+    assert len(tests) == 1 and tests[0]["examples"] == 25000 and best["examples"] == 2500
+    test = tests[0]  # ... and the test split read for it
+    for r in records:
+        for m in r["members"]:  # each member at the checkpoint, and with the figure, its own run reported
+            run_test, run_records = _test_record(ENSEMBLE_MEMBERS[m["workdir"]])
+            assert m["selected_step"] == run_test["selected_step"]
+            if r["split"] == "test":
+                assert m["accuracy"] == pytest.approx(run_test["test_accuracy"], abs=1e-9)
+            else:
+                evals = {e["step"]: e for e in run_records if e["event"] == "eval"}
+                assert m["accuracy"] == pytest.approx(evals[m["selected_step"]]["test_accuracy"], abs=1e-9)
+    accuracy, valid_accuracy = f"{test['accuracy']:.4f}", f"{best['accuracy']:.4f}"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = re.search(r"^\| IMDB, ensemble of .*$", readme, re.M)
+    assert row and f"test accuracy **{accuracy}** (validation {valid_accuracy})" in row.group(0)
+    page = (ROOT / "docs" / "guides" / "results.md").read_text(encoding="utf-8")
+    assert f"| {valid_accuracy} | **{accuracy}** (loss {test['loss']:.4f}) |" in page

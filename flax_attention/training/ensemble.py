@@ -127,8 +127,9 @@ def ensemble(workdirs: Sequence[str], split: str = "validation", batch_size: int
 
     Returns:
       The record: ``split``, ``examples``, ``accuracy`` and ``loss`` (mean
-      binary cross-entropy) of the ensemble, and per member its workdir,
-      model, selection and own accuracy and loss.
+      binary cross-entropy) of the ensemble, ``seconds`` and ``time``, and per
+      member its workdir, model, selection, own accuracy and loss, and
+      whether its probabilities came from ``WORKDIR/predictions/``.
     """
     if split not in SPLITS:
         raise ValueError(f"--split {split!r}: use one of {', '.join(SPLITS)}.")
@@ -144,11 +145,12 @@ def ensemble(workdirs: Sequence[str], split: str = "validation", batch_size: int
                              "same reviews (a different IMDB copy?).")
         labels = m["labels"]
         probs.append(m["probs"])
-        rows.append({"workdir": str(w), "model": task.name, **m["selection"], **_scores(m["probs"], labels)})
+        rows.append({"workdir": str(w), "model": task.name, **m["selection"], **_scores(m["probs"], labels),
+                     "cached": m["cached"]})
     assert labels is not None
     record = {"event": "ensemble", "split": split, "examples": int(labels.size),
               **_scores(np.mean(probs, axis=0), labels), "members": rows,
-              "seconds": round(time.time() - t0, 1)}
+              "seconds": round(time.time() - t0, 1), "time": time.time()}
     width = max(len(r["workdir"]) for r in rows)
     for r in rows:
         print(f"{r['workdir']:<{width}}  {split} accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  "
