@@ -45,8 +45,7 @@ def _member_configs(workdirs: Sequence[str]) -> List[Tuple[Any, Dict[str, Any]]]
     if len(workdirs) < 2:
         raise ValueError("an ensemble needs at least two members: repeat --workdir, e.g. "
                          "`train.py ensemble --workdir W1 --workdir W2`.")
-    same = sorted({str(Path(w).resolve()) for w in workdirs})
-    if len(same) != len(workdirs):
+    if len({Path(w).resolve() for w in workdirs}) != len(workdirs):
         raise ValueError("a workdir is given twice; each member must be a different run.")
     for w in workdirs:  # before parsing the config: another family's sections would not fit
         name = load_config(w).get("model_name", "bigru")
@@ -137,7 +136,7 @@ def ensemble(workdirs: Sequence[str], split: str = "validation", batch_size: int
         raise ValueError(f"--batch_size {batch_size}: give a positive number of reviews per forward pass.")
     members = _member_configs(workdirs)
     t0 = time.time()
-    rows, probs, labels = [], [], None
+    rows, tags, probs, labels = [], [], [], None
     for w, (task, configs) in zip(workdirs, members):
         m = member_probabilities(w, task, configs, split, batch_size)
         if labels is not None and not np.array_equal(labels, m["labels"]):
@@ -145,6 +144,7 @@ def ensemble(workdirs: Sequence[str], split: str = "validation", batch_size: int
                              "same reviews (a different IMDB copy?).")
         labels = m["labels"]
         probs.append(m["probs"])
+        tags.append(_selection_tag(m["selection"]))
         rows.append({"workdir": str(w), "model": task.name, **m["selection"], **_scores(m["probs"], labels),
                      "cached": m["cached"]})
     assert labels is not None
@@ -152,9 +152,8 @@ def ensemble(workdirs: Sequence[str], split: str = "validation", batch_size: int
               **_scores(np.mean(probs, axis=0), labels), "members": rows,
               "seconds": round(time.time() - t0, 1), "time": time.time()}
     width = max(len(r["workdir"]) for r in rows)
-    for r in rows:
-        print(f"{r['workdir']:<{width}}  {split} accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  "
-              f"({_selection_tag({k: v for k, v in r.items() if k in ('selected_step', 'averaged_steps')})})")
+    for r, tag in zip(rows, tags):
+        print(f"{r['workdir']:<{width}}  {split} accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  ({tag})")
     print(f"{'ensemble':<{width}}  {split} accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}  "
           f"(mean probability of {len(rows)} members, {record['examples']} reviews)")
     if out:
